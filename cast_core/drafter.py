@@ -1,0 +1,160 @@
+"""The drafter: a small causal LM that grows a draft tree layer by layer.
+
+Per step and batch (one forward per layer, every row in it):
+
+1. *Catch-up*: feed each row's pending tokens (tokens committed since the
+   last step, ending with the root) as a causal chain; they stay in the
+   drafter's cache. The logits at the root give layer 1: the root's
+   ``top_k`` children, ``v = p_D(child)``.
+2. For layer ``i``: the policy keeps ``n_i`` candidates (best ``v`` first)
+   and decides whether to grow. Growing feeds the kept nodes (tree mask over
+   their ancestors, position = root position + depth) and takes, over all
+   their children, the ``top_k`` by ``v = v(parent) * p_D(child)`` as layer
+   ``i + 1``.
+3. The tree's part of the drafter cache is dropped; the policy picks how many
+   nodes to verify, best ``v`` first (a connected subtree: ``v`` never grows
+   along a path, and ties keep node order, where parents come first).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cast_core.forward import feed_chain, forward_logits, prefill_prompts
+from cast_core.kv import KVState
+from cast_core.policy import CostContext, DepthHistory, TreePolicy
+from cast_core.tree import DraftTree
+
+
+@dataclass
+class DraftResult:
+    """A drafted batch of trees and what building them cost.
+
+    Attributes:
+        tree: the trees to verify (root included).
+        nodes_drafted: nodes the drafter produced per row (before reranking).
+        layers: drafted layers.
+        plan_s: seconds spent in policy decisions.
+    """
+
+    tree: DraftTree
+    nodes_drafted: int
+    layers: int
+    plan_s: float
+
+
+class Drafter:
+    """Builds draft trees with a small causal LM sharing the target's tokenizer."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int) -> None:
+        """``vocab_size``: ids the target accepts (drafter logits beyond it are ignored)."""
+        self.model = model
+        self.vocab_size = vocab_size
+
+    def new_state(self, batch_size: int) -> KVState:
+        return KVState(self.model.config.num_hidden_layers, batch_size, self.model.device)
+
+    def prefill(self, state: KVState, prompts: list[list[int]]) -> None:
+        """Cache every prompt but its last token (the first step's root)."""
+        prefill_prompts(self.model, state, prompts)
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits[..., : self.vocab_size].float(), dim=-1)
+
+    @torch.inference_mode()
+    def draft(
+        self,
+        state: KVState,
+        pending: list[list[int]],
+        policy: TreePolicy,
+        ctx: CostContext | None,
+        histories: list[DepthHistory],
+    ) -> DraftResult:
+        """Catch up on ``pending`` tokens (each row's list ends with its root) and draft a tree per row."""
+        bsz, k = len(pending), policy.top_k
+        roots = torch.tensor([p[-1] for p in pending], dtype=torch.long)
+        root_logits = feed_chain(self.model, state, pending, want_last=True)
+        assert root_logits is not None
+        plan_s = 0.0
+        root_pos = state.next_pos - 1
+
+        conf, tok = torch.topk(self._probs(root_logits), k, dim=-1)  # [B, k]
+        node_tok, node_parent, node_depth, node_conf = [tok], [torch.zeros_like(tok)], [torch.ones_like(tok)], [conf]
+        # visibility of each node over drafter tail slots (its fed ancestors), grown as nodes are fed
+        layer_vis = torch.zeros((bsz, k, 0), dtype=torch.bool)
+        layer_start, layer, tail = 1, 1, 0  # node index of the current layer's first node (root = 0)
+        prev_kept: np.ndarray | None = None
+        while True:
+            t0 = time.perf_counter()
+            cand = node_conf[-1].numpy()
+            n_keep = policy.layer_width(layer, cand, ctx)
+            for lst in (node_tok, node_parent, node_depth, node_conf):
+                lst[-1] = lst[-1][:, :n_keep]
+            layer_vis = layer_vis[:, :n_keep]
+            kept = node_conf[-1].numpy()
+            if prev_kept is not None:
+                policy.observe_layer(prev_kept, kept, histories)
+            grow = layer < policy.max_depth and policy.grow(layer, kept, ctx, histories)
+            plan_s += time.perf_counter() - t0
+            if not grow:
+                break
+            # feed the kept nodes: each sees its fed ancestors and itself
+            vis = torch.cat([layer_vis, torch.eye(n_keep, dtype=torch.bool).expand(bsz, n_keep, n_keep)], dim=2)
+            positions = root_pos[:, None] + layer
+            logits = forward_logits(self.model, state, node_tok[-1], positions.expand(bsz, n_keep), vis)
+            probs = self._probs(logits)  # [B, n_keep, V]
+            c_conf, c_tok = torch.topk(probs, k, dim=-1)  # [B, n_keep, k]
+            path = node_conf[-1][:, :, None] * c_conf
+            conf, flat = torch.topk(path.reshape(bsz, -1), min(k, n_keep * k), dim=-1)  # [B, k]
+            parent_local = torch.div(flat, k, rounding_mode="floor")
+            node_tok.append(torch.gather(c_tok.reshape(bsz, -1), 1, flat))
+            node_parent.append(parent_local + layer_start)
+            node_depth.append(torch.full_like(flat, layer + 1))
+            node_conf.append(conf)
+            # children see their parent's fed ancestors, their parent's slot, and (later) themselves
+            parent_slot = torch.nn.functional.one_hot(parent_local + tail, tail + n_keep).bool()
+            layer_vis = torch.cat([torch.gather(layer_vis, 1, parent_local[:, :, None].expand(-1, -1, tail)), torch.zeros((bsz, flat.shape[1], n_keep), dtype=torch.bool)], dim=2) | parent_slot
+            tail += n_keep
+            layer_start += n_keep
+            layer += 1
+            prev_kept = kept
+        state.discard_tail()
+
+        t0 = time.perf_counter()
+        all_conf = torch.cat(node_conf, dim=1)  # [B, N]
+        order = torch.sort(all_conf, dim=1, descending=True, stable=True).indices
+        m = policy.verify_count(torch.gather(all_conf, 1, order).numpy(), ctx)
+        plan_s += time.perf_counter() - t0
+        chosen = torch.sort(order[:, :m], dim=1).values  # node order keeps parents first
+        tree = _assemble(roots, torch.cat(node_tok, 1), torch.cat(node_parent, 1), torch.cat(node_depth, 1), all_conf, chosen)
+        return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s)
+
+
+def _assemble(
+    roots: torch.Tensor,
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    depth: torch.Tensor,
+    conf: torch.Tensor,
+    chosen: torch.Tensor,
+) -> DraftTree:
+    """Root + the ``chosen`` drafted nodes (indices into the drafted arrays, ascending) as a ``DraftTree``.
+
+    Drafted node ``j`` is tree node ``j + 1`` before selection; parents are
+    remapped to positions within the selection (root = 0).
+    """
+    bsz, m = chosen.shape
+    remap = torch.zeros((bsz, tokens.shape[1] + 1), dtype=torch.long)
+    remap.scatter_(1, chosen + 1, torch.arange(1, m + 1).expand(bsz, m))
+    sel_parent = torch.gather(parents, 1, chosen)
+    return DraftTree(
+        tokens=torch.cat([roots[:, None], torch.gather(tokens, 1, chosen)], dim=1),
+        parents=torch.cat([torch.full((bsz, 1), -1, dtype=torch.long), torch.gather(remap, 1, sel_parent)], dim=1),
+        depth=torch.cat([torch.zeros((bsz, 1), dtype=torch.long), torch.gather(depth, 1, chosen)], dim=1),
+        confidence=torch.cat([torch.ones((bsz, 1)), torch.gather(conf, 1, chosen)], dim=1),
+        valid=torch.ones((bsz, m + 1), dtype=torch.bool),
+    )

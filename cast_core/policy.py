@@ -1,0 +1,291 @@
+"""Tree-shaping policies: how wide, how deep, and how many nodes to verify.
+
+The drafter builds a tree layer by layer. Layer 1 holds the ``top_k`` most
+likely children of the root; every later layer holds the ``top_k`` children
+(by path confidence ``v``) of the previous layer's expanded nodes. A policy
+answers three questions, each for a whole batch at once (a padded forward
+costs what its largest row costs, so rows are sized together and utilities
+are averaged over the batch):
+
+1. ``layer_width``: of layer ``i``'s candidates (sorted by ``v``), how many to keep.
+2. ``grow``: whether to expand the kept nodes into layer ``i + 1``.
+3. ``verify_count``: how many drafted nodes, best ``v`` first, go to the verifier.
+
+Policies:
+
+* ``none``   — no drafting: plain autoregressive decoding through the same engine.
+* ``static`` — EAGLE-2: keep ``top_k`` per layer, grow to a fixed ``depth``,
+  verify the ``total_tokens`` most confident nodes.
+* ``cast``   — CAST (Hong, Tan & Hu, ICLR 2026): the same questions answered
+  from measured costs. Costs are in units of one plain target decode step,
+  ``f_T(B, ctx, 1)``; utilities are expected accepted tokens (sums of ``v``).
+
+  *Breadth*: ``u_k = sum_{s<=k} v(s)``, ``c_k = f_D(B, ctx, k) / f_T(B, ctx, 1)``,
+  ``u_0 = c_0 = 0``; ``n_i = algorithm1(u, c, C1)``.
+
+  *Depth*: grow layer ``i + 1`` iff ``alpha * u^(i) / c^(i) >= C2`` where
+  ``u^(i)`` is the kept utility of layer ``i``, ``c^(i) = f_D(B, ctx, n_i) /
+  f_T(B, ctx, 1)`` the cost of expanding it, and ``alpha`` the mean of the
+  last ``R`` observed gain ratios ``phi = u^(i+1) / u^(i)`` (a FIFO per
+  sequence, initialised to ``{1}``; the batch uses the mean over its rows).
+
+  *Reranking*: all nodes sorted by ``v``; ``u_k`` cumulative, ``c_k =
+  f_T(B, ctx, k + 1) / f_T(B, ctx, 1)`` (``k`` nodes plus the root),
+  ``u_0 = 0, c_0 = 1``; ``m = algorithm1(u, c, C3)``.
+
+With an affine cost model and a matching ``C1``, breadth pruning keeps exactly
+the top ``K`` of every layer (the paper's Theorem 4.1): CAST generalises EAGLE-2.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from cast_core.cost import CostProfile
+
+POLICY_NAMES = ("none", "static", "cast")
+
+
+def algorithm1(utility: np.ndarray, cost: np.ndarray, threshold: float) -> int:
+    """Cost-aware choice of a count ``k`` (the paper's Algorithm 1).
+
+    ``utility[k]`` and ``cost[k]`` are cumulative for ``k = 0..n`` (index 0 is
+    the starting point). Walk ``k = 1..n`` with an anchor ``a`` (initially 0):
+    accept ``k`` if ``cost[k] <= cost[a]`` (free) or
+    ``(utility[k] - utility[a]) / (cost[k] - cost[a]) > threshold``; a costly
+    acceptance moves the anchor to ``k``. The scan does not stop at the first
+    rejection: a later ``k`` past a cost step can still pay for itself, since
+    tile effects make measured costs flat between steps. Returns the largest
+    accepted ``k`` (0 if none).
+    """
+    n = len(utility) - 1
+    anchor, best = 0, 0
+    for k in range(1, n + 1):
+        dc = cost[k] - cost[anchor]
+        if dc <= 0:
+            best = k
+        elif utility[k] - utility[anchor] > threshold * dc:
+            best, anchor = k, k
+    return best
+
+
+class StaticConfig(BaseModel):
+    """EAGLE-2's fixed tree shape (defaults are EAGLE-2's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(10, ge=1, le=64, description="Children kept per layer (and expanded per layer).")
+    depth: int = Field(6, ge=1, le=32, description="Number of drafted layers.")
+    total_tokens: int = Field(60, ge=1, le=512, description="Drafted nodes sent to the verifier (root excluded).")
+
+
+class CastConfig(BaseModel):
+    """CAST thresholds and bounds; costs are in units of one target decode step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(10, ge=1, le=64, description="Candidates per layer: children considered per layer, before breadth pruning.")
+    max_depth: int = Field(10, ge=1, le=32, description="Hard cap on drafted layers.")
+    max_verify: int = Field(64, ge=1, le=512, description="Hard cap on drafted nodes verified per step.")
+    c1: float = Field(1.0, gt=0, description="Breadth threshold C1: keep k nodes of a layer while marginal expected tokens per marginal drafter cost exceeds C1.")
+    c2: float = Field(1.0, gt=0, description="Depth threshold C2: grow the next layer iff alpha * u^(i) / c^(i) >= C2.")
+    c3: float = Field(1.0, gt=0, description="Reranking threshold C3: verify k nodes while marginal expected tokens per marginal verifier cost exceeds C3.")
+    r: int = Field(4, ge=1, le=64, description="R: number of recent depth gain ratios averaged into alpha.")
+
+
+@dataclass
+class CostContext:
+    """Cost curves for one planning decision, normalised by one plain target step.
+
+    Attributes:
+        drafter: ``drafter[k] = f_D(B, ctx, k) / f_T(B, ctx, 1)``, ``drafter[0] = 0``.
+        target: ``target[k] = f_T(B, ctx, k) / f_T(B, ctx, 1)``, ``target[0] = 0``.
+        batch_size: ``B`` the curves were read at.
+        context: context length the curves were read at.
+    """
+
+    drafter: np.ndarray
+    target: np.ndarray
+    batch_size: int
+    context: int
+
+    @staticmethod
+    def from_profile(profile: CostProfile, batch_size: int, context: int, max_tokens: int) -> "CostContext":
+        """Read both curves from ``profile`` at ``(batch_size, context)`` for ``0..max_tokens`` tokens."""
+        target = np.asarray(profile.latency_curve("target", batch_size, context, max_tokens), dtype=np.float64)
+        drafter = np.asarray(profile.latency_curve("drafter", batch_size, context, max_tokens), dtype=np.float64)
+        step = target[1]
+        return CostContext(drafter=drafter / step, target=target / step, batch_size=batch_size, context=context)
+
+
+@dataclass
+class DepthHistory:
+    """Per-sequence FIFO of the last ``R`` depth gain ratios ``phi`` (starts as ``{1}``)."""
+
+    r: int
+    ratios: deque[float] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if not self.ratios:
+            self.ratios = deque([1.0], maxlen=self.r)
+        else:
+            self.ratios = deque(self.ratios, maxlen=self.r)
+
+    def alpha(self) -> float:
+        return float(np.mean(self.ratios))
+
+    def push(self, phi: float) -> None:
+        self.ratios.append(phi)
+
+
+class TreePolicy(ABC):
+    """Answers the drafter's three questions for a batch (see module docstring)."""
+
+    name: str
+    #: candidates per layer (children kept per layer before breadth pruning)
+    top_k: int
+    #: hard cap on drafted layers
+    max_depth: int
+
+    @property
+    def drafts(self) -> bool:
+        """False for plain decoding (no drafter forward at all)."""
+        return True
+
+    @property
+    def needs_costs(self) -> bool:
+        """Whether decisions read a ``CostContext``."""
+        return False
+
+    @property
+    def cost_horizon(self) -> int:
+        """Largest token count a decision reads from the cost curves."""
+        return 1
+
+    @abstractmethod
+    def layer_width(self, layer: int, confidences: np.ndarray, ctx: CostContext | None) -> int:
+        """How many of layer ``layer``'s candidates to keep; ``confidences`` is ``[B, M]`` sorted descending."""
+
+    @abstractmethod
+    def grow(
+        self, layer: int, kept: np.ndarray, ctx: CostContext | None, histories: list[DepthHistory]
+    ) -> bool:
+        """Whether to expand layer ``layer``'s kept nodes (``kept`` = their ``v``, ``[B, n_i]``)."""
+
+    def observe_layer(self, prev_kept: np.ndarray, kept: np.ndarray, histories: list[DepthHistory]) -> None:
+        """Record ``phi = u^(i+1) / u^(i)`` per row after a layer was built."""
+
+    @abstractmethod
+    def verify_count(self, confidences: np.ndarray, ctx: CostContext | None) -> int:
+        """How many drafted nodes to verify; ``confidences`` is ``[B, N]`` sorted descending."""
+
+
+class NoDraftPolicy(TreePolicy):
+    """Plain autoregressive decoding: every tree is its root alone."""
+
+    name = "none"
+    top_k = 1
+    max_depth = 0
+
+    @property
+    def drafts(self) -> bool:
+        return False
+
+    def layer_width(self, layer: int, confidences: np.ndarray, ctx: CostContext | None) -> int:
+        return 0
+
+    def grow(self, layer, kept, ctx, histories) -> bool:
+        return False
+
+    def verify_count(self, confidences: np.ndarray, ctx: CostContext | None) -> int:
+        return 0
+
+
+class StaticTreePolicy(TreePolicy):
+    """EAGLE-2: fixed top-k per layer, fixed depth, rerank to a fixed total."""
+
+    name = "static"
+
+    def __init__(self, config: StaticConfig | None = None) -> None:
+        self.config = config or StaticConfig()
+        self.top_k = self.config.top_k
+        self.max_depth = self.config.depth
+
+    def layer_width(self, layer: int, confidences: np.ndarray, ctx: CostContext | None) -> int:
+        return min(self.config.top_k, confidences.shape[1])
+
+    def grow(self, layer, kept, ctx, histories) -> bool:
+        return layer < self.config.depth
+
+    def verify_count(self, confidences: np.ndarray, ctx: CostContext | None) -> int:
+        return min(self.config.total_tokens, confidences.shape[1])
+
+
+class CastPolicy(TreePolicy):
+    """CAST: breadth pruning, depth pruning and dynamic reranking from measured costs."""
+
+    name = "cast"
+
+    def __init__(self, config: CastConfig | None = None) -> None:
+        self.config = config or CastConfig()
+        self.top_k = self.config.top_k
+        self.max_depth = self.config.max_depth
+
+    @property
+    def needs_costs(self) -> bool:
+        return True
+
+    @property
+    def cost_horizon(self) -> int:
+        return max(self.config.top_k, self.config.max_verify + 1)
+
+    @staticmethod
+    def _utility(confidences: np.ndarray) -> np.ndarray:
+        """Batch-mean cumulative utility ``u_k`` for ``k = 0..M``."""
+        cum = np.cumsum(confidences, axis=1).mean(axis=0)
+        return np.concatenate([[0.0], cum])
+
+    def layer_width(self, layer: int, confidences: np.ndarray, ctx: CostContext | None) -> int:
+        assert ctx is not None, "the cast policy needs a cost context"
+        m = confidences.shape[1]
+        cost = ctx.drafter[: m + 1]
+        return max(1, algorithm1(self._utility(confidences), cost, self.config.c1))
+
+    def grow(self, layer, kept, ctx, histories) -> bool:
+        assert ctx is not None, "the cast policy needs a cost context"
+        if layer >= self.config.max_depth:
+            return False
+        alpha = float(np.mean([h.alpha() for h in histories])) if histories else 1.0
+        utility = float(kept.sum(axis=1).mean())
+        cost = float(ctx.drafter[kept.shape[1]])
+        return alpha * utility >= self.config.c2 * cost
+
+    def observe_layer(self, prev_kept: np.ndarray, kept: np.ndarray, histories: list[DepthHistory]) -> None:
+        prev = prev_kept.sum(axis=1)
+        new = kept.sum(axis=1)
+        for h, p, u in zip(histories, prev, new):
+            if p > 0:
+                h.push(float(u / p))
+
+    def verify_count(self, confidences: np.ndarray, ctx: CostContext | None) -> int:
+        assert ctx is not None, "the cast policy needs a cost context"
+        m = min(confidences.shape[1], self.config.max_verify, len(ctx.target) - 2)
+        utility = self._utility(confidences[:, :m])
+        cost = ctx.target[1 : m + 2]  # k nodes + root: c_k = f_T(k + 1) / f_T(1); c_0 = 1
+        return algorithm1(utility, cost, self.config.c3)
+
+
+def make_policy(name: str, static: StaticConfig | None = None, cast: CastConfig | None = None) -> TreePolicy:
+    """Policy by name; ``ValueError`` naming ``policy`` for an unknown name."""
+    if name == "none":
+        return NoDraftPolicy()
+    if name == "static":
+        return StaticTreePolicy(static)
+    if name == "cast":
+        return CastPolicy(cast)
+    raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}; got {name!r}")

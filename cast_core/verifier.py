@@ -1,0 +1,59 @@
+"""The verifier: one target forward over a batch of draft trees, then acceptance and commit.
+
+Row ``b``'s tree (root + drafted nodes, padded) goes through the target with
+``position_ids = next_pos[b] + depth`` and a mask of the committed prefix plus
+the tree's ancestor matrix. Acceptance (``cast_core.acceptance``) picks a path;
+the cache keeps exactly the root's and the accepted nodes' KV entries, and the
+bonus token becomes the next root.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cast_core.acceptance import AcceptedPath, accept_greedy, accept_sampled
+from cast_core.forward import forward_logits, prefill_prompts
+from cast_core.kv import KVState
+from cast_core.sampling import SamplingParams
+from cast_core.tree import DraftTree
+
+
+class Verifier:
+    """Runs the target model over draft trees."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def new_state(self, batch_size: int) -> KVState:
+        return KVState(self.model.config.num_hidden_layers, batch_size, self.model.device)
+
+    def prefill(self, state: KVState, prompts: list[list[int]]) -> None:
+        """Cache every prompt but its last token (the first step's root)."""
+        prefill_prompts(self.model, state, prompts)
+
+    @torch.inference_mode()
+    def verify(
+        self,
+        state: KVState,
+        tree: DraftTree,
+        params: list[SamplingParams],
+        generators: list[torch.Generator],
+    ) -> list[AcceptedPath]:
+        """Verify ``tree`` (one row per sequence of ``state``), commit the accepted paths."""
+        logits = forward_logits(
+            self.model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors()
+        )
+        assert logits is not None
+        paths = []
+        for b in range(tree.batch_size):
+            row_logits = logits[b]
+            if params[b].greedy:
+                paths.append(accept_greedy(tree, row_logits, b))
+            else:
+                paths.append(accept_sampled(tree, row_logits, b, params[b], generators[b]))
+        state.commit([p.nodes for p in paths])
+        return paths
