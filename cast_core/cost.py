@@ -1,0 +1,487 @@
+"""Measured inference-cost tables: the ``f(B, ctx, n)`` that CAST's policy prices trees with.
+
+A :class:`CostProfile` holds one :class:`CostTable` per model role (``target``,
+``drafter``) measured on one device kind in one dtype. A table stores
+``seconds[b][c][k]`` = wall time of one forward of ``token_counts[k]`` new tokens
+per sequence, batch ``batch_sizes[b]``, on top of a KV cache of
+``context_buckets[c]`` tokens (see :mod:`cast_core.profiler` for how it is measured).
+
+Lookup ``f(B, ctx, n)`` (:meth:`CostProfile.latency`) is separable piecewise-linear
+interpolation on the three axes:
+
+* **tokens n** -- linear between measured counts; below the first count the first
+  value (a forward never costs less than the smallest measured one); beyond the
+  last count linear extrapolation with the last segment's slope; ``n <= 0`` costs 0.
+* **context ctx** -- clamped to ``[context_buckets[0], context_buckets[-1]]``,
+  linear between buckets.
+* **batch B** -- linear between measured sizes; below the first size the first
+  value; beyond the last size ``f(B_L) + (B - B_L) * s`` with the last segment's
+  slope ``s = (f(B_L) - f(B_{L-1})) / (B_L - B_{L-1})`` clipped at 0 (never below
+  the last value) and made non-decreasing in n (running max) so extrapolated rows
+  stay monotone in n.
+
+Raw timings are not monotone in n (GEMM tile effects: 24 tokens can be slower
+than 32), so every table is replaced by its running max over n when it is
+constructed or loaded: ``seconds[b][c][k] := max_{k' <= k} seconds[b][c][k']``.
+All interpolation weights are convex (or, beyond the grid, applied to
+non-negative slopes), so ``f`` is non-decreasing in n everywhere.
+
+Profiles are JSON files named by :func:`profile_slug` and found by
+:func:`find_profile` in ``$CAST_CACHE_DIR/profiles`` (default
+``~/.cache/cast/profiles``, measured locally, searched first) and the packaged
+``cast_core/profiles/``. :func:`resolve_profile` falls back, with a warning, to
+:meth:`CostProfile.synthetic`'s affine model when none matches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import math
+import re
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from cast_core.fetch import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["target", "drafter"]
+
+#: Profiles shipped with the package (committed measurements).
+PACKAGED_PROFILES_DIR: Path = Path(__file__).with_name("profiles")
+
+#: Fallback affine costs (seconds) used by :func:`resolve_profile` when no measured
+#: profile matches: Qwen2.5-1.5B bf16 on 2 CPU threads measured 134 ms for one decode
+#: step and ~+3.2 ms per extra token (DESIGN.md); the 0.5B drafter is taken as 1/3 of it.
+#: Only the drafter/target ratio and the slope/base ratio matter to the policy, which
+#: normalises every cost by one target decode step.
+FALLBACK_TARGET_BASE_S = 0.134
+FALLBACK_TARGET_PER_TOKEN_S = 0.0032
+FALLBACK_DRAFTER_BASE_S = 0.045
+FALLBACK_DRAFTER_PER_TOKEN_S = 0.0011
+
+
+def device_name(device: str | torch.device) -> str:
+    """Stable name of a device kind, the key profiles are stored under.
+
+    CUDA: ``torch.cuda.get_device_name(i)`` (e.g. ``"NVIDIA H100 80GB HBM3"``).
+    CPU: ``"cpu-<N>core-<model name from /proc/cpuinfo>"`` with ``N =
+    torch.get_num_threads()`` (the threads a forward actually uses). Other device
+    types: the type name (``"mps"``).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_name(index)
+    if dev.type == "cpu":
+        return f"cpu-{torch.get_num_threads()}core-{_cpu_model()}"
+    return dev.type
+
+
+def _cpu_model() -> str:
+    """The first ``model name`` in /proc/cpuinfo, or ``"unknown"`` where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """Canonical dtype name: ``torch.bfloat16`` and ``"torch.bfloat16"`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _slugify(text: str) -> str:
+    """Lower-case ``text`` and collapse every run of non-alphanumerics into one ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _model_key(name_or_path: str) -> str:
+    """Last path component of a model name or path (``Qwen/Qwen2.5-1.5B`` -> ``Qwen2.5-1.5B``)."""
+    return name_or_path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def profile_slug(device: str, target: str, drafter: str, dtype: str | torch.dtype) -> str:
+    """File stem of a profile: ``slug(device)__slug(target)__slug(drafter)__dtype``.
+
+    Model names are reduced to their last path component, so a hub id and a local
+    directory of the same model (``Qwen/Qwen2.5-1.5B-Instruct``,
+    ``/models/Qwen2.5-1.5B-Instruct``) share a profile. Example:
+    ``nvidia-h100-80gb-hbm3__qwen2-5-1-5b-instruct__qwen2-5-0-5b-instruct__bfloat16``.
+    """
+    parts = (device, _model_key(target), _model_key(drafter), dtype_name(dtype))
+    return "__".join(_slugify(p) for p in parts)
+
+
+def user_profiles_dir() -> Path:
+    """``<cache dir>/profiles``: ``$CAST_CACHE_DIR/profiles``, default ``~/.cache/cast/profiles``."""
+    return default_cache_dir() / "profiles"
+
+
+def default_search_dirs() -> list[Path]:
+    """Where :func:`find_profile` looks: the user cache first (local measurements win), then the package."""
+    return [user_profiles_dir(), PACKAGED_PROFILES_DIR]
+
+
+class _Grid:
+    """Precomputed lookup arrays of one :class:`CostTable` (plain Python lists for the scalar path).
+
+    ``rows[b][c][k]`` for ``b < len(batch)`` is the monotone table; ``rows[len(batch)]``
+    is the batch-extrapolation slope ``s[c][k]`` (seconds per extra sequence), so every
+    batch lookup is a two-term combination ``wa * rows[ia] + wb * rows[ib]``.
+    """
+
+    __slots__ = ("batch", "context", "tokens", "rows", "array", "_last_b")
+
+    def __init__(self, batch: list[int], context: list[int], tokens: list[int], seconds: np.ndarray) -> None:
+        if len(batch) > 1:
+            slope = (seconds[-1] - seconds[-2]) / (batch[-1] - batch[-2])  # [ctx, n]
+            slope = np.maximum.accumulate(np.maximum(slope, 0.0), axis=-1)
+        else:
+            slope = np.zeros_like(seconds[0])
+        self.batch = batch
+        self.context = context
+        self.tokens = tokens
+        self.array = np.concatenate([seconds, slope[None]], axis=0)  # [batch + 1, ctx, n]
+        self.rows: list[list[list[float]]] = self.array.tolist()
+        self._last_b = len(batch) - 1
+
+    def __eq__(self, other: object) -> bool:
+        """Grids are derived data: equal when built from equal tables (keeps pydantic model equality by value)."""
+        if not isinstance(other, _Grid):
+            return NotImplemented
+        mine = (self.batch, self.context, self.tokens, self.rows)
+        return mine == (other.batch, other.context, other.tokens, other.rows)
+
+    def batch_weights(self, b: float) -> tuple[int, float, int, float]:
+        """``(ia, wa, ib, wb)`` with ``f(b) = wa * rows[ia] + wb * rows[ib]``."""
+        xs = self.batch
+        last = self._last_b
+        if b <= xs[0]:
+            return 0, 1.0, 0, 0.0
+        if b >= xs[last]:
+            return last, 1.0, last + 1, float(b - xs[last])
+        i = bisect.bisect_right(xs, b) - 1
+        w = (b - xs[i]) / (xs[i + 1] - xs[i])
+        return i, 1.0 - w, i + 1, w
+
+    def context_weights(self, c: float) -> tuple[int, int, float]:
+        """``(j0, j1, w)`` with ``f(c) = (1 - w) * f[j0] + w * f[j1]``, ``c`` clamped to the buckets."""
+        xs = self.context
+        if c <= xs[0]:
+            return 0, 0, 0.0
+        if c >= xs[-1]:
+            last = len(xs) - 1
+            return last, last, 0.0
+        j = bisect.bisect_right(xs, c) - 1
+        return j, j + 1, (c - xs[j]) / (xs[j + 1] - xs[j])
+
+    def token_weights(self, n: float) -> tuple[int, int, float]:
+        """``(k0, k1, w)`` with ``f(n) = f[k0] + w * (f[k1] - f[k0])``; ``w > 1`` extrapolates the last segment."""
+        xs = self.tokens
+        if n <= xs[0]:
+            return 0, 0, 0.0
+        last = len(xs) - 1
+        if n >= xs[last]:
+            if last == 0:
+                return 0, 0, 0.0
+            return last - 1, last, (n - xs[last - 1]) / (xs[last] - xs[last - 1])
+        k = bisect.bisect_right(xs, n) - 1
+        return k, k + 1, (n - xs[k]) / (xs[k + 1] - xs[k])
+
+    def latency(self, batch: float, context: float, tokens: float) -> float:
+        """``f(batch, context, tokens)`` in seconds (module docstring); 0.0 for ``tokens <= 0``."""
+        if tokens <= 0:
+            return 0.0
+        ia, wa, ib, wb = self.batch_weights(batch)
+        j0, j1, wc = self.context_weights(context)
+        k0, k1, wn = self.token_weights(tokens)
+        ra0, ra1 = self.rows[ia][j0], self.rows[ia][j1]
+        rb0, rb1 = self.rows[ib][j0], self.rows[ib][j1]
+        vc = 1.0 - wc
+        y0 = vc * (wa * ra0[k0] + wb * rb0[k0]) + wc * (wa * ra1[k0] + wb * rb1[k0])
+        y1 = vc * (wa * ra0[k1] + wb * rb0[k1]) + wc * (wa * ra1[k1] + wb * rb1[k1])
+        return y0 + wn * (y1 - y0)
+
+    def latency_curve(self, batch: float, context: float, max_tokens: int) -> np.ndarray:
+        """``[f(batch, context, n) for n in 0..max_tokens]`` (``f(., ., 0) = 0``), same formula as :meth:`latency`."""
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        ia, wa, ib, wb = self.batch_weights(batch)
+        j0, j1, wc = self.context_weights(context)
+        a = self.array
+        row = (1.0 - wc) * (wa * a[ia, j0] + wb * a[ib, j0]) + wc * (wa * a[ia, j1] + wb * a[ib, j1])  # [n]
+        n = np.arange(max_tokens + 1, dtype=np.float64)
+        curve = np.interp(n, self.tokens, row)  # clamps to row[0] / row[-1] outside the grid
+        if len(self.tokens) > 1:
+            beyond = n > self.tokens[-1]
+            slope = (row[-1] - row[-2]) / (self.tokens[-1] - self.tokens[-2])
+            curve[beyond] = row[-1] + slope * (n[beyond] - self.tokens[-1])
+        curve[0] = 0.0
+        return curve
+
+
+def _check_axis(values: list[int], name: str) -> list[int]:
+    """Require a non-empty, strictly increasing list of positive integers."""
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    if values[0] < 1:
+        raise ValueError(f"{name} must be positive, got {values}")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"{name} must be strictly increasing, got {values}")
+    return values
+
+
+class CostTable(BaseModel):
+    """Measured forward latency of one model role: ``seconds[b][c][k]`` for
+    ``(batch_sizes[b], context_buckets[c], token_counts[k])``, monotone in k."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        description="Model name or path the table was measured with (e.g. 'qwen2.5-coder-1.5b-instruct')."
+    )
+    batch_sizes: list[int] = Field(
+        description="Measured batch sizes B (sequences per forward), strictly increasing, >= 1."
+    )
+    context_buckets: list[int] = Field(
+        description="Measured KV-cache lengths ctx (tokens already cached per sequence), strictly increasing, >= 1."
+    )
+    token_counts: list[int] = Field(
+        description="Measured new-token counts n per sequence in one forward, strictly increasing, >= 1."
+    )
+    seconds: list[list[list[float]]] = Field(
+        description="Forward wall time in seconds indexed [batch][context][tokens]; finite and > 0. "
+        "Replaced on construction by its running max over the tokens axis (non-decreasing in n)."
+    )
+
+    _grid: _Grid = PrivateAttr()
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _check_batch_sizes(cls, v: list[int]) -> list[int]:
+        return _check_axis(v, "batch_sizes")
+
+    @field_validator("context_buckets")
+    @classmethod
+    def _check_context_buckets(cls, v: list[int]) -> list[int]:
+        return _check_axis(v, "context_buckets")
+
+    @field_validator("token_counts")
+    @classmethod
+    def _check_token_counts(cls, v: list[int]) -> list[int]:
+        return _check_axis(v, "token_counts")
+
+    @field_validator("seconds")
+    @classmethod
+    def _monotone_in_tokens(cls, v: list[list[list[float]]]) -> list[list[list[float]]]:
+        """Check every value is finite and > 0, then apply ``s[b][c][k] := max_{k' <= k} s[b][c][k']``."""
+        for plane in v:
+            for row in plane:
+                if not all(math.isfinite(x) and x > 0 for x in row):
+                    raise ValueError(f"seconds must be finite and > 0, got {row}")
+        return [[list(itertools.accumulate(row, max)) for row in plane] for plane in v]
+
+    @model_validator(mode="after")
+    def _check_shape_and_index(self) -> CostTable:
+        """Check ``seconds`` is ``[batch][context][tokens]``, then precompute the lookup arrays (:class:`_Grid`)."""
+        shape = (len(self.batch_sizes), len(self.context_buckets), len(self.token_counts))
+        if len(self.seconds) != shape[0] or any(
+            len(plane) != shape[1] or any(len(row) != shape[2] for row in plane) for plane in self.seconds
+        ):
+            raise ValueError(f"seconds must have shape [batch][context][tokens] = {list(shape)}")
+        self._grid = _Grid(
+            self.batch_sizes, self.context_buckets, self.token_counts, np.asarray(self.seconds, dtype=np.float64)
+        )
+        return self
+
+    def latency(self, batch: int, context: int, tokens: int) -> float:
+        """Seconds for a forward of ``tokens`` new tokens per sequence (formula: module docstring)."""
+        return self._grid.latency(batch, context, tokens)
+
+    def latency_curve(self, batch: int, context: int, max_tokens: int) -> np.ndarray:
+        """Array of length ``max_tokens + 1``: index n = :meth:`latency` for n tokens, index 0 = 0.0."""
+        return self._grid.latency_curve(batch, context, max_tokens)
+
+
+class CostProfile(BaseModel):
+    """Cost tables of a target/drafter pair on one device kind in one dtype (one JSON file)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = Field(default=1, description="Version of this JSON layout.")
+    device: str = Field(description="Device kind as given by device_name() (e.g. 'NVIDIA H100 80GB HBM3').")
+    dtype: str = Field(description="Parameter/activation dtype both models ran in (e.g. 'bfloat16').")
+    target: CostTable = Field(description="Cost table of the target (verifier) model.")
+    drafter: CostTable = Field(description="Cost table of the drafter model.")
+    measured_at: str = Field(description="When the profile was measured, ISO 8601 UTC.")
+    torch_threads: int = Field(ge=1, description="torch.get_num_threads() during the measurement.")
+    notes: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Free-form provenance: library versions, repeats, attention implementation, 'synthetic', ...",
+    )
+
+    _grids: dict[str, _Grid] = PrivateAttr()
+
+    @field_validator("dtype")
+    @classmethod
+    def _canonical_dtype(cls, v: str) -> str:
+        return dtype_name(v)
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Index the role grids for :meth:`latency`."""
+        self._grids = {"target": self.target._grid, "drafter": self.drafter._grid}
+
+    @property
+    def slug(self) -> str:
+        """File stem this profile is stored under (:func:`profile_slug`)."""
+        return profile_slug(self.device, self.target.model, self.drafter.model, self.dtype)
+
+    def latency(self, role: Role, batch: int, context: int, tokens: int) -> float:
+        """``f_role(batch, context, tokens)`` in seconds: one forward of ``tokens`` new tokens per
+        sequence for ``batch`` sequences over a ``context``-token KV cache.
+
+        Piecewise-linear in each axis; context clamped to the measured buckets; batch and
+        tokens extrapolated linearly past the grid, never below the last measured value;
+        ``tokens <= 0`` -> 0.0. Full rules in the module docstring.
+        """
+        return self._grids[role].latency(batch, context, tokens)
+
+    def latency_curve(self, role: Role, batch: int, context: int, max_tokens: int) -> np.ndarray:
+        """``curve[n] = latency(role, batch, context, n)`` for ``n = 0..max_tokens`` (``curve[0] = 0.0``),
+        float64 array of length ``max_tokens + 1``."""
+        return self._grids[role].latency_curve(batch, context, max_tokens)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the profile as indented JSON (atomically: temp file + rename); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostProfile:
+        """Read and validate a profile JSON file (tables are made monotone in n here)."""
+        return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+    @classmethod
+    def synthetic(
+        cls,
+        target_base_s: float,
+        target_per_token_s: float,
+        drafter_base_s: float,
+        drafter_per_token_s: float,
+        *,
+        batch_sizes: Sequence[int] = (1, 2, 4, 8),
+        context_buckets: Sequence[int] = (128, 512, 1024),
+        token_counts: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+        device: str = "synthetic",
+        dtype: str | torch.dtype = "float32",
+        target: str = "synthetic-target",
+        drafter: str = "synthetic-drafter",
+    ) -> CostProfile:
+        """Affine cost model tabulated on a grid: ``f(B, ctx, n) = base + per_token * B * n``.
+
+        Independent of ctx. Because ``f`` is affine in n for fixed B and in B for fixed n,
+        :meth:`latency` reproduces it exactly for every ``B >= batch_sizes[0]`` and
+        ``n >= token_counts[0]`` (interpolation and extrapolation are both exact).
+        With ``base = 0`` this is the linear cost of the paper's Theorem 4.1. Used in
+        tests and, logged as a warning, when no measured profile matches.
+        """
+
+        def table(model: str, base: float, per_token: float) -> CostTable:
+            seconds = [
+                [[base + per_token * b * n for n in token_counts] for _ in context_buckets] for b in batch_sizes
+            ]
+            return CostTable(
+                model=model,
+                batch_sizes=list(batch_sizes),
+                context_buckets=list(context_buckets),
+                token_counts=list(token_counts),
+                seconds=seconds,
+            )
+
+        return cls(
+            device=device,
+            dtype=dtype_name(dtype),
+            target=table(target, target_base_s, target_per_token_s),
+            drafter=table(drafter, drafter_base_s, drafter_per_token_s),
+            measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            torch_threads=torch.get_num_threads(),
+            notes={
+                "synthetic": True,
+                "formula": "f(B, ctx, n) = base + per_token * B * n",
+                "target": {"base_s": target_base_s, "per_token_s": target_per_token_s},
+                "drafter": {"base_s": drafter_base_s, "per_token_s": drafter_per_token_s},
+            },
+        )
+
+
+def find_profile(
+    device: str,
+    target: str,
+    drafter: str,
+    dtype: str | torch.dtype,
+    search_dirs: Sequence[Path] | None = None,
+) -> CostProfile | None:
+    """Load ``<dir>/<profile_slug(device, target, drafter, dtype)>.json`` from the first of
+    ``search_dirs`` (default :func:`default_search_dirs`) that has it; ``None`` if none does."""
+    name = profile_slug(device, target, drafter, dtype) + ".json"
+    for directory in default_search_dirs() if search_dirs is None else search_dirs:
+        path = Path(directory) / name
+        if path.is_file():
+            logger.info("cost profile for %s / %s / %s / %s: %s", device, target, drafter, dtype_name(dtype), path)
+            return CostProfile.load(path)
+    return None
+
+
+def resolve_profile(
+    device: str,
+    target: str,
+    drafter: str,
+    dtype: str | torch.dtype,
+    search_dirs: Sequence[Path] | None = None,
+) -> CostProfile:
+    """:func:`find_profile`, or -- with a WARNING naming the missing file and the fix -- the
+    synthetic affine profile built from the ``FALLBACK_*`` constants."""
+    profile = find_profile(device, target, drafter, dtype, search_dirs)
+    if profile is not None:
+        return profile
+    logger.warning(
+        "no measured cost profile %s.json for device %r, target %r, drafter %r, dtype %s; "
+        "falling back to a SYNTHETIC affine cost model f = base + per_token * B * n "
+        "(run `cast profile --target %s --drafter %s --dtype %s` to measure one)",
+        profile_slug(device, target, drafter, dtype),
+        device,
+        target,
+        drafter,
+        dtype_name(dtype),
+        target,
+        drafter,
+        dtype_name(dtype),
+    )
+    return CostProfile.synthetic(
+        FALLBACK_TARGET_BASE_S,
+        FALLBACK_TARGET_PER_TOKEN_S,
+        FALLBACK_DRAFTER_BASE_S,
+        FALLBACK_DRAFTER_PER_TOKEN_S,
+        device=device,
+        dtype=dtype,
+        target=target,
+        drafter=drafter,
+    )

@@ -1,0 +1,299 @@
+"""Measure a :class:`~cast_core.cost.CostProfile` on the local device (``cast profile``).
+
+For each model role and every grid point ``(B, ctx, n)`` the profiler times the
+forward CAST actually runs: ``n`` new tokens per sequence for ``B`` sequences on
+top of a ``ctx``-token KV cache, with
+
+* a 4D additive mask ``[B, 1, n, ctx + n]``: the cached prefix visible (0), causal
+  among the new tokens (``finfo.min`` above the diagonal) -- a tree mask of ``n``
+  nodes costs the same as a causal block of ``n`` (same shapes, same kernels);
+* explicit ``position_ids = ctx + arange(n)``;
+* a transformers ``DynamicCache`` passed as ``cache=`` (the 5.24 name), logits for
+  all ``n`` tokens (the verifier scores every tree node, the drafter every frontier node).
+
+The KV cache of one context bucket is built once per model by a batch-1 prefill of
+random tokens at the largest bucket, cropped to each smaller bucket and repeated
+along the batch (KV *values* do not change the cost of dense kernels, so this is
+the cost of a batch-``B`` prefill without paying for it). After each timed forward
+``cache.crop(-n)`` restores the context, so every repeat sees exactly ``ctx`` cached
+tokens. Each point records the median of ``repeats`` timings after ``warmup``
+untimed runs; on CUDA the device is synchronised before the clock is read.
+
+Runtime: the default grid (B in 1,2,4,8 x ctx in 128,512,1024 x n in
+1,2,4,8,16,24,32,48,64; 5 repeats + 2 warmups = 7 forwards per point, 1512 forwards)
+for Qwen2.5-1.5B + 0.5B in bfloat16 on this project's 2-core CPU is estimated at
+12-20 minutes, from DESIGN.md's measurements (batch 1: 134 ms for n <= 4, 340 ms
+for n = 64; batch 8 x 64 tokens: 4.7 s) and the drafter at about a third of the
+target. ``--repeats 3 --warmup 1`` roughly halves it; on a GPU it takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel
+
+from cast_core.cost import CostProfile, CostTable, device_name, dtype_name, user_profiles_dir
+from cast_core.models import DTYPES, load_model, resolve_model
+
+DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8)
+DEFAULT_CONTEXT_BUCKETS: tuple[int, ...] = (128, 512, 1024)
+DEFAULT_TOKEN_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+
+_DESCRIPTION = (
+    "Measure the target and drafter forward latency f(B, ctx, n) on this device over a grid of batch sizes, "
+    "KV-cache lengths and new-token counts, and write the cost profile JSON that CAST's policy reads."
+)
+_SEED = 0  # random token ids of the prefill and timed forwards (values do not affect cost)
+
+
+def block_mask(batch: int, context: int, tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive 4D mask ``[batch, 1, tokens, context + tokens]`` for ``tokens`` new tokens
+    after ``context`` cached ones: ``mask[b, 0, i, j] = 0`` if ``j < context + i + 1``
+    (prefix and causal block visible) else ``finfo(dtype).min``."""
+    mask = torch.zeros(tokens, context + tokens, dtype=dtype, device=device)
+    hidden = torch.ones(tokens, tokens, dtype=torch.bool, device=device).triu(diagonal=1)
+    mask[:, context:].masked_fill_(hidden, torch.finfo(dtype).min)
+    return mask.expand(batch, 1, tokens, context + tokens)
+
+
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> DynamicCache:
+    """KV cache of ``input_ids`` ``[B, L]``: one causal forward at positions ``0..L-1``
+    (only the last position's logits are computed)."""
+    cache = DynamicCache(config=model.config)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def forward_block(
+    model: PreTrainedModel, cache: DynamicCache, input_ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The profiled forward: ``input_ids`` ``[B, n]`` after the ``ctx`` tokens in ``cache``,
+    ``attention_mask = mask`` (:func:`block_mask`), ``position_ids = ctx + arange(n)``.
+    Appends ``n`` slots to ``cache``; returns logits ``[B, n, V]``."""
+    context = cache.get_seq_length()
+    positions = context + torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
+
+
+def _model_dtype(model: PreTrainedModel) -> torch.dtype:
+    """Dtype of the model's first floating-point parameter."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _measure_table(
+    model: PreTrainedModel,
+    name: str,
+    device: torch.device,
+    batch_sizes: Sequence[int],
+    context_buckets: Sequence[int],
+    token_counts: Sequence[int],
+    repeats: int,
+    warmup: int,
+    bar: tqdm,
+) -> CostTable:
+    """Median forward seconds of ``model`` on the whole grid (module docstring for the method)."""
+    generator = torch.Generator().manual_seed(_SEED)
+    vocab = model.config.vocab_size
+    dtype = _model_dtype(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds = [[[0.0] * len(token_counts) for _ in context_buckets] for _ in batch_sizes]
+
+    prompt = torch.randint(vocab, (1, max(context_buckets)), generator=generator).to(device)
+    base = prefill(model, prompt)  # batch 1, cropped down bucket by bucket below
+    for c in reversed(range(len(context_buckets))):
+        context = context_buckets[c]
+        base.crop(context - base.get_seq_length())
+        for b, batch in enumerate(batch_sizes):
+            cache = copy.deepcopy(base)
+            cache.batch_repeat_interleave(batch)
+            for k, tokens in enumerate(token_counts):
+                bar.set_postfix_str(f"{name} B={batch} ctx={context} n={tokens}", refresh=False)
+                ids = torch.randint(vocab, (batch, tokens), generator=generator).to(device)
+                mask = block_mask(batch, context, tokens, dtype, device)
+                timings = []
+                for i in range(warmup + repeats):
+                    sync()
+                    start = time.perf_counter()
+                    forward_block(model, cache, ids, mask)
+                    sync()
+                    if i >= warmup:
+                        timings.append(time.perf_counter() - start)
+                    cache.crop(-tokens)
+                seconds[b][c][k] = statistics.median(timings)
+                bar.update()
+            del cache
+    return CostTable(
+        model=name,
+        batch_sizes=list(batch_sizes),
+        context_buckets=list(context_buckets),
+        token_counts=list(token_counts),
+        seconds=seconds,
+    )
+
+
+def measure_profile(
+    target_model: PreTrainedModel,
+    drafter_model: PreTrainedModel,
+    target_name: str,
+    drafter_name: str,
+    device: str | torch.device,
+    dtype: str | torch.dtype,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    context_buckets: Sequence[int] = DEFAULT_CONTEXT_BUCKETS,
+    token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
+    repeats: int = 5,
+    warmup: int = 2,
+    progress: bool = True,
+) -> CostProfile:
+    """Time both models on the grid ``batch_sizes x context_buckets x token_counts`` and
+    return the profile (keyed by :func:`~cast_core.cost.device_name` of ``device``).
+
+    The models must already be loaded on ``device`` in ``dtype`` (checked for the dtype).
+    Grid axes are sorted and de-duplicated. ``seconds[b][c][k]`` is the median of
+    ``repeats`` timed forwards after ``warmup`` untimed ones, made monotone in n by
+    :class:`~cast_core.cost.CostTable`. ``progress`` shows a tqdm bar over all points.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    torch_device = torch.device(device)
+    for role, model in (("target", target_model), ("drafter", drafter_model)):
+        model_dtype = dtype_name(_model_dtype(model))
+        if model_dtype != dtype_name(dtype):
+            raise ValueError(f"{role} model is {model_dtype}, profile dtype is {dtype_name(dtype)}")
+    axes = [sorted(set(axis)) for axis in (batch_sizes, context_buckets, token_counts)]
+    points = len(axes[0]) * len(axes[1]) * len(axes[2])
+    started = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=2 * points, desc="cast profile", unit="pt", disable=not progress) as bar:
+        tables = {
+            role: _measure_table(model, name, torch_device, *axes, repeats=repeats, warmup=warmup, bar=bar)
+            for role, model, name in (
+                ("target", target_model, target_name),
+                ("drafter", drafter_model, drafter_name),
+            )
+        }
+    return CostProfile(
+        device=device_name(torch_device),
+        dtype=dtype_name(dtype),
+        target=tables["target"],
+        drafter=tables["drafter"],
+        measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        torch_threads=torch.get_num_threads(),
+        notes={
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "attn_implementation": target_model.config._attn_implementation,
+            "cache": "DynamicCache",
+            "statistic": f"median of {repeats} after {warmup} warmup",
+            "wall_s": round(time.perf_counter() - started, 1),
+        },
+    )
+
+
+def _int_list(text: str) -> list[int]:
+    """Parse ``"1,2,4"`` into ``[1, 2, 4]`` (argparse type)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``profile`` command's options."""
+    parser.add_argument("--target", required=True, help="target model: known name or path (folder / .gguf)")
+    parser.add_argument("--drafter", required=True, help="drafter model: known name or path (folder / .gguf)")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="model dtype (default: bfloat16)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES), help="comma-separated (default: 1,2,4,8)"
+    )
+    parser.add_argument(
+        "--contexts",
+        type=_int_list,
+        default=list(DEFAULT_CONTEXT_BUCKETS),
+        help="comma-separated KV-cache lengths (default: 128,512,1024)",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=_int_list,
+        default=list(DEFAULT_TOKEN_COUNTS),
+        help="comma-separated new-token counts (default: 1,2,4,8,16,24,32,48,64)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point, median kept (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per point first (default: 2)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output JSON file, or an existing directory to write <slug>.json into "
+        "(default: $CAST_CACHE_DIR/profiles/<slug>.json, where find_profile looks first)",
+    )
+
+
+def run_profile_command(args: argparse.Namespace) -> int:
+    """Load both models, measure, write the JSON; exit status 0, or 2 on a bad model/dtype/device."""
+    try:
+        target = load_model(resolve_model(args.target), args.dtype, args.device)
+        drafter = load_model(resolve_model(args.drafter), args.dtype, args.device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"cast profile: error: {err}", file=sys.stderr)
+        return 2
+    profile = measure_profile(
+        target,
+        drafter,
+        args.target,
+        args.drafter,
+        args.device,
+        args.dtype,
+        batch_sizes=args.batch_sizes,
+        context_buckets=args.contexts,
+        token_counts=args.tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
+    if args.out is None:
+        out = user_profiles_dir() / f"{profile.slug}.json"
+    elif args.out.is_dir():
+        out = args.out / f"{profile.slug}.json"
+    else:
+        out = args.out
+    profile.save(out)
+    print(f"wrote {out} ({profile.device}, {profile.dtype}, {profile.notes['wall_s']} s)")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``cast profile`` to a CLI's subparsers; the handler is ``args.func(args) -> int``."""
+    parser = subparsers.add_parser(
+        "profile",
+        help="measure the target/drafter cost tables on this device",
+        description=_DESCRIPTION,
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run_profile_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cast_core.profiler ...``: the ``profile`` command without the ``cast`` CLI."""
+    parser = argparse.ArgumentParser(prog="python -m cast_core.profiler", description=_DESCRIPTION)
+    _add_arguments(parser)
+    return run_profile_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

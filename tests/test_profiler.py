@@ -1,0 +1,169 @@
+"""Profiler: the timed forward is the real masked forward, the grid comes out right, the CLI wires up."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from cast_core import profiler
+from cast_core.cost import CostProfile, device_name, profile_slug
+from cast_core.profiler import block_mask, forward_block, measure_profile, prefill, register_cli
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> PreTrainedModel:
+    return tiny_llama()
+
+
+def test_block_mask_layout() -> None:
+    mask = block_mask(2, 3, 4, torch.float32, torch.device("cpu"))
+    assert mask.shape == (2, 1, 4, 7)
+    visible = mask[0, 0] == 0
+    expected = torch.tensor(
+        [
+            [1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(visible, expected)
+    assert mask[0, 0, 0, -1] == torch.finfo(torch.float32).min
+    assert torch.equal(mask[0], mask[1])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_profiled_forward_equals_plain_causal_forward(model: PreTrainedModel, attn: str) -> None:
+    """prefill(ctx) + forward_block(n new tokens, 4D mask, explicit positions) gives the logits of one
+    plain causal forward over ctx + n tokens; after crop(-n) the same forward gives them again."""
+    model.set_attn_implementation(attn)
+    try:
+        batch, ctx, n = 3, 11, 5
+        ids = torch.randint(model.config.vocab_size, (batch, ctx + n), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            plain = model(input_ids=ids).logits[:, ctx:]
+            cache = prefill(model, ids[:, :ctx])
+            mask = block_mask(batch, ctx, n, torch.float32, ids.device)
+            first = forward_block(model, cache, ids[:, ctx:], mask)
+            assert cache.get_seq_length() == ctx + n
+            cache.crop(-n)
+            assert cache.get_seq_length() == ctx
+            second = forward_block(model, cache, ids[:, ctx:], mask)
+        torch.testing.assert_close(first, plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(second, first, atol=0, rtol=0)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_measure_profile_tiny_grid(model: PreTrainedModel) -> None:
+    drafter = tiny_llama(seed=1)
+    profile = measure_profile(
+        model,
+        drafter,
+        "tiny/target",
+        "tiny/drafter",
+        "cpu",
+        torch.float32,
+        batch_sizes=(2, 1),
+        context_buckets=(16, 8, 16),
+        token_counts=(1, 4, 2),
+        repeats=2,
+        warmup=1,
+        progress=False,
+    )
+    assert profile.device == device_name("cpu")
+    assert profile.dtype == "float32"
+    assert profile.torch_threads == torch.get_num_threads()
+    assert profile.slug == profile_slug(device_name("cpu"), "target", "drafter", "float32")
+    for table, name in ((profile.target, "tiny/target"), (profile.drafter, "tiny/drafter")):
+        assert table.model == name
+        assert (table.batch_sizes, table.context_buckets, table.token_counts) == ([1, 2], [8, 16], [1, 2, 4])
+        assert len(table.seconds) == 2
+        for plane in table.seconds:
+            assert len(plane) == 2
+            for row in plane:
+                assert len(row) == 3
+                assert all(x > 0 for x in row)
+                assert row == sorted(row)
+    assert profile.notes["cache"] == "DynamicCache"
+    assert profile.latency("target", 1, 8, 1) == profile.target.seconds[0][0][0]
+
+
+def test_measure_profile_checks_dtype_and_repeats(model: PreTrainedModel) -> None:
+    with pytest.raises(ValueError, match="bfloat16"):
+        measure_profile(model, model, "t", "d", "cpu", "bfloat16", progress=False)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_profile(model, model, "t", "d", "cpu", "float32", repeats=0, progress=False)
+
+
+def _cli() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cast")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_defaults_and_grid_parsing() -> None:
+    args = _cli().parse_args(["profile", "--target", "a", "--drafter", "b", "--tokens", "1,2,8", "--contexts", "64"])
+    assert args.func is profiler.run_profile_command
+    assert (args.dtype, args.batch_sizes, args.contexts, args.tokens) == ("bfloat16", [1, 2, 4, 8], [64], [1, 2, 8])
+    assert (args.repeats, args.warmup, args.out) == (5, 2, None)
+    with pytest.raises(SystemExit):
+        _cli().parse_args(["profile", "--target", "a", "--drafter", "b", "--tokens", "1,x"])
+
+
+@pytest.mark.parametrize("out", ["default", "dir", "file"])
+def test_cli_writes_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: PreTrainedModel, out: str
+) -> None:
+    loaded: list[tuple[str, str, str]] = []
+
+    def fake_load(path: Path, dtype: str, device: str) -> PreTrainedModel:
+        loaded.append((str(path), dtype, device))
+        return model
+
+    monkeypatch.setattr(profiler, "resolve_model", lambda name: Path("/models") / name)
+    monkeypatch.setattr(profiler, "load_model", fake_load)
+    monkeypatch.setenv("CAST_CACHE_DIR", str(tmp_path / "cache"))
+    slug = profile_slug(device_name("cpu"), "tiny-t", "tiny-d", "float32")
+    argv = (
+        "profile --target tiny-t --drafter tiny-d --dtype float32 --device cpu "
+        "--batch-sizes 1 --contexts 8 --tokens 1,2 --repeats 1 --warmup 0"
+    ).split()
+    expected = {
+        "default": tmp_path / "cache" / "profiles" / f"{slug}.json",
+        "dir": tmp_path / f"{slug}.json",
+        "file": tmp_path / "mine.json",
+    }[out]
+    if out != "default":
+        argv += ["--out", str(tmp_path if out == "dir" else expected)]
+    args = _cli().parse_args(argv)
+    assert args.func(args) == 0
+    assert loaded == [("/models/tiny-t", "float32", "cpu"), ("/models/tiny-d", "float32", "cpu")]
+    profile = CostProfile.load(expected)
+    assert (profile.target.model, profile.drafter.model, profile.target.token_counts) == ("tiny-t", "tiny-d", [1, 2])
+
+
+def test_cli_reports_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _cli().parse_args(["profile", "--target", "no-such-model-xyz", "--drafter", "b", "--device", "cpu"])
+    assert args.func(args) == 2
+    assert "no-such-model-xyz" in capsys.readouterr().err
