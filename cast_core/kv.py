@@ -21,7 +21,8 @@ One step:
    to the front of the tail, marks them valid and drops the rest of the tail.
    ``discard_tail()`` drops it all.
 
-``compact()`` removes holes when they exceed a fraction of the cache.
+``compact()`` packs rows to the left when that would shrink the cache by a
+fraction ``HOLE_FRACTION``.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class KVState:
         next_pos: ``[B]`` number of committed tokens per row (next position id).
     """
 
-    #: compact when holes exceed this fraction of the committed length
-    HOLE_FRACTION = 0.5
+    #: compact when slots that no row needs exceed this fraction of the committed length
+    HOLE_FRACTION = 0.25
     #: ... and the committed length exceeds this many slots
     MIN_COMPACT_LENGTH = 64
 
@@ -171,6 +172,7 @@ class KVState:
         """Slots in the cache, tail included."""
         return self.layers[0].length
 
+    @torch.inference_mode()
     def forward(
         self,
         model: torch.nn.Module,
@@ -245,8 +247,9 @@ class KVState:
         base = self.base
         if base < self.MIN_COMPACT_LENGTH:
             return
-        holes = base - int(self.next_pos.min())
-        if holes > self.HOLE_FRACTION * base:
+        # packing every row to the left shrinks the cache to the longest row
+        reclaimable = base - int(self.next_pos.max())
+        if reclaimable > self.HOLE_FRACTION * base:
             self.compact()
 
     @torch.inference_mode()

@@ -1,0 +1,173 @@
+"""Engine: greedy equality with transformers' generate, streaming, stops and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from cast_core import CastConfig, Engine, StaticConfig
+from cast_core.cost import CostProfile
+
+from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair, tiny_tokenizer
+
+PROFILE = CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001)
+CAST = CastConfig(c1=0.5, c2=0.5, c3=0.5)
+STATIC = StaticConfig(top_k=4, depth=4, total_tokens=16)
+NEW_TOKENS = 20
+
+
+def make_engine(models, tokenizer, policy: str, batch: int) -> Engine:
+    target, drafter = models
+    return Engine(
+        target,
+        tokenizer,
+        drafter,
+        policy=policy,
+        cost_profile=PROFILE,
+        max_batch_size=batch,
+        static_config=STATIC,
+        cast_config=CAST,
+    )
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def family_case(request):
+    models = tiny_pair(request.param, torch.float32)
+    prompts = random_prompts(24, max_len=24, seed=3)
+    refs = [reference_greedy(models[0], p, NEW_TOKENS, TINY_EOS) for p in prompts]
+    return models, prompts, refs
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+@pytest.mark.parametrize("policy", ["none", "static", "cast"])
+def test_greedy_equals_transformers_generate(family_case, tokenizer, policy: str, batch: int) -> None:
+    models, prompts, refs = family_case
+    engine = make_engine(models, tokenizer, policy, batch)
+    generations = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+    assert [g.token_ids for g in generations] == refs
+    if policy != "none":
+        assert sum(g.stats.accepted_tokens for g in generations) > 0
+
+
+def test_stats_and_finish_reasons(tiny_models_fp32, tokenizer) -> None:
+    engine = make_engine(tiny_models_fp32, tokenizer, "static", 4)
+    gens = engine.generate(random_prompts(4, seed=5), max_new_tokens=12)
+    for g in gens:
+        assert g.finish_reason in {"stop", "length"}
+        assert len(g.token_ids) <= 12
+        assert g.stats.steps >= 1
+        assert g.stats.verified_tokens >= g.stats.steps
+        assert g.stats.mean_accepted_length >= 1.0
+        assert g.text == tokenizer.decode(g.token_ids, skip_special_tokens=True)
+
+
+def test_stream_concatenates_to_generate(tiny_models_fp32, tokenizer) -> None:
+    engine = make_engine(tiny_models_fp32, tokenizer, "cast", 3)
+    prompts = random_prompts(5, seed=9)
+    expected = engine.generate(prompts, max_new_tokens=15)
+    tokens: dict[int, list[int]] = {i: [] for i in range(5)}
+    texts: dict[int, str] = {i: "" for i in range(5)}
+    finals = {}
+    for event in engine.stream(prompts, max_new_tokens=15):
+        tokens[event.index] += event.token_ids
+        texts[event.index] += event.text
+        if event.finished:
+            finals[event.index] = event.generation
+    for g in expected:
+        assert tokens[g.index] == g.token_ids
+        assert texts[g.index] == g.text
+        assert finals[g.index].token_ids == g.token_ids
+
+
+def test_async_stream(tiny_models_fp32, tokenizer) -> None:
+    engine = make_engine(tiny_models_fp32, tokenizer, "static", 2)
+    prompts = random_prompts(3, seed=11)
+    expected = [g.token_ids for g in engine.generate(prompts, max_new_tokens=10)]
+
+    async def collect() -> list[list[int]]:
+        out: dict[int, list[int]] = {i: [] for i in range(3)}
+        async for event in engine.astream(prompts, max_new_tokens=10):
+            out[event.index] += event.token_ids
+        return [out[i] for i in range(3)]
+
+    assert asyncio.run(collect()) == expected
+
+
+def test_stop_strings_cut_text(tiny_models_fp32, tokenizer) -> None:
+    engine = make_engine(tiny_models_fp32, tokenizer, "none", 1)
+    prompt = random_prompts(1, seed=13)
+    full = engine.generate(prompt, max_new_tokens=16)[0]
+    words = full.text.split()
+    assert len(words) >= 4, "the tiny model should produce a few tokens"
+    stop = " " + words[3]
+    cut = engine.generate(prompt, max_new_tokens=16, stop=[stop])[0]
+    assert cut.finish_reason == "stop"
+    assert stop not in cut.text
+    assert full.text.startswith(cut.text)
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_streamed_text_never_contains_stop_prefix_retractions(tiny_models_fp32, tokenizer) -> None:
+    engine = make_engine(tiny_models_fp32, tokenizer, "static", 1)
+    prompt = random_prompts(1, seed=13)
+    full = engine.generate(prompt, max_new_tokens=16)[0].text
+    stop = full.split()[3]
+    streamed = "".join(e.text for e in engine.stream(prompt, max_new_tokens=16, stop=[stop]))
+    assert streamed == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompts": [""]}, "prompts[0]"),
+        ({"prompts": []}, "prompts"),
+        ({"prompts": ["t5 " * 600]}, "prompts[0]"),
+        ({"prompts": ["t5 " * 500], "max_new_tokens": 100}, "max_new_tokens"),
+        ({"prompts": ["t5"], "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompts": ["t5"], "temperature": -0.1}, "temperature"),
+        ({"prompts": ["t5"], "top_p": 0.0}, "top_p"),
+        ({"prompts": ["t5"], "top_p": 1.5}, "top_p"),
+        ({"prompts": ["t5"], "top_k": -1}, "top_k"),
+        ({"prompts": [[5, 999]]}, "prompts[0]"),
+    ],
+)
+def test_bad_input_names_the_field(tiny_models_fp32, tokenizer, kwargs, field: str) -> None:
+    engine = make_engine(tiny_models_fp32, tokenizer, "cast", 2)
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        engine.generate(**kwargs)
+    # the engine still works afterwards
+    assert engine.generate(["t5 t6"], max_new_tokens=2)[0].token_ids
+
+
+def test_unknown_policy_and_missing_drafter(tiny_models_fp32, tokenizer) -> None:
+    target, _ = tiny_models_fp32
+    with pytest.raises(ValueError, match="policy"):
+        Engine(target, tokenizer, None, policy="beam")
+    with pytest.raises(ValueError, match="drafter"):
+        Engine(target, tokenizer, None, policy="cast")
+    with pytest.raises(ValueError, match="policy"):
+        Engine.from_pretrained(target="unused", policy="beam")
+
+
+def test_mismatched_tokenizers_refused(tmp_path) -> None:
+    target, drafter = tiny_pair("llama", torch.float32)
+    target.save_pretrained(tmp_path / "target")
+    tiny_tokenizer().save_pretrained(tmp_path / "target")
+    drafter.save_pretrained(tmp_path / "drafter")
+    tiny_tokenizer(vocab_size=100).save_pretrained(tmp_path / "drafter")
+    with pytest.raises(ValueError, match="drafter"):
+        Engine.from_pretrained(target=tmp_path / "target", drafter=tmp_path / "drafter", dtype="float32")
+
+
+def test_from_pretrained_local_folders(tmp_path) -> None:
+    target, drafter = tiny_pair("qwen2", torch.float32)
+    for name, model in (("target", target), ("drafter", drafter)):
+        model.save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
+    engine = Engine.from_pretrained(
+        target=tmp_path / "target", drafter=tmp_path / "drafter", policy="cast", dtype="float32", cost_profile=PROFILE
+    )
+    prompt = random_prompts(1, seed=21)[0]
+    assert engine.generate([prompt], max_new_tokens=8)[0].token_ids == reference_greedy(target, prompt, 8, TINY_EOS)

@@ -1,0 +1,143 @@
+"""Algorithm 1, Theorem 4.1, depth pruning and reranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cast_core.cost import CostProfile
+from cast_core.drafter import Drafter
+from cast_core.forward import prefill_prompts
+from cast_core.policy import (
+    CastConfig,
+    CastPolicy,
+    CostContext,
+    DepthHistory,
+    StaticConfig,
+    StaticTreePolicy,
+    algorithm1,
+    make_policy,
+)
+
+
+def linear_context(per_token_drafter: float, per_token_target: float, horizon: int = 80) -> CostContext:
+    """Cost curves of the linear model f(n) = per_token * n (no fixed part)."""
+    profile = CostProfile.synthetic(0.0, per_token_target, 0.0, per_token_drafter)
+    return CostContext.from_profile(profile, batch_size=1, context=128, max_tokens=horizon)
+
+
+def test_algorithm1_free_and_costly_steps() -> None:
+    utility = np.array([0.0, 0.9, 1.2, 1.3, 1.35])
+    flat_then_step = np.array([0.0, 1.0, 1.0, 1.0, 2.0])
+    # k=1 pays 0.9 per 1.0 > 0.5; k=2, 3 are free; k=4 adds 0.05 for 1.0
+    assert algorithm1(utility, flat_then_step, 0.5) == 3
+    # k=1 alone (0.9) fails 1.0, but k=2 and k=3 cost the same step and carry 1.2, 1.3
+    assert algorithm1(utility, flat_then_step, 1.0) == 3
+    assert algorithm1(utility, flat_then_step, 1.5) == 0
+
+
+def test_algorithm1_keeps_scanning_past_a_failure() -> None:
+    # k=2 alone does not pay for its cost step, but k=3 (same cost) does
+    utility = np.array([0.0, 1.0, 1.1, 1.6])
+    cost = np.array([0.0, 0.1, 1.1, 1.1])
+    assert algorithm1(utility, cost, 0.5) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    v=st.lists(st.floats(0.001, 1.0), min_size=3, max_size=40).map(lambda x: sorted(x, reverse=True)),
+    k=st.integers(1, 39),
+    b=st.floats(0.01, 2.0),
+)
+def test_theorem_4_1_linear_cost_keeps_exactly_top_k(v: list[float], k: int, b: float) -> None:
+    """With c_k = b * k and C1 strictly between v_(K+1)/b and v_K/b, breadth pruning keeps top K."""
+    if k >= len(v) or not v[k] < v[k - 1]:
+        return
+    c1 = (v[k - 1] + v[k]) / 2 / b
+    policy = CastPolicy(CastConfig(c1=c1, top_k=len(v)))
+    ctx = CostContext(drafter=b * np.arange(len(v) + 1), target=np.arange(100.0), batch_size=1, context=0)
+    assert policy.layer_width(1, np.array([v]), ctx) == k
+
+
+def test_theorem_4_1_through_a_measured_style_profile() -> None:
+    """Same statement through CostProfile interpolation of an affine table."""
+    ctx = linear_context(per_token_drafter=0.002, per_token_target=0.01)
+    v = np.array([[0.6, 0.2, 0.1, 0.05, 0.03, 0.01]])
+    b = ctx.drafter[1]
+    for k in range(1, 6):
+        policy = CastPolicy(CastConfig(c1=(v[0, k - 1] + v[0, k]) / 2 / b, top_k=6))
+        assert policy.layer_width(1, v, ctx) == k
+
+
+def test_depth_pruning_follows_cost() -> None:
+    v = np.array([[0.5, 0.2]])
+    histories = [DepthHistory(4)]
+    policy = CastPolicy(CastConfig(c2=1.0))
+    cheap = CostContext(drafter=np.linspace(0, 0.2, 11), target=np.ones(80), batch_size=1, context=0)
+    dear = CostContext(drafter=np.linspace(0, 20.0, 11), target=np.ones(80), batch_size=1, context=0)
+    assert policy.grow(1, v, cheap, histories)
+    assert not policy.grow(1, v, dear, histories)
+    # alpha falls as observed gains fall
+    policy.observe_layer(np.array([[0.5, 0.2]]), np.array([[0.01]]), histories)
+    assert histories[0].alpha() < 1.0
+
+
+def test_reranking_reads_target_cost() -> None:
+    conf = np.array([[0.9, 0.8, 0.5, 0.3, 0.1, 0.05]])
+    policy = CastPolicy(CastConfig(c3=1.0))
+    flat = CostContext(drafter=np.zeros(80), target=np.r_[0.0, np.ones(79)], batch_size=1, context=0)
+    assert policy.verify_count(conf, flat) == 6  # verifying more is free
+    steep = CostContext(drafter=np.zeros(80), target=np.arange(80.0), batch_size=1, context=0)
+    assert policy.verify_count(conf, steep) == 0  # no node pays a full extra decode step
+
+
+def test_make_policy_rejects_unknown() -> None:
+    with pytest.raises(ValueError, match="policy"):
+        make_policy("beam")
+
+
+def _draft(policy, ctx, prompts, seed: int = 0):
+    from conftest import tiny_pair
+
+    target, drafter_model = tiny_pair("llama", torch.float64, noise=0.05, seed=seed)
+    drafter = Drafter(drafter_model, target.config.vocab_size)
+    state = drafter.new_state(len(prompts))
+    prefill_prompts(drafter_model, state, prompts)
+    return drafter.draft(state, [[p[-1]] for p in prompts], policy, ctx, [DepthHistory(4) for _ in prompts])
+
+
+def test_static_tree_shape_is_eagle2() -> None:
+    policy = StaticTreePolicy(StaticConfig(top_k=4, depth=3, total_tokens=10))
+    result = _draft(policy, None, [[5, 6, 7], [8, 9]])
+    tree = result.tree
+    tree.validate()
+    assert result.nodes_drafted == 12 and result.layers == 3
+    assert tree.num_nodes == 11
+    assert int(tree.depth.max()) <= 3
+
+
+def test_cast_depth_stops_when_drafting_is_expensive() -> None:
+    cheap = CostContext.from_profile(CostProfile.synthetic(0.1, 0.001, 0.001, 0.0001), 2, 16, 70)
+    dear = CostContext.from_profile(CostProfile.synthetic(0.1, 0.001, 1.0, 0.01), 2, 16, 70)
+    deep = _draft(CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5)), cheap, [[5, 6, 7], [8, 9]])
+    shallow = _draft(CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5)), dear, [[5, 6, 7], [8, 9]])
+    assert deep.layers > 1
+    assert shallow.layers == 1
+    assert int(shallow.tree.depth.max()) <= 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reranked_tree_is_connected_with_root_children_first(seed: int) -> None:
+    ctx = CostContext.from_profile(CostProfile.synthetic(0.05, 0.002, 0.005, 0.0005), 3, 16, 70)
+    tree = _draft(CastPolicy(CastConfig(c1=0.3, c2=0.3, c3=0.3)), ctx, [[5, 6, 7], [8], [9, 10, 11, 12]], seed).tree
+    tree.validate()  # parents precede children, depths consistent: a connected subtree
+    for b in range(tree.batch_size):
+        n = int(tree.valid[b].sum())
+        if n > 1:
+            assert int(tree.parents[b, 1]) == 0  # the most confident node is a child of the root
+        conf = tree.confidence[b, 1:n]
+        parents = tree.parents[b, 1:n]
+        assert bool((conf <= tree.confidence[b][parents]).all())

@@ -1,0 +1,170 @@
+"""Tree masks, positions and KV compaction against a brute-force full recompute (fp64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cast_core.forward import forward_logits, prefill_prompts
+from cast_core.kv import KVState
+from cast_core.tree import DraftTree
+
+from conftest import tiny_pair
+
+
+def full_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    """Logits at the last position of a plain, cache-free causal forward."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([tokens])).logits[0, -1]
+
+
+def random_tree(gen: torch.Generator, n: int, vocab: int, root: int) -> DraftTree:
+    """A random tree of ``n`` nodes (root included) whose parents precede children."""
+    parents, depth = [-1], [0]
+    for i in range(1, n):
+        p = int(torch.randint(0, i, (1,), generator=gen))
+        parents.append(p)
+        depth.append(depth[p] + 1)
+    tokens = [root] + torch.randint(3, vocab, (n - 1,), generator=gen).tolist()
+    return DraftTree(
+        tokens=torch.tensor([tokens]),
+        parents=torch.tensor([parents]),
+        depth=torch.tensor([depth]),
+        confidence=torch.ones((1, n)),
+        valid=torch.ones((1, n), dtype=torch.bool),
+    )
+
+
+def path_to(tree: DraftTree, b: int, node: int) -> list[int]:
+    """Node indices from the root to ``node``."""
+    out = [node]
+    while tree.parents[b, out[-1]] >= 0:
+        out.append(int(tree.parents[b, out[-1]]))
+    return out[::-1]
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_pair("llama", torch.float64)[0]
+
+
+def test_ancestors_and_positions() -> None:
+    tree = DraftTree(
+        tokens=torch.tensor([[5, 6, 7, 8, 9]]),
+        parents=torch.tensor([[-1, 0, 0, 1, 3]]),
+        depth=torch.tensor([[0, 1, 1, 2, 3]]),
+        confidence=torch.ones((1, 5)),
+        valid=torch.ones((1, 5), dtype=torch.bool),
+    )
+    tree.validate()
+    anc = tree.ancestors()[0].int().tolist()
+    assert anc == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 0, 1, 0, 0],
+        [1, 1, 0, 1, 0],
+        [1, 1, 0, 1, 1],
+    ]
+    assert tree.position_ids(torch.tensor([10])).tolist() == [[10, 11, 11, 12, 13]]
+
+
+def test_validate_rejects_child_before_parent() -> None:
+    tree = DraftTree(
+        tokens=torch.tensor([[5, 6, 7]]),
+        parents=torch.tensor([[-1, 2, 0]]),
+        depth=torch.tensor([[0, 2, 1]]),
+        confidence=torch.ones((1, 3)),
+        valid=torch.ones((1, 3), dtype=torch.bool),
+    )
+    with pytest.raises(ValueError, match="parents"):
+        tree.validate()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tree_logits_match_full_recompute_batched(model: torch.nn.Module, seed: int) -> None:
+    """Every node's logits equal a plain forward of prefix + its root path, in a ragged batch."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in (1, 7, 13)]
+    state = KVState(model.config.num_hidden_layers, len(prompts))
+    prefill_prompts(model, state, prompts)
+    trees = [random_tree(gen, n, vocab, p[-1]) for n, p in zip((9, 4, 12), prompts)]
+    tree = DraftTree.stack(trees)
+    with torch.no_grad():
+        logits = forward_logits(model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors())
+    for b, prompt in enumerate(prompts):
+        for node in range(trees[b].num_nodes):
+            path_tokens = [int(tree.tokens[b, j]) for j in path_to(tree, b, node)]
+            expected = full_logits(model, prompt[:-1] + path_tokens)
+            torch.testing.assert_close(logits[b, node], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_commit_compact_and_continue_match_full_recompute(model: torch.nn.Module) -> None:
+    """Keep a non-prefix path per row, compact, extend the batch, and keep decoding exactly."""
+    gen = torch.Generator().manual_seed(7)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in (5, 11)]
+    state = KVState(model.config.num_hidden_layers, 2)
+    prefill_prompts(model, state, prompts)
+    histories = [list(p[:-1]) for p in prompts]
+    roots = [p[-1] for p in prompts]
+    for step in range(6):
+        trees = [random_tree(gen, n, vocab, r) for n, r in zip((6 + step, 3 + step), roots)]
+        tree = DraftTree.stack(trees)
+        with torch.no_grad():
+            forward_logits(model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors())
+        keep = [path_to(tree, b, trees[b].num_nodes - 1) for b in range(2)]  # deepest-last node's path
+        state.commit(keep)
+        for b in range(2):
+            histories[b] += [int(tree.tokens[b, j]) for j in keep[b]]
+            roots[b] = int(torch.randint(3, vocab, (1,), generator=gen))
+        if step == 3:
+            state.compact()
+            assert bool(state.valid.all()) or state.valid.sum(1).tolist() == state.next_pos.tolist()
+    assert state.next_pos.tolist() == [len(h) for h in histories]
+    # a newcomer joins the batch; then every row decodes one more token
+    newcomer = torch.randint(3, vocab, (4,), generator=gen).tolist()
+    other = KVState(model.config.num_hidden_layers, 1)
+    prefill_prompts(model, other, [newcomer])
+    state.extend(other)
+    histories.append(newcomer[:-1])
+    roots.append(newcomer[-1])
+    tree = DraftTree.roots(torch.tensor(roots))
+    with torch.no_grad():
+        logits = forward_logits(model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors())
+    for b in range(3):
+        torch.testing.assert_close(logits[b, 0], full_logits(model, histories[b] + [roots[b]]), rtol=1e-9, atol=1e-9)
+    # drop the middle row: the others are unaffected
+    state.commit([[0], [0], [0]])
+    state.select_rows([0, 2])
+    histories = [histories[0] + [roots[0]], histories[2] + [roots[2]]]
+    tree = DraftTree.roots(torch.tensor([9, 10]))
+    with torch.no_grad():
+        logits = forward_logits(model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors())
+    for b in range(2):
+        torch.testing.assert_close(logits[b, 0], full_logits(model, histories[b] + [9 + b]), rtol=1e-9, atol=1e-9)
+
+
+def test_holes_trigger_automatic_compaction(model: torch.nn.Module) -> None:
+    """Rows that take turns keeping long paths leave holes; the cache packs itself."""
+    state = KVState(model.config.num_hidden_layers, 2)
+    prefill_prompts(model, state, [[5] * 40, [6] * 40])
+    pattern = [(10, 1), (1, 10)] * 6
+    for step, (k0, k1) in enumerate(pattern):
+        tree = DraftTree.stack([_chain(10, 7), _chain(10, 8)])
+        with torch.no_grad():
+            forward_logits(model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors())
+        state.commit([list(range(k0)), list(range(k1))])
+        assert state.base - int(state.next_pos.max()) <= KVState.HOLE_FRACTION * state.base
+    assert state.next_pos.tolist() == [39 + 66, 39 + 66]
+    assert state.valid.sum(1).tolist() == state.next_pos.tolist()
+
+
+def _chain(n: int, token: int) -> DraftTree:
+    return DraftTree(
+        tokens=torch.full((1, n), token),
+        parents=torch.arange(-1, n - 1)[None],
+        depth=torch.arange(n)[None],
+        confidence=torch.ones((1, n)),
+        valid=torch.ones((1, n), dtype=torch.bool),
+    )
