@@ -74,13 +74,22 @@ class Drafter:
         ctx: CostContext | None,
         histories: list[DepthHistory],
     ) -> DraftResult:
-        """Catch up on ``pending`` tokens (each row's list ends with its root) and draft a tree per row."""
+        """Catch up on ``pending`` tokens (each row's list ends with its root) and draft a tree per row.
+
+        A row with an empty ``pending`` list is idle: it rides along in the
+        padded forwards, its tree is garbage, and it is left out of every
+        policy decision (utilities average over the active rows only).
+        """
         bsz, k = len(pending), policy.top_k
-        roots = torch.tensor([p[-1] for p in pending], dtype=torch.long)
+        active = np.array([bool(p) for p in pending])
+        if not active.any():
+            raise ValueError("pending: no active row to draft for")
+        roots = torch.tensor([p[-1] if p else 0 for p in pending], dtype=torch.long)
         root_logits = feed_chain(self.model, state, pending, want_last=True)
         assert root_logits is not None
         plan_s = 0.0
-        root_pos = state.next_pos - 1
+        root_pos = (state.next_pos - 1).clamp(min=0)
+        histories = [h for h, a in zip(histories, active) if a]
 
         conf, tok = torch.topk(self._probs(root_logits), k, dim=-1)  # [B, k]
         node_tok, node_parent, node_depth, node_conf = [tok], [torch.zeros_like(tok)], [torch.ones_like(tok)], [conf]
@@ -90,12 +99,12 @@ class Drafter:
         prev_kept: np.ndarray | None = None
         while True:
             t0 = time.perf_counter()
-            cand = node_conf[-1].numpy()
+            cand = node_conf[-1].numpy()[active]
             n_keep = policy.layer_width(layer, cand, ctx)
             for lst in (node_tok, node_parent, node_depth, node_conf):
                 lst[-1] = lst[-1][:, :n_keep]
             layer_vis = layer_vis[:, :n_keep]
-            kept = node_conf[-1].numpy()
+            kept = node_conf[-1].numpy()[active]
             if prev_kept is not None:
                 policy.observe_layer(prev_kept, kept, histories)
             grow = layer < policy.max_depth and policy.grow(layer, kept, ctx, histories)
@@ -127,7 +136,7 @@ class Drafter:
         t0 = time.perf_counter()
         all_conf = torch.cat(node_conf, dim=1)  # [B, N]
         order = torch.sort(all_conf, dim=1, descending=True, stable=True).indices
-        m = policy.verify_count(torch.gather(all_conf, 1, order).numpy(), ctx)
+        m = policy.verify_count(torch.gather(all_conf, 1, order).numpy()[active], ctx)
         plan_s += time.perf_counter() - t0
         chosen = torch.sort(order[:, :m], dim=1).values  # node order keeps parents first
         tree = _assemble(roots, torch.cat(node_tok, 1), torch.cat(node_parent, 1), torch.cat(node_depth, 1), all_conf, chosen)

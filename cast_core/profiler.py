@@ -4,19 +4,17 @@ For each model role and every grid point ``(B, ctx, n)`` the profiler times the
 forward CAST actually runs: ``n`` new tokens per sequence for ``B`` sequences on
 top of a ``ctx``-token KV cache, with
 
-* a 4D additive mask ``[B, 1, n, ctx + n]``: the cached prefix visible (0), causal
-  among the new tokens (``finfo.min`` above the diagonal) -- a tree mask of ``n``
+* the engine's own forward path: :class:`~cast_core.kv.KVState` (preallocated,
+  in-place cache) and :func:`~cast_core.forward.forward_logits`, with a mask of the
+  cached prefix plus a causal block among the new tokens -- a tree mask of ``n``
   nodes costs the same as a causal block of ``n`` (same shapes, same kernels);
-* explicit ``position_ids = ctx + arange(n)``;
-* a transformers ``DynamicCache`` passed as ``cache=`` (the 5.24 name), logits for
-  all ``n`` tokens (the verifier scores every tree node, the drafter every frontier node).
+* explicit ``position_ids = ctx + arange(n)``; logits for all ``n`` tokens (the
+  verifier scores every tree node, the drafter every frontier node).
 
-The KV cache of one context bucket is built once per model by a batch-1 prefill of
-random tokens at the largest bucket, cropped to each smaller bucket and repeated
-along the batch (KV *values* do not change the cost of dense kernels, so this is
-the cost of a batch-``B`` prefill without paying for it). After each timed forward
-``cache.crop(-n)`` restores the context, so every repeat sees exactly ``ctx`` cached
-tokens. Each point records the median of ``repeats`` timings after ``warmup``
+The KV cache of one context bucket is built by a batch-1 prefill of random tokens
+and copied along the batch (KV *values* do not change the cost of dense kernels).
+After each timed forward ``discard_tail()`` restores the context, so every repeat
+sees exactly ``ctx`` cached tokens. Each point records the median of ``repeats`` timings after ``warmup``
 untimed runs; on CUDA the device is synchronised before the clock is read.
 
 Runtime: the default grid (B in 1,2,4,8 x ctx in 128,512,1024 x n in
@@ -41,9 +39,11 @@ from pathlib import Path
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from cast_core.cost import CostProfile, CostTable, device_name, dtype_name, user_profiles_dir
+from cast_core.forward import forward_logits, prefill_prompts
+from cast_core.kv import KVState
 from cast_core.models import DTYPES, load_model, resolve_model
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8)
@@ -57,34 +57,33 @@ _DESCRIPTION = (
 _SEED = 0  # random token ids of the prefill and timed forwards (values do not affect cost)
 
 
-def block_mask(batch: int, context: int, tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive 4D mask ``[batch, 1, tokens, context + tokens]`` for ``tokens`` new tokens
-    after ``context`` cached ones: ``mask[b, 0, i, j] = 0`` if ``j < context + i + 1``
-    (prefix and causal block visible) else ``finfo(dtype).min``."""
-    mask = torch.zeros(tokens, context + tokens, dtype=dtype, device=device)
-    hidden = torch.ones(tokens, tokens, dtype=torch.bool, device=device).triu(diagonal=1)
-    mask[:, context:].masked_fill_(hidden, torch.finfo(dtype).min)
-    return mask.expand(batch, 1, tokens, context + tokens)
+def causal_block(batch: int, tokens: int, device: torch.device) -> torch.Tensor:
+    """``[batch, tokens, tokens]`` bool: causal visibility among the new tokens."""
+    return torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril().expand(batch, tokens, tokens)
 
 
-def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> DynamicCache:
-    """KV cache of ``input_ids`` ``[B, L]``: one causal forward at positions ``0..L-1``
-    (only the last position's logits are computed)."""
-    cache = DynamicCache(config=model.config)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-    return cache
+def batch_state(model: PreTrainedModel, prompt: list[int], batch: int, device: torch.device) -> KVState:
+    """A ``batch``-row :class:`~cast_core.kv.KVState` holding ``prompt`` in every row
+    (one batch-1 prefill, rows copied with :meth:`~cast_core.kv.KVState.extend`)."""
+    layers = model.config.num_hidden_layers
+    one = KVState(layers, 1, device)
+    prefill_prompts(model, one, [prompt + [0]])
+    state = KVState(layers, 0, device)
+    for _ in range(batch):
+        state.extend(copy.deepcopy(one))
+    return state
 
 
-def forward_block(
-    model: PreTrainedModel, cache: DynamicCache, input_ids: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """The profiled forward: ``input_ids`` ``[B, n]`` after the ``ctx`` tokens in ``cache``,
-    ``attention_mask = mask`` (:func:`block_mask`), ``position_ids = ctx + arange(n)``.
-    Appends ``n`` slots to ``cache``; returns logits ``[B, n, V]``."""
-    context = cache.get_seq_length()
-    positions = context + torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
+def forward_block(model: PreTrainedModel, state: KVState, input_ids: torch.Tensor) -> torch.Tensor:
+    """The profiled forward: ``input_ids`` ``[B, n]`` after the cached context, causal
+    among themselves, ``position_ids = next_pos + arange(n)``, logits for all ``n``
+    tokens (the engine's own :func:`~cast_core.forward.forward_logits`). The new slots
+    stay in the tail; the caller drops them with ``discard_tail()``."""
+    batch, tokens = input_ids.shape
+    positions = state.next_pos[:, None] + torch.arange(tokens, device=input_ids.device)[None, :]
+    logits = forward_logits(model, state, input_ids, positions, causal_block(batch, tokens, input_ids.device))
+    assert logits is not None
+    return logits
 
 
 def _model_dtype(model: PreTrainedModel) -> torch.dtype:
@@ -110,30 +109,25 @@ def _measure_table(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds = [[[0.0] * len(token_counts) for _ in context_buckets] for _ in batch_sizes]
 
-    prompt = torch.randint(vocab, (1, max(context_buckets)), generator=generator).to(device)
-    base = prefill(model, prompt)  # batch 1, cropped down bucket by bucket below
-    for c in reversed(range(len(context_buckets))):
-        context = context_buckets[c]
-        base.crop(context - base.get_seq_length())
+    for c, context in enumerate(context_buckets):
+        prompt = torch.randint(vocab, (context,), generator=generator).tolist()
         for b, batch in enumerate(batch_sizes):
-            cache = copy.deepcopy(base)
-            cache.batch_repeat_interleave(batch)
+            state = batch_state(model, prompt, batch, device)
             for k, tokens in enumerate(token_counts):
                 bar.set_postfix_str(f"{name} B={batch} ctx={context} n={tokens}", refresh=False)
                 ids = torch.randint(vocab, (batch, tokens), generator=generator).to(device)
-                mask = block_mask(batch, context, tokens, dtype, device)
                 timings = []
                 for i in range(warmup + repeats):
                     sync()
                     start = time.perf_counter()
-                    forward_block(model, cache, ids, mask)
+                    forward_block(model, state, ids)
                     sync()
                     if i >= warmup:
                         timings.append(time.perf_counter() - start)
-                    cache.crop(-tokens)
+                    state.discard_tail()
                 seconds[b][c][k] = statistics.median(timings)
                 bar.update()
-            del cache
+            del state
     return CostTable(
         model=name,
         batch_sizes=list(batch_sizes),
@@ -194,7 +188,7 @@ def measure_profile(
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "attn_implementation": target_model.config._attn_implementation,
-            "cache": "DynamicCache",
+            "cache": "cast_core.kv.KVState (the engine's own forward path)",
             "statistic": f"median of {repeats} after {warmup} warmup",
             "wall_s": round(time.perf_counter() - started, 1),
         },

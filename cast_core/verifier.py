@@ -42,8 +42,13 @@ class Verifier:
         tree: DraftTree,
         params: list[SamplingParams],
         generators: list[torch.Generator],
+        keep_rows: set[int] | None = None,
     ) -> list[AcceptedPath]:
-        """Verify ``tree`` (one row per sequence of ``state``), commit the accepted paths."""
+        """Verify ``tree`` (one row per sequence of ``state``), commit the accepted paths.
+
+        Rows outside ``keep_rows`` (default: all rows) are idle: their forward
+        output is ignored and they commit nothing (an empty path).
+        """
         logits = forward_logits(
             self.model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors()
         )
@@ -51,7 +56,9 @@ class Verifier:
         paths = []
         for b in range(tree.batch_size):
             row_logits = logits[b]
-            if params[b].greedy:
+            if keep_rows is not None and b not in keep_rows:
+                paths.append(AcceptedPath(nodes=[], tokens=[]))
+            elif params[b].greedy:
                 paths.append(accept_greedy(tree, row_logits, b))
             else:
                 paths.append(accept_sampled(tree, row_logits, b, params[b], generators[b]))

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from cast_core import profiler
 from cast_core.cost import CostProfile, device_name, profile_slug
-from cast_core.profiler import block_mask, forward_block, measure_profile, prefill, register_cli
+from cast_core.profiler import batch_state, causal_block, forward_block, measure_profile, register_cli
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
@@ -34,41 +34,31 @@ def model() -> PreTrainedModel:
     return tiny_llama()
 
 
-def test_block_mask_layout() -> None:
-    mask = block_mask(2, 3, 4, torch.float32, torch.device("cpu"))
-    assert mask.shape == (2, 1, 4, 7)
-    visible = mask[0, 0] == 0
-    expected = torch.tensor(
-        [
-            [1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 0, 0],
-            [1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 1, 1, 1],
-        ],
-        dtype=torch.bool,
-    )
-    assert torch.equal(visible, expected)
-    assert mask[0, 0, 0, -1] == torch.finfo(torch.float32).min
-    assert torch.equal(mask[0], mask[1])
+def test_causal_block_layout() -> None:
+    block = causal_block(2, 4, torch.device("cpu"))
+    assert block.shape == (2, 4, 4)
+    assert torch.equal(block[0], torch.ones(4, 4, dtype=torch.bool).tril())
+    assert torch.equal(block[0], block[1])
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_profiled_forward_equals_plain_causal_forward(model: PreTrainedModel, attn: str) -> None:
-    """prefill(ctx) + forward_block(n new tokens, 4D mask, explicit positions) gives the logits of one
-    plain causal forward over ctx + n tokens; after crop(-n) the same forward gives them again."""
+    """batch_state(ctx) + forward_block(n new tokens) gives the logits of one plain causal forward
+    over ctx + n tokens; after discard_tail() the same forward gives them again."""
     model.set_attn_implementation(attn)
     try:
         batch, ctx, n = 3, 11, 5
-        ids = torch.randint(model.config.vocab_size, (batch, ctx + n), generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(model.config.vocab_size, (1, ctx + n), generator=torch.Generator().manual_seed(1))
+        ids = ids.expand(batch, -1)
         with torch.inference_mode():
             plain = model(input_ids=ids).logits[:, ctx:]
-            cache = prefill(model, ids[:, :ctx])
-            mask = block_mask(batch, ctx, n, torch.float32, ids.device)
-            first = forward_block(model, cache, ids[:, ctx:], mask)
-            assert cache.get_seq_length() == ctx + n
-            cache.crop(-n)
-            assert cache.get_seq_length() == ctx
-            second = forward_block(model, cache, ids[:, ctx:], mask)
+            state = batch_state(model, ids[0, :ctx].tolist(), batch, ids.device)
+            assert state.batch_size == batch and state.base == ctx
+            first = forward_block(model, state, ids[:, ctx:])
+            assert state.length == ctx + n
+            state.discard_tail()
+            assert state.length == ctx
+            second = forward_block(model, state, ids[:, ctx:])
         torch.testing.assert_close(first, plain, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(second, first, atol=0, rtol=0)
     finally:
@@ -105,7 +95,7 @@ def test_measure_profile_tiny_grid(model: PreTrainedModel) -> None:
                 assert len(row) == 3
                 assert all(x > 0 for x in row)
                 assert row == sorted(row)
-    assert profile.notes["cache"] == "DynamicCache"
+    assert profile.notes["cache"].startswith("cast_core.kv.KVState")
     assert profile.latency("target", 1, 8, 1) == profile.target.seconds[0][0][0]
 
 

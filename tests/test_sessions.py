@@ -1,0 +1,88 @@
+"""Replica-side session state: any subset of sessions steps together, output stays exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cast_core.cost import CostProfile
+from cast_core.drafter import Drafter
+from cast_core.policy import CastConfig, CastPolicy, CostContext
+from cast_core.sampling import SamplingParams
+from cast_core.sessions import DrafterSessions, SessionNotFound, VerifierSessions
+from cast_core.verifier import Verifier
+
+from conftest import TINY_EOS, random_prompts, reference_greedy
+
+NEW = 16
+
+
+def make(models):
+    target, drafter_model = models
+    verifier = VerifierSessions(Verifier(target))
+    drafter = DrafterSessions(Drafter(drafter_model, target.config.vocab_size), CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5)))
+    return verifier, drafter
+
+
+def run_sessions(verifier, drafter, prompts, schedule) -> dict[str, list[int]]:
+    """Step sessions per ``schedule(step) -> participating ids`` until each has NEW tokens (EOS stops)."""
+    ctx = CostContext.from_profile(CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001), 4, 32, 70)
+    out = {f"s{i}": [] for i in range(len(prompts))}
+    pending = {f"s{i}": [p[-1]] for i, p in enumerate(prompts)}
+    done: set[str] = set()
+    for i, p in enumerate(prompts):
+        verifier.open(f"s{i}", p, SamplingParams())
+        drafter.open(f"s{i}", p)
+    step = 0
+    while len(done) < len(prompts):
+        ids = [s for s in schedule(step) if s not in done]
+        step += 1
+        if not ids:
+            continue
+        drafts = drafter.draft({s: pending[s] for s in ids}, ctx)
+        paths = verifier.verify({s: drafts[s][0] for s in ids})
+        for s in ids:
+            tokens = paths[s].tokens
+            pending[s] = tokens
+            for t in tokens:
+                if t == TINY_EOS or len(out[s]) >= NEW:
+                    done.add(s)
+                    break
+                out[s].append(t)
+            if len(out[s]) >= NEW:
+                done.add(s)
+        for s in done:
+            if s in verifier.sessions():
+                verifier.close([s])
+                drafter.close([s])
+    return out
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        lambda step: ["s0", "s1", "s2", "s3"],
+        lambda step: ["s0", "s1", "s2", "s3"][: 1 + step % 4],
+        lambda step: ["s3", "s1"] if step % 2 else ["s0", "s2"],
+    ],
+    ids=["all", "growing-subsets", "alternating"],
+)
+def test_subsets_of_sessions_decode_exactly(tiny_models_fp32, schedule) -> None:
+    prompts = random_prompts(4, seed=31)
+    verifier, drafter = make(tiny_models_fp32)
+    out = run_sessions(verifier, drafter, prompts, schedule)
+    for i, p in enumerate(prompts):
+        assert out[f"s{i}"] == reference_greedy(tiny_models_fp32[0], p, NEW, TINY_EOS)
+    assert verifier.occupancy == 0 and drafter.occupancy == 0
+
+
+def test_unknown_session_and_reopen(tiny_models_fp32) -> None:
+    verifier, drafter = make(tiny_models_fp32)
+    with pytest.raises(SessionNotFound):
+        verifier.verify({"nope": None})
+    prompt = random_prompts(1, seed=41)[0]
+    verifier.open("a", prompt, SamplingParams())
+    verifier.open("a", prompt, SamplingParams())  # re-open replaces the row
+    assert verifier.occupancy == 1
+    assert verifier.evict_idle(0.0) == ["a"]
+    assert verifier.occupancy == 0
