@@ -1,0 +1,199 @@
+"""The Drafter deployment: drafter-model sessions, draft steps batched and planned together.
+
+Per session: ``open`` (prefill), ``draft`` (catch up on the tokens committed
+since the last step, then grow the step's tree), ``close``. Concurrent
+sessions' ``draft`` calls are batched with ``@serve.batch``; sessions that
+verify on the same verifier replica are drafted in one ``DrafterSessions.draft``
+call, sized together under that replica's cost context.
+
+The cost context comes from the Planner, cached per (verifier replica, drafter
+batch, context bucket) for ``plan_refresh_s``: a stale entry is used while a
+background call refreshes it, so a step waits for the planner only the first
+time a key is seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from transformers import AutoConfig
+
+from cast_core.drafter import Drafter
+from cast_core.models import check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
+from cast_core.policy import CostContext, TreePolicy, make_policy
+from cast_core.sessions import DrafterSessions, SessionNotFound
+from services.config import AppConfig
+from services.messages import DraftOutput, SessionInfo, TreePayload, tree_unpickle_count
+from services.replica import ModelReplica
+
+logger = logging.getLogger(__name__)
+
+PlanKey = tuple[str, int, int]  # (verifier replica id, drafter batch, context bucket)
+
+
+def context_bucket(tokens: int) -> int:
+    """Round a context length up to a power of two (>= 64): cost tables vary slowly in it."""
+    bucket = 64
+    while bucket < tokens:
+        bucket *= 2
+    return bucket
+
+
+@dataclass
+class _CachedPlan:
+    ctx: CostContext | None
+    fetched_at: float
+    refreshing: bool = False
+
+
+class DrafterReplica(ModelReplica):
+    """One drafter replica (deployed as ``Drafter``)."""
+
+    role = "drafter"
+
+    async def __init__(self, config: AppConfig, planner: DeploymentHandle) -> None:
+        super().__init__(config)
+        self._planner = planner
+        self._policy: TreePolicy = make_policy(config.policy, config.static, config.cast)
+        self._sessions: DrafterSessions | None = None
+        self._context: dict[str, int] = {}
+        self._plans: dict[PlanKey, _CachedPlan] = {}
+        self._draft_batch.set_batch_wait_timeout_s(config.drafter_batching.batch_wait_timeout_s)
+        self._draft_batch.set_max_batch_size(1)
+        await self.load(self._load)
+
+    def _load(self) -> None:
+        target_path = resolve_model(self.config.target)
+        drafter_path = resolve_model(self.config.drafter)
+        check_tokenizers_compatible(load_tokenizer(target_path), load_tokenizer(drafter_path))
+        vocab_size = int(AutoConfig.from_pretrained(target_path).vocab_size)
+        model = load_model(drafter_path, self.config.dtype, self.config.device)
+        self._sessions = DrafterSessions(Drafter(model, vocab_size), self._policy, self.config.max_sessions_per_replica)
+
+    @property
+    def sessions(self) -> DrafterSessions:
+        self.ensure_loaded()
+        assert self._sessions is not None
+        return self._sessions
+
+    @property
+    def occupancy(self) -> int:
+        return self._sessions.occupancy if self._sessions is not None else 0
+
+    def on_sessions_changed(self) -> None:
+        cap = self.config.drafter_batching.max_batch_size
+        self._draft_batch.set_max_batch_size(max(1, min(cap, self.occupancy)))
+        live = set(self.sessions.sessions())
+        for sid in [s for s in self._context if s not in live]:
+            del self._context[sid]
+
+    async def open(self, session_id: str, token_ids: list[int]) -> SessionInfo:
+        """Prefill a session (all of ``token_ids`` but the last, the first step's root)."""
+        await self.run(self.sessions.open, session_id, token_ids)
+        self._context[session_id] = len(token_ids)
+        self.on_sessions_changed()
+        return self.info
+
+    async def close(self, session_id: str) -> None:
+        """Free a session's state (unknown ids are ignored)."""
+        await self.run(self.sessions.close, [session_id])
+        self.on_sessions_changed()
+
+    def evict_idle(self, older_than_s: float) -> list[str]:
+        return self.sessions.evict_idle(older_than_s)
+
+    async def draft(self, session_id: str, pending: list[int], verifier_replica: str | None) -> DraftOutput:
+        """Catch up on ``pending`` (ending with the root) and draft this step's tree.
+
+        ``verifier_replica``: the replica that will verify it (whose occupancy sizes the tree).
+        """
+        self.ensure_loaded()
+        result = await self._draft_batch(session_id, pending, verifier_replica)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.01)
+    async def _draft_batch(
+        self, session_ids: list[str], pendings: list[list[int]], verifiers: list[str | None]
+    ) -> list[DraftOutput | Exception]:
+        results: list[DraftOutput | Exception | None] = [None] * len(session_ids)
+        live = set(self.sessions.sessions())
+        groups: dict[str, list[int]] = {}
+        for i, (sid, verifier) in enumerate(zip(session_ids, verifiers)):
+            if sid in live:
+                groups.setdefault(verifier or "", []).append(i)
+            else:
+                results[i] = SessionNotFound(sid)
+        for verifier, members in groups.items():
+            context = max(self._context.get(session_ids[i], 0) + len(pendings[i]) for i in members)
+            ctx = await self._plan(verifier or None, context)
+            pending = {session_ids[i]: pendings[i] for i in members}
+            try:
+                drafts, draft_s = await self.run(self._draft_now, pending, ctx)
+            except SessionNotFound as err:  # evicted between the check and the forward
+                for i in members:
+                    results[i] = err
+                continue
+            for i in members:
+                sid = session_ids[i]
+                tree, result = drafts[sid]
+                self._context[sid] = self._context.get(sid, 0) + len(pendings[i])
+                results[i] = DraftOutput(
+                    tree=TreePayload(tree),
+                    nodes_drafted=result.nodes_drafted,
+                    draft_s=draft_s,
+                    plan_batch=ctx.batch_size if ctx is not None else 0,
+                )
+        return results  # type: ignore[return-value]
+
+    def _draft_now(self, pending: dict[str, list[int]], ctx: CostContext | None):
+        started = time.perf_counter()
+        drafts = self.sessions.draft(pending, ctx)
+        return drafts, time.perf_counter() - started
+
+    async def _plan(self, verifier: str | None, context: int) -> CostContext | None:
+        """The cost context for a step verified on ``verifier`` (cached, refreshed in the background)."""
+        if not self._policy.needs_costs:
+            return None
+        key = (verifier or "", self.occupancy, context_bucket(context))
+        cached = self._plans.get(key)
+        now = time.monotonic()
+        if cached is None:
+            cached = _CachedPlan(await self._fetch_plan(key), time.monotonic())
+            self._plans[key] = cached
+        elif now - cached.fetched_at > self.config.plan_refresh_s and not cached.refreshing:
+            cached.refreshing = True
+            self.spawn(self._refresh(key, cached))
+        return cached.ctx
+
+    async def _fetch_plan(self, key: PlanKey) -> CostContext | None:
+        verifier, batch, bucket = key
+        return await self._planner.plan.remote(verifier or None, self.info.device, batch, bucket)
+
+    async def _refresh(self, key: PlanKey, cached: _CachedPlan) -> None:
+        try:
+            cached.ctx = await self._fetch_plan(key)
+            cached.fetched_at = time.monotonic()
+        except Exception as err:  # keep the last plan; try again on the next step
+            logger.warning("drafter %s: plan refresh failed: %s", self.replica_id, err)
+        finally:
+            cached.refreshing = False
+
+    def record_routing_stats(self) -> dict[str, int | str]:
+        """Published to request routers (``RunningReplica.routing_stats``)."""
+        return {"sessions": self.occupancy, "device": self.info.device}
+
+    async def debug_state(self) -> dict[str, object]:
+        """Sessions held and DraftTree deserialisations in this process (tests, debugging)."""
+        return {
+            "replica_id": self.replica_id,
+            "sessions": self.sessions.sessions() if self._sessions is not None else [],
+            "tree_unpickles": tree_unpickle_count(),
+            "plans_cached": len(self._plans),
+        }

@@ -1,0 +1,100 @@
+"""What the drafter and verifier replicas share: one model worker thread, loading, health, eviction.
+
+``cast_core.sessions`` objects are single-threaded, so every call that touches
+them runs on the replica's one worker thread (``ModelReplica.run``); the
+replica's event loop stays free for batching, health checks and routing stats.
+Loading happens on that thread too; a failure is kept and reported by
+``check_health`` (the replica stays up, answers every call with the reason,
+and Serve marks it unhealthy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import ray
+import torch
+from ray import serve
+
+from cast_core.cost import device_name
+from services.config import AppConfig
+from services.messages import SessionInfo
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ModelReplica:
+    """Base of a replica holding per-session model state on one worker thread."""
+
+    role = "model"
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cast-{self.role}")
+        self._load_error: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.info = SessionInfo(
+            replica_id=self.replica_id,
+            node_id=ray.get_runtime_context().get_node_id(),
+            device=device_name(config.device),
+        )
+
+    async def load(self, loader: Callable[[], None]) -> None:
+        """Run ``loader`` on the worker thread (threads set first); keep its error for health checks."""
+        started = time.perf_counter()
+        try:
+            await self.run(self._set_threads)
+            await self.run(loader)
+        except Exception as err:  # reported by check_health and every call
+            self._load_error = f"{self.role} replica failed to load its model: {type(err).__name__}: {err}"
+            logger.exception(self._load_error)
+            return
+        logger.info("%s replica %s loaded in %.1fs on %s", self.role, self.replica_id, time.perf_counter() - started, self.info.device)
+        self.spawn(self._evict_loop())
+
+    def _set_threads(self) -> None:
+        if self.config.torch_threads is not None:
+            torch.set_num_threads(self.config.torch_threads)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def spawn(self, coro: Any) -> None:
+        """Keep a background task alive for the replica's lifetime."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def ensure_loaded(self) -> None:
+        if self._load_error is not None:
+            raise RuntimeError(self._load_error)
+
+    async def check_health(self) -> None:
+        """Serve health check: fails with the load error, if any."""
+        self.ensure_loaded()
+
+    def evict_idle(self, older_than_s: float) -> list[str]:
+        """Drop sessions idle for ``older_than_s`` (worker thread)."""
+        raise NotImplementedError
+
+    def on_sessions_changed(self) -> None:
+        """Called on the event loop after sessions were opened, closed or evicted."""
+
+    async def _evict_loop(self) -> None:
+        timeout = self.config.session_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(timeout / 4, 30.0))
+            stale = await self.run(self.evict_idle, timeout)
+            if stale:
+                logger.info("%s replica %s evicted idle sessions %s", self.role, self.replica_id, stale)
+                self.on_sessions_changed()

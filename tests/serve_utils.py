@@ -1,0 +1,111 @@
+"""Helpers of the service tests: tiny models on disk, one Ray per module, guarded ``serve.run``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cast_core.engine import Engine
+from cast_core.cost import CostProfile
+from conftest import tiny_pair, tiny_tokenizer
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+SERVE_TIMEOUT_S = 180.0
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+
+
+def save_tiny_models(root: Path, seed: int = 0, noise: float = 0.002) -> tuple[Path, Path]:
+    """Save the tiny target/drafter pair (fp32) with the tiny tokenizer; returns their folders.
+
+    The drafter noise is small enough that about half the drafted tokens are accepted.
+    """
+    target, drafter = tiny_pair("llama", torch.float32, seed=seed, noise=noise)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    paths = []
+    for name, model in (("tiny-target", target), ("tiny-drafter", drafter)):
+        path = root / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def synthetic_profile(path: Path, per_token_s: float = 0.002) -> Path:
+    """A synthetic profile whose per-token cost grows with the batch (f = base + p * B * n)."""
+    return CostProfile.synthetic(0.01, per_token_s, 0.003, per_token_s / 10).save(path)
+
+
+def reference_engine(target: Path, drafter: Path) -> Engine:
+    """The in-process engine on the same saved models (greedy output is the target's)."""
+    return Engine.from_pretrained(target, drafter, policy="cast", dtype="float32", cost_profile=CostProfile.synthetic(0.01, 0.002, 0.003, 0.0002))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tiny_config(target: Path, drafter: Path, **overrides: Any) -> dict[str, Any]:
+    """``AppConfig`` fields for the tiny pair on a 2-core box (no CPU reservations, one torch thread)."""
+    zero_cpu = {"ray_actor_options": {"num_cpus": 0}}
+    config: dict[str, Any] = {
+        "target": str(target),
+        "drafter": str(drafter),
+        "dtype": "float32",
+        "torch_threads": 1,
+        "router": zero_cpu,
+        "planner": zero_cpu,
+        "drafter_deployment": zero_cpu,
+        "verifier_deployment": zero_cpu,
+        "telemetry": {"tracing_exporter": "memory"},
+        "default_max_tokens": 24,
+    }
+    config.update(overrides)
+    return config
+
+
+def start_serve(http_port: int, grpc_port: int | None) -> None:
+    """Start Serve's proxies on loopback (gRPC with the cast.v1 servicer when ``grpc_port`` is set)."""
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    grpc = (
+        gRPCOptions(port=grpc_port, grpc_servicer_functions=["services.grpc_api.cast_pb2_grpc.add_CastServicer_to_server"])
+        if grpc_port
+        else None
+    )
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port), grpc_options=grpc)
+
+
+def run_app(app: Any, timeout_s: float = SERVE_TIMEOUT_S, name: str = "cast") -> Any:
+    """``serve.run`` in a thread with a deadline (it blocks forever on an unschedulable deployment)."""
+    from ray import serve
+
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["handle"] = serve.run(app, name=name, route_prefix="/")
+        except BaseException as err:  # reported below
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"serve.run did not finish in {timeout_s}s; status: {serve.status()}")
+    if "error" in result:
+        raise result["error"]
+    print(f"serve.run took {time.monotonic() - started:.1f}s")
+    return result["handle"]
