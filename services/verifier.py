@@ -43,6 +43,7 @@ class VerifierReplica(ModelReplica):
         self._planner = planner
         self._sessions: VerifierSessions | None = None
         self._last_batch = 0
+        self._opened = 0
         self._metrics = VerifierMetrics()
         self._verify_batch.set_batch_wait_timeout_s(config.verifier_batching.batch_wait_timeout_s)
         self._verify_batch.set_max_batch_size(1)
@@ -72,6 +73,7 @@ class VerifierReplica(ModelReplica):
     async def open(self, session_id: str, token_ids: list[int], params: SamplingParams) -> SessionInfo:
         """Prefill a session (all of ``token_ids`` but the last, which is the first root)."""
         await self.run(self.sessions.open, session_id, token_ids, params)
+        self._opened += 1
         self.on_sessions_changed()
         return self.info
 
@@ -149,6 +151,7 @@ class VerifierReplica(ModelReplica):
             "sessions": self.sessions.sessions() if self._sessions is not None else [],
             "tree_unpickles": tree_unpickle_count(),
             "last_batch_size": self._last_batch,
+            "sessions_opened": self._opened,
         }
 
     async def debug_drop_sessions(self) -> list[str]:
