@@ -7,12 +7,14 @@ import sys
 from collections.abc import Sequence
 
 from cast_core.cli import register_core
+from services.serve_main import register_cli as register_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cast", description="Cost-aware speculative tree decoding (CAST)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_core(subparsers)
+    register_serve(subparsers)
     return parser
 
 
