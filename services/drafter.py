@@ -193,6 +193,7 @@ class DrafterReplica(ModelReplica):
         """Sessions held and DraftTree deserialisations in this process (tests, debugging)."""
         return {
             "replica_id": self.replica_id,
+            "node_id": self.info.node_id,
             "sessions": self.sessions.sessions() if self._sessions is not None else [],
             "tree_unpickles": tree_unpickle_count(),
             "plans_cached": len(self._plans),

@@ -148,6 +148,7 @@ class VerifierReplica(ModelReplica):
         """Sessions held and DraftTree deserialisations in this process (tests, debugging)."""
         return {
             "replica_id": self.replica_id,
+            "node_id": self.info.node_id,
             "sessions": self.sessions.sessions() if self._sessions is not None else [],
             "tree_unpickles": tree_unpickle_count(),
             "last_batch_size": self._last_batch,

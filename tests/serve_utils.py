@@ -74,7 +74,7 @@ def tiny_config(target: Path, drafter: Path, **overrides: Any) -> dict[str, Any]
     return config
 
 
-def start_serve(http_port: int, grpc_port: int | None) -> None:
+def start_serve(http_port: int, grpc_port: int | None, proxy_location: str = "EveryNode") -> None:
     """Start Serve's proxies on loopback (gRPC with the cast.v1 servicer when ``grpc_port`` is set)."""
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -84,7 +84,7 @@ def start_serve(http_port: int, grpc_port: int | None) -> None:
         if grpc_port
         else None
     )
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port), grpc_options=grpc)
+    serve.start(proxy_location=proxy_location, http_options=HTTPOptions(host="127.0.0.1", port=http_port), grpc_options=grpc)
 
 
 def run_app(app: Any, timeout_s: float = SERVE_TIMEOUT_S, name: str = "cast") -> Any:
