@@ -115,7 +115,11 @@ class AppConfig(BaseModel):
     model_id: str | None = Field(None, description="Model id clients see in /v1/models and responses; None = the target's name.")
     policy: PolicyName = Field("cast", description="Tree policy: cast (cost-aware), static (EAGLE-2) or none (plain decoding).")
     dtype: str = Field("bfloat16", description=f"Model dtype, one of {', '.join(DTYPES)}.")
-    device: str = Field("cpu", description="Torch device of the model replicas, e.g. cpu or cuda (each GPU replica sees its own GPU as cuda:0).")
+    device: str = Field(
+        "cpu",
+        description="Torch device of the model replicas: cpu, or cuda (each GPU replica sees its own GPU as cuda:0; "
+        "drafter and verifier replicas then reserve num_gpus=1 unless their ray_actor_options say otherwise).",
+    )
     cast: CastConfig = Field(default_factory=CastConfig, description="CAST thresholds and bounds.")
     static: StaticConfig = Field(default_factory=StaticConfig, description="Fixed tree shape of the static policy.")
     cost_profile: str | None = Field(
@@ -190,6 +194,8 @@ class AppConfig(BaseModel):
         """``ray_actor_options`` of the drafter or verifier deployment, pool placement included."""
         deployment = self.drafter_deployment if role == "drafter" else self.verifier_deployment
         options = deployment.ray_actor_options.model_copy(deep=True)
+        if self.device.startswith("cuda") and options.num_gpus is None:
+            options.num_gpus = 1
         pool = self.drafter_pool if role == "drafter" else self.verifier_pool
         if pool:
             if self.pool_selector == "resources":

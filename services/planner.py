@@ -12,7 +12,8 @@ drafter batch, context)`` and gets the ``CostContext`` its CastPolicy reads::
     drafter[k] = f_D^(drafter device)(B_d, ctx, k)  / f_T^(verifier device)(B_v, ctx, 1)
 
 An unknown or silent verifier replica (no report for ``STALE_AFTER_S``) is
-planned at the busiest known replica's occupancy on the configured device.
+planned as the busiest live replica (or, with none, at ``B = 1`` on the
+drafter's device kind).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cast_core.cost import CostProfile, device_name, resolve_profile
+from cast_core.cost import CostProfile, resolve_profile
 from cast_core.policy import CostContext, make_policy
 from services.config import AppConfig
 
@@ -75,8 +76,8 @@ class PlannerReplica:
         live = self._live()
         view = live.get(verifier_replica or "")
         if view is None:
-            busiest = max((v.sessions for v in live.values()), default=1)
-            view = VerifierView(device_name(self.config.device), busiest, 0, time.monotonic())
+            busiest = max(live.values(), key=lambda v: v.sessions, default=None)
+            view = busiest or VerifierView(drafter_device, 1, 0, time.monotonic())
         b_v, b_d = max(1, view.sessions), max(1, drafter_batch)
         target = np.asarray(self.profile(view.device).latency_curve("target", b_v, context, self._horizon), dtype=np.float64)
         drafter = np.asarray(self.profile(drafter_device).latency_curve("drafter", b_d, context, self._horizon), dtype=np.float64)

@@ -42,17 +42,14 @@ class ModelReplica:
         self._tasks: set[asyncio.Task[Any]] = set()
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self.info = SessionInfo(
-            replica_id=self.replica_id,
-            node_id=ray.get_runtime_context().get_node_id(),
-            device=device_name(config.device),
-        )
+        self.info = SessionInfo(replica_id=self.replica_id, node_id=ray.get_runtime_context().get_node_id(), device="")
 
     async def load(self, loader: Callable[[], None]) -> None:
         """Run ``loader`` on the worker thread (threads set first); keep its error for health checks."""
         started = time.perf_counter()
         try:
-            await self.run(self._set_threads)
+            # the CPU device kind names the thread count (cost profiles are keyed by it): set threads first
+            self.info.device = await self.run(self._set_threads)
             await self.run(loader)
         except Exception as err:  # reported by check_health and every call
             self._load_error = f"{self.role} replica failed to load its model: {type(err).__name__}: {err}"
@@ -61,9 +58,11 @@ class ModelReplica:
         logger.info("%s replica %s loaded in %.1fs on %s", self.role, self.replica_id, time.perf_counter() - started, self.info.device)
         self.spawn(self._evict_loop())
 
-    def _set_threads(self) -> None:
+    def _set_threads(self) -> str:
+        """Set torch's threads; returns the device kind (``cast_core.cost.device_name``)."""
         if self.config.torch_threads is not None:
             torch.set_num_threads(self.config.torch_threads)
+        return device_name(self.config.device)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the worker thread."""

@@ -46,8 +46,10 @@ def test_pool_options_pin_replicas() -> None:
     labels = AppConfig(verifier_pool="verifier_pool", pool_selector="labels")
     assert labels.pool_options("verifier") == {"num_cpus": 1, "label_selector": {"cast.io/pool": "verifier_pool"}}
     assert AppConfig().pool_options("drafter") == {"num_cpus": 1}
-    gpu = AppConfig.model_validate({"verifier_deployment": {"ray_actor_options": {"num_gpus": 1, "accelerator_type": "H100"}}})
-    assert gpu.pool_options("verifier") == {"num_gpus": 1, "accelerator_type": "H100"}
+    gpu = AppConfig.model_validate({"verifier_deployment": {"ray_actor_options": {"num_gpus": 0.5, "accelerator_type": "H100"}}})
+    assert gpu.pool_options("verifier") == {"num_gpus": 0.5, "accelerator_type": "H100"}
+    cuda = AppConfig(device="cuda", verifier_pool="vp")
+    assert cuda.pool_options("verifier") == {"num_cpus": 1, "num_gpus": 1, "resources": {"vp": 0.01}}
 
 
 def test_config_from_yaml_and_args(tmp_path: Path) -> None:
@@ -121,9 +123,10 @@ def test_planner_reads_target_costs_at_the_replicas_occupancy(tmp_path: Path) ->
     policy = CastPolicy()
     confidences = np.linspace(0.9, 0.05, 40)[None, :]
     assert policy.verify_count(confidences, busy) < policy.verify_count(confidences, lone)
-    # an unknown replica is planned at the busiest known occupancy
+    # an unknown replica is planned as the busiest live one; with none live, at B = 1
     assert planner.plan("gone", "cpu", 1, 128).batch_size == 6
     assert set(planner.cluster()) == {"v1", "v2"}
+    assert _planner(tmp_path).plan(None, "cpu", 1, 128).batch_size == 1
 
 
 def test_generation_params_and_stats() -> None:
