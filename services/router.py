@@ -23,7 +23,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -151,7 +152,7 @@ class RouterReplica:
         if model and model != self.config.served_model_id:
             raise InvalidRequest(f"model: unknown model {model!r}; this server serves {self.config.served_model_id!r}", "model")
 
-    async def _generate(self, request: PreparedRequest, protocol: str) -> AsyncIterator[StepEvent]:
+    async def _generate(self, request: PreparedRequest, protocol: str, release: Callable[[], None]) -> AsyncIterator[StepEvent]:
         """Admission already acquired: run the step loop, release the slot at the end."""
         status = "error"
         try:
@@ -162,7 +163,7 @@ class RouterReplica:
             status = "cancelled"
             raise
         finally:
-            self.admission.release()
+            release()
             self.metrics.record_request(protocol, status)
 
     async def _admit(self, prompt_ids: list[int], params: GenerationParams, request_id: str, protocol: str) -> AsyncIterator[StepEvent]:
@@ -173,7 +174,18 @@ class RouterReplica:
         except RequestError:
             self.metrics.record_request(protocol, "overloaded")
             raise
-        return self._generate(prepared, protocol)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.admission.release()
+
+        events = self._generate(prepared, protocol, release)
+        # A response cancelled before it started iterating never runs the generator's finally.
+        weakref.finalize(events, release)
+        return events
 
     async def _healthy(self) -> tuple[bool, str]:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,15 @@ def test_memory_tracing_keeps_spans_and_otlp_needs_its_package() -> None:
     except ImportError:
         with pytest.raises(ValueError, match="opentelemetry-exporter-otlp"):
             Tracing(TelemetryConfig(tracing_exporter="otlp"))
+
+
+def test_error_bodies_and_status_codes() -> None:
+    from services.errors import InvalidRequest, Unavailable
+    from services.router import error_response
+
+    overloaded = error_response(Overloaded(3))
+    assert overloaded.status_code == 429 and overloaded.headers["retry-after"] == "3"
+    assert json.loads(overloaded.body)["error"]["type"] == "rate_limit_error"
+    invalid = error_response(InvalidRequest("max_tokens: must be >= 1", "max_tokens"))
+    assert invalid.status_code == 400 and json.loads(invalid.body)["error"]["param"] == "max_tokens"
+    assert error_response(Unavailable("no replica")).status_code == 503
