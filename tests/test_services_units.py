@@ -184,3 +184,45 @@ def test_error_bodies_and_status_codes() -> None:
     invalid = error_response(InvalidRequest("max_tokens: must be >= 1", "max_tokens"))
     assert invalid.status_code == 400 and json.loads(invalid.body)["error"]["param"] == "max_tokens"
     assert error_response(Unavailable("no replica")).status_code == 503
+
+
+@pytest.fixture
+def outside_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let a replica class be constructed in this process (no Serve replica context, no Ray)."""
+    from types import SimpleNamespace
+
+    import services.replica as replica
+
+    monkeypatch.setattr(replica.serve, "get_replica_context", lambda: SimpleNamespace(replica_id=SimpleNamespace(unique_id="r0")))
+    monkeypatch.setattr(replica.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "n0"))
+
+
+def test_replicas_fail_health_checks_with_the_load_error(tmp_path: Path, outside_serve: None) -> None:
+    import torch
+
+    from conftest import tiny_tokenizer
+    from serve_utils import save_tiny_models
+    from services.drafter import DrafterReplica
+    from services.verifier import VerifierReplica
+
+    target, drafter = save_tiny_models(tmp_path)
+    tiny_tokenizer(vocab_size=100).save_pretrained(drafter)  # the drafter no longer shares the target's tokenizer
+
+    async def construct(cls, config: AppConfig):  # as Ray does for an ``async def __init__``
+        replica = cls.__new__(cls)
+        await replica.__init__(config, planner=None)
+        return replica
+
+    async def main() -> None:
+        replica = await construct(DrafterReplica, AppConfig(target=str(target), drafter=str(drafter), dtype="float32"))
+        with pytest.raises(RuntimeError, match="drafter replica failed to load its model: ValueError: drafter tokenizer does not match"):
+            await replica.check_health()
+        with pytest.raises(RuntimeError, match="tokenizer"):
+            await replica.open("s", [5, 6])
+        missing = await construct(VerifierReplica, AppConfig(target=str(tmp_path / "nowhere"), dtype="float32"))
+        with pytest.raises(RuntimeError, match="verifier replica failed to load its model"):
+            await missing.check_health()
+
+    threads = torch.get_num_threads()
+    asyncio.run(main())
+    torch.set_num_threads(threads)
