@@ -95,7 +95,7 @@ class DrafterReplica(ModelReplica):
     async def open(self, session_id: str, token_ids: list[int]) -> SessionInfo:
         """Prefill a session (all of ``token_ids`` but the last, the first step's root)."""
         await self.run(self.sessions.open, session_id, token_ids)
-        self._context[session_id] = len(token_ids)
+        self._context[session_id] = len(token_ids) - 1  # cached; the root arrives as the first pending token
         self.on_sessions_changed()
         return self.info
 

@@ -261,7 +261,7 @@ def test_grpc_generate_and_stream_match_engine(served: Served, stub) -> None:
         chunks = list(stub.GenerateStream(cast_pb2.GenerateRequest(prompt=prompt, max_tokens=NEW), timeout=120))
         assert "".join(c.text for c in chunks) == gen.text
         assert [t for c in chunks for t in c.token_ids] == gen.token_ids
-        assert chunks[-1].finish_reason == finish and chunks[-1].spec.steps == sum(1 for _ in chunks) or chunks[-1].spec.steps >= 1
+        assert chunks[-1].finish_reason == finish and chunks[-1].spec.steps >= len(chunks)
         assert all(c.finish_reason == cast_pb2.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
 
 
@@ -321,6 +321,16 @@ def test_sessions_freed_after_finish_and_cancel(served: Served) -> None:
             if line.startswith("data: {"):
                 break
         assert live_sessions("Verifier") and live_sessions("Drafter")
+    wait_no_sessions()
+
+
+def test_grpc_cancel_frees_sessions(served: Served, stub) -> None:
+    from services.grpc_api import cast_pb2
+
+    call = stub.GenerateStream(cast_pb2.GenerateRequest(prompt="t5 t7 t9 t11", max_tokens=400), timeout=120)
+    next(call)
+    assert live_sessions("Verifier")
+    call.cancel()
     wait_no_sessions()
 
 
