@@ -14,7 +14,6 @@ time a key is seen.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass

@@ -15,8 +15,10 @@ gRPC (Serve's gRPC proxy calls the methods named like the RPCs):
 ``Generate``, ``GenerateStream``, ``Health``, ``ListModels`` of
 ``protos/cast/v1/cast.proto``; errors are status codes (INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL) with the message as details.
-"""
 
+(No ``from __future__ import annotations`` here: FastAPI must see the real body
+types of the class-based routes that ``serve.ingress`` rewrites.)
+"""
 
 import asyncio
 import json
