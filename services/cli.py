@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from bench.cli import register_cli as register_bench
 from cast_core.cli import register_core
 from services.serve_main import register_cli as register_serve
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_core(subparsers)
     register_serve(subparsers)
+    register_bench(subparsers)
     return parser
 
 

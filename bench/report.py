@@ -1,0 +1,296 @@
+"""Plots and the README table, generated from committed result JSON (never typed by hand).
+
+``cast bench report`` reads ``bench/results/<name>.json`` (and ``sweep.json``
+if present) and writes
+
+* ``<name>_speedup.png`` — speedup over vanilla vs batch size, one line per
+  method, one panel per dataset (median over groups, bars = min..max);
+* ``<name>_acceptance.png`` — mean accepted length per step vs tokens verified
+  per step, one marker per (method, batch size), one panel per dataset;
+* the Markdown section between ``<!-- bench:start -->`` and ``<!-- bench:end -->``
+  in README.md: machine, the issue's targets with measured values, one table per
+  dataset, and the threshold sweep.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench.harness import RESULTS_DIR, BenchResult, load_result  # noqa: E402
+from bench.sweep import SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
+from cast_core import CastConfig  # noqa: E402
+
+README: Path = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SECTION = "## Benchmarks"
+METHOD_STYLE = {
+    "vanilla": ("tab:gray", "o"),
+    "hf_generate": ("tab:brown", "v"),
+    "hf_assisted": ("tab:green", "D"),
+    "static": ("tab:blue", "s"),
+    "cast": ("tab:red", "^"),
+}
+
+
+def _datasets(result: BenchResult) -> list[str]:
+    return list(dict.fromkeys(c.dataset for c in result.cells))
+
+
+def _methods(result: BenchResult) -> list[str]:
+    return list(dict.fromkeys(c.method for c in result.cells))
+
+
+def plot_speedup(result: BenchResult, path: Path) -> Path:
+    """Speedup vs batch size: one panel per dataset, one line per method, min..max bars."""
+    datasets = _datasets(result)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for method in _methods(result):
+            cells = sorted((c for c in result.cells if c.dataset == dataset and c.method == method), key=lambda c: c.batch_size)
+            if not cells:
+                continue
+            color, marker = METHOD_STYLE.get(method, ("black", "x"))
+            x = [c.batch_size for c in cells]
+            y = [c.speedup_vs_vanilla.median for c in cells]
+            err = [[m - c.speedup_vs_vanilla.min for m, c in zip(y, cells)], [c.speedup_vs_vanilla.max - m for m, c in zip(y, cells)]]
+            ax.errorbar(x, y, yerr=err, label=method, color=color, marker=marker, capsize=3)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(result.config.batch_sizes, [str(b) for b in result.config.batch_sizes])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speedup over vanilla (tokens/s ratio)")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_subtitle(result), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_acceptance(result: BenchResult, path: Path) -> Path:
+    """Mean accepted length vs tokens verified per step, labelled by batch size."""
+    datasets = _datasets(result)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for method in _methods(result):
+            cells = [c for c in result.cells if c.dataset == dataset and c.method == method]
+            if not cells:
+                continue
+            color, marker = METHOD_STYLE.get(method, ("black", "x"))
+            x = [c.verified_tokens_per_step for c in cells]
+            y = [c.mean_accepted_length for c in cells]
+            ax.scatter(x, y, color=color, marker=marker, label=method)
+            for c, xi, yi in zip(cells, x, y):
+                ax.annotate(f"B{c.batch_size}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log", base=2)
+        ticks = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t <= 2 * max(c.verified_tokens_per_step for c in result.cells)]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("tokens verified per step (per sequence, root included)")
+        ax.set_ylabel("mean accepted length (tokens per step)")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_subtitle(result), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _subtitle(result: BenchResult) -> str:
+    m, c = result.machine, result.config
+    return (
+        f"{c.target} / {c.drafter}, {c.dtype}, greedy, {c.max_new_tokens} new tokens, "
+        f"{m.get('cpu_model')} ({m.get('torch_threads')} threads), {str(m.get('date'))[:10]}"
+    )
+
+
+def paired_ratio(result: BenchResult, dataset: str, batch_size: int, a: str, b: str) -> float | None:
+    """Median over groups of ``tokens/s(a) / tokens/s(b)`` (same groups, same run); None if missing."""
+    ca, cb = result.cell(dataset, a, batch_size), result.cell(dataset, b, batch_size)
+    if ca is None or cb is None:
+        return None
+    return statistics.median(ga.tokens_per_s / gb.tokens_per_s for ga, gb in zip(ca.groups, cb.groups))
+
+
+def _fmt(x: float | None, digits: int = 2, suffix: str = "x") -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def targets_table(result: BenchResult) -> str:
+    """Issue 3's targets, each with the measured value and whether it is met."""
+    rows: list[tuple[str, float | None, float, str]] = []  # (target, measured, bound, sense)
+    goals = {"humaneval": 1.75, "mtbench": 1.45}
+    for dataset in _datasets(result):
+        rows.append((f"{dataset}, B=1: cast / hf_assisted", paired_ratio(result, dataset, 1, "cast", "hf_assisted"), 1.15, ">="))
+        if dataset in goals:
+            rows.append((f"{dataset}, B=1: cast / vanilla", paired_ratio(result, dataset, 1, "cast", "vanilla"), goals[dataset], ">="))
+        rows.append((f"{dataset}, B=8: cast / vanilla", paired_ratio(result, dataset, 8, "cast", "vanilla"), 1.2, ">="))
+        rows.append((f"{dataset}, B=8: cast / static", paired_ratio(result, dataset, 8, "cast", "static"), 1.3, ">="))
+    cast_cells = [c for c in result.cells if c.method == "cast"]
+    if cast_cells:
+        worst = min(cast_cells, key=lambda c: c.speedup_vs_vanilla.median)
+        rows.append(
+            (f"cast / vanilla, worst cell ({worst.dataset}, B={worst.batch_size})", worst.speedup_vs_vanilla.median, 0.97, ">=")
+        )
+        top = max(cast_cells, key=lambda c: c.plan_share)
+        rows.append((f"cast planning share of step time, worst cell ({top.dataset}, B={top.batch_size})", top.plan_share, 0.05, "<"))
+    lines = ["| target | bound | measured | met |", "|---|---|---|---|"]
+    for name, value, bound, sense in rows:
+        is_share = sense == "<"
+        shown = "n/a" if value is None else (f"{100 * value:.1f}%" if is_share else f"{value:.2f}x")
+        bound_s = f"{sense} {100 * bound:.0f}%" if is_share else f"{sense} {bound:.2f}x"
+        met = "not measured" if value is None else ("yes" if (value < bound if is_share else value >= bound) else "**no**")
+        lines.append(f"| {name} | {bound_s} | {shown} | {met} |")
+    return "\n".join(lines)
+
+
+def cells_table(result: BenchResult, dataset: str) -> str:
+    """One row per (method, batch size) of ``dataset``."""
+    lines = [
+        "| method | B | tokens/s (min–max) | speedup vs vanilla (min–max) | accepted / step | drafted / step "
+        "| verified / step | draft / verify / plan ms per step | plan share | in model forwards | match vs vanilla |",
+        "|---|---:|---|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    cells = sorted(
+        (c for c in result.cells if c.dataset == dataset),
+        key=lambda c: (c.batch_size, list(METHOD_STYLE).index(c.method) if c.method in METHOD_STYLE else 99),
+    )
+    for c in cells:
+        t, s = c.tokens_per_s, c.speedup_vs_vanilla
+        gaps = sorted(m.logit_gap for m in c.mismatches)
+        match = f"{100 * c.match_rate:.0f}%" + (f" (top-2 gaps {', '.join(f'{g:.2f}' for g in gaps)})" if gaps else "")
+        lines.append(
+            f"| {c.method} | {c.batch_size} | {t.median:.1f} ({t.min:.1f}–{t.max:.1f}) "
+            f"| {s.median:.2f}x ({s.min:.2f}–{s.max:.2f}) | {c.mean_accepted_length:.2f} "
+            f"| {c.drafted_nodes_per_step:.1f} | {c.verified_tokens_per_step:.1f} "
+            f"| {c.draft_ms_per_step:.0f} / {c.verify_ms_per_step:.0f} / {c.plan_ms_per_step:.1f} "
+            f"| {100 * c.plan_share:.1f}% | {100 * c.model_forward_share:.0f}% | {match} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_section(sweep: SweepResult) -> str:
+    """How CAST's thresholds were chosen: every trial of the sweep, best first."""
+    defaults = CastConfig()
+    keys = ("c1", "c2", "c3", "r")
+    cell_names = [f"{c.dataset} B={c.batch_size}" for c in sweep.trials[0].cells] if sweep.trials else []
+    lines = [
+        f"Coordinate sweep on the *tuning* prompts (disjoint from the reported ones): "
+        f"{sweep.config.prompts} prompt(s) per dataset and batch size (rounded up to whole batches), "
+        f"{sweep.config.max_new_tokens} new tokens, batch sizes {', '.join(map(str, sweep.config.batch_sizes))}; "
+        f"each parameter in turn ({' → '.join(sweep.config.order)}) takes the grid value with the best score "
+        f"(geometric mean over cells of the speedup over vanilla, vanilla measured once per cell), the others held. "
+        f"Best: {', '.join(f'{k}={getattr(sweep.best, k)}' for k in keys)}; "
+        f"`CastConfig` defaults now: {', '.join(f'{k}={getattr(defaults, k)}' for k in keys)}"
+        f"{' (the sweep winner)' if all(getattr(sweep.best, k) == getattr(defaults, k) for k in keys) else ' (differ from the sweep winner)'}. "
+        f"Measured {str(sweep.machine.get('date'))[:10]} on {sweep.machine.get('cpu_model')}, "
+        f"{sweep.elapsed_s / 60:.0f} min; from `bench/results/{SWEEP_FILE}`.",
+        "",
+        "| C1 | C2 | C3 | R | score | " + " | ".join(f"{n}: speedup (acc. len, verified)" for n in cell_names) + " |",
+        "|---:|---:|---:|---:|---:|" + "---|" * len(cell_names),
+    ]
+    for trial in sorted(sweep.trials, key=lambda t: -t.score):
+        mark = "**" if trial.cast == sweep.best else ""
+        cells = " | ".join(
+            f"{c.speedup_vs_vanilla:.2f}x ({c.mean_accepted_length:.2f}, {c.verified_tokens_per_step:.1f})" for c in trial.cells
+        )
+        lines.append(
+            f"| {mark}{trial.cast.c1:g}{mark} | {mark}{trial.cast.c2:g}{mark} | {mark}{trial.cast.c3:g}{mark} "
+            f"| {mark}{trial.cast.r}{mark} | {trial.score:.3f} | {cells} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(result: BenchResult, name: str, sweep: SweepResult | None, image_prefix: str) -> str:
+    """The README section body for ``result`` (and the sweep, if any)."""
+    m, c, p = result.machine, result.config, result.cost_profile
+    profile_note = " — **synthetic fallback, not measured**" if p.get("synthetic") else ""
+    parts = [f"**Incomplete run** (interrupted after {len(result.cells)} cells).", ""] if not result.complete else []
+    parts += [
+        f"Generated by `cast bench report` from `bench/results/{name}.json` — do not edit by hand. "
+        f"Reproduce: `cast bench run --name {name} --prompts {c.prompts} --batch-sizes {' '.join(map(str, c.batch_sizes))} "
+        f"--max-new-tokens {c.max_new_tokens}` then `cast bench report`.",
+        "",
+        f"Machine: {m.get('cpu_model')} (flags: {', '.join(m.get('cpu_flags') or []) or 'none recorded'}), "
+        f"{m.get('usable_cpus')} usable cores, {m.get('torch_threads')} torch threads; torch {m.get('torch')}, "
+        f"transformers {m.get('transformers')}; {str(m.get('date'))[:10]}; load average at start/end "
+        f"{_load(m.get('load_average_start'))} / {_load(m.get('load_average_end'))}; run took {result.elapsed_s / 60:.1f} min.",
+        f"Setup: target {c.target}, drafter {c.drafter}, {c.dtype}, greedy, {c.max_new_tokens} new tokens; "
+        f"{c.prompts} reported prompts per dataset and batch size (rounded up to whole batches); methods interleaved "
+        f"group by group in one process, warm-up excluded; tokens/s = generated tokens / wall time (prefill included), "
+        f"median over groups; speedups are paired per group. Static = EAGLE-2 (top-k {c.static.top_k}, depth "
+        f"{c.static.depth}, {c.static.total_tokens} verified); CAST C1={c.cast.c1:g}, C2={c.cast.c2:g}, C3={c.cast.c3:g}, "
+        f"R={c.cast.r}, top-k {c.cast.top_k}, max depth {c.cast.max_depth}, max verify {c.cast.max_verify}. "
+        f"Cost profile: `{p.get('slug')}`{profile_note}.",
+        "",
+        f"![speedup vs batch size]({image_prefix}{name}_speedup.png)",
+        f"![acceptance vs tree size]({image_prefix}{name}_acceptance.png)",
+        "",
+        "### Targets",
+        "",
+        targets_table(result),
+    ]
+    for dataset in _datasets(result):
+        parts += ["", f"### {dataset}", "", cells_table(result, dataset)]
+    parts += [
+        "",
+        "Columns: *accepted / step* = tokens gained per sequence per target forward (bonus included); "
+        "*drafted* / *verified* per sequence per step; ms per batch step (for hf_* methods: drafter / target "
+        "forward time); *in model forwards* = share of wall time inside the two models' forwards (the rest is "
+        "framework and engine overhead); *match* = outputs token-identical to vanilla's, with the target's "
+        "top-1/top-2 logit gap at each first differing token (bf16 near-ties).",
+    ]
+    if sweep is not None:
+        parts += ["", "### Threshold sweep", "", sweep_section(sweep)]
+    return "\n".join(parts)
+
+
+def _load(values: object) -> str:
+    return "n/a" if not isinstance(values, list) else "/".join(f"{v:.1f}" for v in values)
+
+
+def write_readme_section(readme: Path, body: str) -> None:
+    """Replace the text between the bench markers (adding a ``## Benchmarks`` section with them if missing)."""
+    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    block = f"{START}\n{body}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    elif SECTION in text:
+        head, rest = text.split(SECTION, 1)
+        text = f"{head}{SECTION}\n\n{block}\n{rest}"
+    else:
+        text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n".lstrip()
+    readme.write_text(text, encoding="utf-8")
+
+
+def generate_report(name: str = "benchmark", results_dir: Path = RESULTS_DIR, readme: Path | None = README) -> str:
+    """Plots into ``results_dir`` and the README section from ``<results_dir>/<name>.json``; returns the Markdown.
+
+    ``readme=None`` leaves README.md untouched. Image links are relative to the README's folder.
+    """
+    result = load_result(results_dir / f"{name}.json")
+    plot_speedup(result, results_dir / f"{name}_speedup.png")
+    plot_acceptance(result, results_dir / f"{name}_acceptance.png")
+    sweep_path = results_dir / SWEEP_FILE
+    sweep = load_sweep(sweep_path) if sweep_path.exists() else None
+    prefix = ""
+    if readme is not None:
+        try:
+            prefix = results_dir.resolve().relative_to(readme.resolve().parent).as_posix() + "/"
+        except ValueError:
+            prefix = results_dir.resolve().as_posix() + "/"
+    body = markdown(result, name, sweep, prefix)
+    if readme is not None:
+        write_readme_section(readme, body)
+    return body
+

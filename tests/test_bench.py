@@ -1,0 +1,187 @@
+"""Benchmark harness end to end on tiny fp32 models: schema, speedups, exact match, report, sweep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.cli import main as bench_main
+from bench.datasets import DATASET_NAMES, TUNING_SIZE, Prompt, load_prompts
+from bench.harness import BenchConfig, explain_mismatch, first_difference, load_result, make_groups, run_benchmark, save_result
+from bench.methods import METHOD_NAMES, ModelPair
+from bench.report import END, START, generate_report, write_readme_section
+from bench.sweep import SweepConfig, load_sweep, run_sweep, save_sweep
+from cast_core import CastConfig, StaticConfig
+from cast_core.cost import CostProfile
+
+from conftest import TINY_EOS, reference_greedy, tiny_pair, tiny_tokenizer
+
+CAST = CastConfig(c1=0.5, c2=0.5, c3=0.5)
+STATIC = StaticConfig(top_k=4, depth=4, total_tokens=16)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def pair() -> ModelPair:
+    target, drafter = tiny_pair("llama", torch.float32)
+    return ModelPair(
+        target=target,
+        drafter=drafter,
+        tokenizer=tiny_tokenizer(),
+        cost_profile=CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001),
+        target_name="tiny-target",
+        drafter_name="tiny-drafter",
+    )
+
+
+def toy_prompts(dataset: str, n: int, seed: int) -> list[Prompt]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        Prompt(dataset, f"{dataset}/{i}", " ".join(f"t{t}" for t in torch.randint(3, 128, (5 + 3 * i,), generator=gen).tolist()))
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def result(pair, tmp_path_factory):
+    config = BenchConfig(
+        name="tiny",
+        target="tiny-target",
+        drafter="tiny-drafter",
+        dtype="float32",
+        datasets=["toy_a", "toy_b"],
+        batch_sizes=[1, 2],
+        prompts=2,
+        max_new_tokens=8,
+        warmup_tokens=2,
+        cast=CAST,
+        static=STATIC,
+    )
+    prompts = {d: toy_prompts(d, 4, seed) for seed, d in enumerate(config.datasets)}
+    partials = []
+    res = run_benchmark(config, pair, prompts, progress=False, on_block=partials.append)
+    assert [len(p.cells) for p in partials] == [5, 9, 14, 18] and not any(p.complete for p in partials)
+    assert res.complete and res.cells == partials[-1].cells
+    results_dir = tmp_path_factory.mktemp("results")
+    path = save_result(res, results_dir)
+    return res, path
+
+
+def test_result_schema_and_cells(result) -> None:
+    res, path = result
+    assert load_result(path) == res
+    assert {"cpu_model", "cpu_flags", "usable_cpus", "torch_threads", "dtype", "torch", "transformers", "date"} <= set(res.machine)
+    assert res.machine["dtype"] == "float32"
+    expected = {(d, m, b) for d in ("toy_a", "toy_b") for m in METHOD_NAMES for b in (1, 2) if not (m == "hf_assisted" and b > 1)}
+    assert {(c.dataset, c.method, c.batch_size) for c in res.cells} == expected
+    assert res.prompts == {"toy_a": ["toy_a/0", "toy_a/1"], "toy_b": ["toy_b/0", "toy_b/1"]}
+    for c in res.cells:
+        assert len(c.groups) == (2 if c.batch_size == 1 else 1)
+        assert c.tokens_per_s.min <= c.tokens_per_s.median <= c.tokens_per_s.max
+        assert c.tokens_per_s.min > 0 and c.speedup_vs_vanilla.min > 0
+        assert 0 <= c.plan_share < 1 and 0 < c.model_forward_share <= 1
+        assert c.verified_tokens_per_step >= 1
+        if c.method == "vanilla":
+            assert c.speedup_vs_vanilla.median == pytest.approx(1.0)
+        if c.method in ("vanilla", "hf_generate"):
+            assert c.mean_accepted_length == pytest.approx(1.0)
+            assert c.drafted_nodes_per_step == 0
+        else:
+            assert c.drafted_nodes_per_step > 0 and c.mean_accepted_length > 1
+
+
+def test_fp32_outputs_match_vanilla(result) -> None:
+    """Every method, transformers' generate and assisted generation included, is token-identical in fp32."""
+    res, _ = result
+    assert all(c.match_rate == 1.0 and not c.mismatches for c in res.cells)
+    assert sum(g.tokens for c in res.cells for g in c.groups) > 0
+
+
+def test_explain_mismatch_reports_plain_top2(pair) -> None:
+    prompt = Prompt("toy", "toy/0", "t5 t6 t7")
+    ids = pair.encode(prompt.text)
+    ref = reference_greedy(pair.target, ids, 4, TINY_EOS)
+    assert len(ref) >= 2
+    other = ref[:1] + [(ref[1] + 1) % 128]
+    m = explain_mismatch(pair, prompt, ids, ref, other)
+    assert (m.position, m.vanilla_token, m.method_token, m.plain_top1) == (1, ref[1], other[1], ref[1])
+    assert m.logit_gap > 0 and m.plain_top2 != m.plain_top1
+
+
+def test_report_renders_plots_and_readme_table(result, tmp_path) -> None:
+    res, path = result
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nintro\n\n## Benchmarks\n\n" + START + "\nold\n" + END + "\n\n## After\nkept\n")
+    body = generate_report("tiny", path.parent, readme)
+    for suffix in ("speedup", "acceptance"):
+        assert (path.parent / f"tiny_{suffix}.png").read_bytes()[:8] == PNG_MAGIC
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nintro\n\n## Benchmarks\n\n" + START) and text.endswith(END + "\n\n## After\nkept\n")
+    assert "old" not in text and body in text
+    assert "| cast | 1 |" in body and "| hf_assisted | 1 |" in body and "### Targets" in body
+    generate_report("tiny", path.parent, readme)
+    assert readme.read_text() == text  # regenerating is idempotent
+    assert bench_main(["report", "--name", "tiny", "--results-dir", str(path.parent), "--no-readme"]) == 0
+
+
+def test_readme_section_created_when_missing(tmp_path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n")
+    write_readme_section(readme, "table")
+    assert readme.read_text() == f"# Project\n\n## Benchmarks\n\n{START}\ntable\n{END}\n"
+
+
+def test_sweep_writes_trials_and_report_shows_it(result, pair) -> None:
+    res, path = result
+    config = SweepConfig(
+        dtype="float32",
+        datasets=["toy_a"],
+        batch_sizes=[1, 2],
+        prompts=1,
+        max_new_tokens=6,
+        warmup_tokens=2,
+        start=CAST,
+        order=["c3", "r"],
+        c3=[0.25, 0.5],
+        r=[4],
+    )
+    sweep = run_sweep(config, pair, {"toy_a": toy_prompts("toy_a", 4, 7)}, progress=False)
+    assert len(sweep.trials) == 2  # (0.5, r=4) is the start; only c3=0.25 is new
+    assert sweep.best in [t.cast for t in sweep.trials]
+    assert max(t.score for t in sweep.trials) == next(t.score for t in sweep.trials if t.cast == sweep.best)
+    assert sweep.prompts == {"toy_a": ["toy_a/0", "toy_a/1"]}
+    assert load_sweep(save_sweep(sweep, path.parent)) == sweep
+    assert "### Threshold sweep" in generate_report("tiny", path.parent, None)
+
+
+def test_datasets_split_is_disjoint_and_deterministic() -> None:
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    for name in DATASET_NAMES:
+        tuning, reported = load_prompts(name, tok, "tuning"), load_prompts(name, tok, "reported")
+        assert len(tuning) == TUNING_SIZE and len(reported) > 40
+        assert not {p.id for p in tuning} & {p.id for p in reported}
+        assert load_prompts(name, tok, "reported", limit=3) == reported[:3]
+    mt = load_prompts("mtbench", tok, "reported", limit=8)
+    assert all(p.text.startswith("<user>") and p.text.endswith("<assistant>") for p in mt)
+    assert len({p.id for p in mt}) == 8
+    he = load_prompts("humaneval", tok, "reported", limit=1)[0]
+    assert he.id.startswith("HumanEval/") and "def " in he.text
+    with pytest.raises(ValueError, match="dataset"):
+        load_prompts("gsm8k", tok)
+
+
+def test_groups_and_first_difference() -> None:
+    ps = toy_prompts("x", 8, 0)
+    assert [[p.id for p in g] for g in make_groups(ps, 2, 3)] == [["x/0", "x/1"], ["x/2", "x/3"]]
+    assert len(make_groups(ps, 8, 4)) == 1
+    with pytest.raises(ValueError, match="needs 16 prompts"):
+        make_groups(ps, 8, 9)
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_config_requires_vanilla() -> None:
+    with pytest.raises(ValueError, match="vanilla"):
+        BenchConfig(methods=["cast"])
