@@ -25,7 +25,8 @@ def _cast_core_rows(stats: pstats.Stats, steps: int, limit: int) -> list[str]:
     for (filename, _, func), (_, calls, _, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
         if "cast_core" in filename:
             module = filename.rsplit("cast_core", 1)[1].strip("/").removesuffix(".py").replace("/", ".")
-            rows.append((cumulative, f"  {module}.{func:<28} {1e3 * cumulative / steps:9.1f} ms/step  {calls:7d} calls"))
+            name = f"{module}.{func}"
+            rows.append((cumulative, f"  {name:<36} {1e3 * cumulative / steps:9.1f} ms/step  {calls:7d} calls"))
     return [r for _, r in sorted(rows, reverse=True)[:limit]]
 
 

@@ -9,6 +9,7 @@ from bench.cli import main as bench_main
 from bench.datasets import DATASET_NAMES, TUNING_SIZE, Prompt, load_prompts
 from bench.harness import BenchConfig, explain_mismatch, first_difference, load_result, make_groups, run_benchmark, save_result
 from bench.methods import METHOD_NAMES, ModelPair
+from bench.overhead import profile_overhead
 from bench.report import END, START, generate_report, write_readme_section
 from bench.sweep import SweepConfig, load_sweep, run_sweep, save_sweep
 from cast_core import CastConfig, StaticConfig
@@ -185,3 +186,9 @@ def test_groups_and_first_difference() -> None:
 def test_config_requires_vanilla() -> None:
     with pytest.raises(ValueError, match="vanilla"):
         BenchConfig(methods=["cast"])
+
+
+def test_overhead_breakdown(pair) -> None:
+    text = profile_overhead(pair, [pair.encode("t5 t6 t7 t8")], "cast", max_new_tokens=6, cast_config=CAST, top=10)
+    for needle in ("target forwards", "outside model forwards", "engine plan", "decoder.step", "own time"):
+        assert needle in text
