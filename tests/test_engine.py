@@ -14,7 +14,7 @@ from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair, tiny
 
 PROFILE = CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001)
 CAST = CastConfig(c1=0.5, c2=0.5, c3=0.5)
-STATIC = StaticConfig(top_k=4, depth=4, total_tokens=16)
+STATIC = StaticConfig()  # EAGLE-2's defaults: top-10 per layer, depth 6, 60 verified nodes
 NEW_TOKENS = 20
 
 

@@ -1,8 +1,10 @@
-"""Greedy equality on a real model: SmolLM2-135M-Instruct (fp32) with an early-exit drafter.
+"""Greedy equality on a real model: SmolLM2-135M-Instruct in fp32, drafted by its bf16 copy.
 
-The drafter is the same checkpoint truncated to its first layers, so it shares
-the tokenizer and agrees with the target often but not always. Twenty HumanEval
-prompts of mixed length, every policy, batch sizes 1-8: token ids must equal
+The drafter is the same checkpoint in bfloat16: it shares the tokenizer and
+agrees with the fp32 target often but not always (bf16 rounding flips close
+calls), so both acceptance and rejection run on real weights. Twenty HumanEval
+prompts of mixed length, every policy, batch sizes 1 and 8 (the tiny-model tests
+cover 1, 2, 4, 8): token ids must equal
 transformers' own ``generate(do_sample=False)`` run on the target alone.
 """
 
@@ -14,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from cast_core import Engine, StaticConfig
 from cast_core.cost import CostProfile
@@ -26,8 +27,7 @@ pytestmark = pytest.mark.slow
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "HumanEval.jsonl.gz"
 VENDORED = Path(__file__).resolve().parents[1] / "bench" / "data" / "HumanEval.jsonl.gz"
-NEW_TOKENS = 24
-DRAFTER_LAYERS = 10
+NEW_TOKENS = 16
 
 
 def humaneval_prompts(n: int) -> list[str]:
@@ -39,12 +39,11 @@ def humaneval_prompts(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def smollm2():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a real model gains from both cores; the suite runs one test at a time
     path = resolve_model("smollm2-135m-instruct")
     target = load_model(path, "float32")
-    drafter = AutoModelForCausalLM.from_pretrained(
-        path, num_hidden_layers=DRAFTER_LAYERS, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
-    drafter.requires_grad_(False)
+    drafter = load_model(path, "bfloat16")
     tokenizer = load_tokenizer(path)
     prompts = humaneval_prompts(20)
     eos = target.generation_config.eos_token_id
@@ -52,10 +51,11 @@ def smollm2():
         reference_greedy(target, tokenizer(p)["input_ids"], NEW_TOKENS, eos if isinstance(eos, int) else None)
         for p in prompts
     ]
-    return target, drafter, tokenizer, prompts, refs
+    yield target, drafter, tokenizer, prompts, refs
+    torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+@pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("policy", ["none", "static", "cast"])
 def test_smollm2_greedy_equals_generate(smollm2, policy: str, batch: int) -> None:
     target, drafter, tokenizer, prompts, refs = smollm2
@@ -66,7 +66,7 @@ def test_smollm2_greedy_equals_generate(smollm2, policy: str, batch: int) -> Non
         policy=policy,
         cost_profile=CostProfile.synthetic(0.03, 0.0005, 0.01, 0.0003),
         max_batch_size=batch,
-        static_config=StaticConfig(),
+        static_config=StaticConfig(top_k=4, depth=4, total_tokens=16),
     )
     gens = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
     mismatches = [i for i, (g, r) in enumerate(zip(gens, refs)) if g.token_ids != r]
@@ -74,4 +74,4 @@ def test_smollm2_greedy_equals_generate(smollm2, policy: str, batch: int) -> Non
     if policy != "none":
         accepted = sum(g.stats.accepted_tokens for g in gens)
         steps = sum(g.stats.steps for g in gens)
-        assert accepted / steps > 0.3, "the early-exit drafter should be accepted regularly"
+        assert accepted / steps > 1.0, "the bf16 copy should usually agree with the target"
