@@ -93,13 +93,15 @@ class DrafterReplica(ModelReplica):
 
     async def open(self, session_id: str, token_ids: list[int]) -> SessionInfo:
         """Prefill a session (all of ``token_ids`` but the last, the first step's root)."""
+        self.refuse_if_closed(session_id)
         await self.run(self.sessions.open, session_id, token_ids)
         self._context[session_id] = len(token_ids) - 1  # cached; the root arrives as the first pending token
         self.on_sessions_changed()
         return self.info
 
     async def close(self, session_id: str) -> None:
-        """Free a session's state (unknown ids are ignored)."""
+        """Free a session's state (unknown ids are ignored); a later open of it is refused."""
+        self.forget_session(session_id)
         await self.run(self.sessions.close, [session_id])
         self.on_sessions_changed()
 

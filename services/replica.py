@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from ray import serve
 
 from cast_core.cost import device_name
 from services.config import AppConfig
+from cast_core.sessions import SessionNotFound
 from services.messages import SessionInfo
 
 logger = logging.getLogger(__name__)
@@ -34,9 +36,12 @@ class ModelReplica:
     """Base of a replica holding per-session model state on one worker thread."""
 
     role = "model"
+    #: closed session ids remembered, so an ``open`` that arrives after its ``close`` is refused
+    CLOSED_MEMORY = 4096
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
+        self._closed: OrderedDict[str, None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cast-{self.role}")
         self._load_error: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -57,6 +62,22 @@ class ModelReplica:
             return
         logger.info("%s replica %s loaded in %.1fs on %s", self.role, self.replica_id, time.perf_counter() - started, self.info.device)
         self.spawn(self._evict_loop())
+
+    def forget_session(self, session_id: str) -> None:
+        """Remember that ``session_id`` was closed (its request is over)."""
+        self._closed[session_id] = None
+        while len(self._closed) > self.CLOSED_MEMORY:
+            self._closed.popitem(last=False)
+
+    def refuse_if_closed(self, session_id: str) -> None:
+        """Raise ``SessionNotFound`` for a session already closed.
+
+        Open and close are separate requests: when a request is cancelled while
+        its (re-)open is in flight, the close can reach the replica first. The
+        late open must not resurrect state nobody will ever close.
+        """
+        if session_id in self._closed:
+            raise SessionNotFound(f"{session_id} was closed")
 
     def _set_threads(self) -> str:
         """Set torch's threads; returns the device kind (``cast_core.cost.device_name``)."""

@@ -72,13 +72,15 @@ class VerifierReplica(ModelReplica):
 
     async def open(self, session_id: str, token_ids: list[int], params: SamplingParams) -> SessionInfo:
         """Prefill a session (all of ``token_ids`` but the last, which is the first root)."""
+        self.refuse_if_closed(session_id)
         await self.run(self.sessions.open, session_id, token_ids, params)
         self._opened += 1
         self.on_sessions_changed()
         return self.info
 
     async def close(self, session_id: str) -> None:
-        """Free a session's state (unknown ids are ignored)."""
+        """Free a session's state (unknown ids are ignored); a later open of it is refused."""
+        self.forget_session(session_id)
         await self.run(self.sessions.close, [session_id])
         self.on_sessions_changed()
 
