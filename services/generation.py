@@ -19,6 +19,7 @@ error, client disconnect -> cancellation).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -329,7 +330,9 @@ class SessionRunner:
                 if isinstance(result, Exception):
                     logger.warning("session %s: close failed: %s", sid, result)
 
-        task = asyncio.get_running_loop().create_task(close())
+        # A fresh context: created inside the cancelled request's context, these calls would count as
+        # its children, and Serve cancels a cancelled request's children (the close could be lost).
+        task = asyncio.get_running_loop().create_task(close(), context=contextvars.Context())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
