@@ -20,14 +20,13 @@ from dataclasses import dataclass
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from transformers import AutoConfig
 
 from cast_core.drafter import Drafter
-from cast_core.models import check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
+from cast_core.models import load_model, load_tokenizer, resolve_model
 from cast_core.policy import CostContext, TreePolicy, make_policy
 from cast_core.sessions import DrafterSessions, SessionNotFound
 from services.config import AppConfig
-from services.messages import DraftOutput, SessionInfo, TreePayload, tree_unpickle_count
+from services.messages import DraftOutput, SessionInfo, TreePayload
 from services.replica import ModelReplica
 
 logger = logging.getLogger(__name__)
@@ -50,63 +49,38 @@ class _CachedPlan:
     refreshing: bool = False
 
 
-class DrafterReplica(ModelReplica):
+class DrafterReplica(ModelReplica[DrafterSessions]):
     """One drafter replica (deployed as ``Drafter``)."""
 
     role = "drafter"
 
     async def __init__(self, config: AppConfig, planner: DeploymentHandle) -> None:
-        super().__init__(config)
+        super().__init__(config, config.drafter_batching, self._draft_batch)
         self._planner = planner
         self._policy: TreePolicy = make_policy(config.policy, config.static, config.cast)
-        self._sessions: DrafterSessions | None = None
         self._context: dict[str, int] = {}
         self._plans: dict[PlanKey, _CachedPlan] = {}
-        self._draft_batch.set_batch_wait_timeout_s(config.drafter_batching.batch_wait_timeout_s)
-        self._draft_batch.set_max_batch_size(1)
         await self.load(self._load)
 
     def _load(self) -> None:
-        target_path = resolve_model(self.config.target)
+        # Only the drafter's own files: the Verifier checks that this tokenizer is the target's and
+        # that the target accepts all its ids, so drafting within the tokenizer's ids needs no target.
         drafter_path = resolve_model(self.config.drafter)
-        check_tokenizers_compatible(load_tokenizer(target_path), load_tokenizer(drafter_path))
-        vocab_size = int(AutoConfig.from_pretrained(target_path).vocab_size)
+        vocab_size = len(load_tokenizer(drafter_path))
         model = load_model(drafter_path, self.config.dtype, self.config.device)
         self._sessions = DrafterSessions(Drafter(model, vocab_size), self._policy, self.config.max_sessions_per_replica)
 
-    @property
-    def sessions(self) -> DrafterSessions:
-        self.ensure_loaded()
-        assert self._sessions is not None
-        return self._sessions
-
-    @property
-    def occupancy(self) -> int:
-        return self._sessions.occupancy if self._sessions is not None else 0
-
     def on_sessions_changed(self) -> None:
-        cap = self.config.drafter_batching.max_batch_size
-        self._draft_batch.set_max_batch_size(max(1, min(cap, self.occupancy)))
+        super().on_sessions_changed()
         live = set(self.sessions.sessions())
         for sid in [s for s in self._context if s not in live]:
             del self._context[sid]
 
     async def open(self, session_id: str, token_ids: list[int]) -> SessionInfo:
         """Prefill a session (all of ``token_ids`` but the last, the first step's root)."""
-        self.refuse_if_closed(session_id)
-        await self.run(self.sessions.open, session_id, token_ids)
+        await self.open_session(session_id, token_ids)
         self._context[session_id] = len(token_ids) - 1  # cached; the root arrives as the first pending token
-        self.on_sessions_changed()
         return self.info
-
-    async def close(self, session_id: str) -> None:
-        """Free a session's state (unknown ids are ignored); a later open of it is refused."""
-        self.forget_session(session_id)
-        await self.run(self.sessions.close, [session_id])
-        self.on_sessions_changed()
-
-    def evict_idle(self, older_than_s: float) -> list[str]:
-        return self.sessions.evict_idle(older_than_s)
 
     async def draft(self, session_id: str, pending: list[int], verifier_replica: str | None) -> DraftOutput:
         """Catch up on ``pending`` (ending with the root) and draft this step's tree.
@@ -192,10 +166,4 @@ class DrafterReplica(ModelReplica):
 
     async def debug_state(self) -> dict[str, object]:
         """Sessions held and DraftTree deserialisations in this process (tests, debugging)."""
-        return {
-            "replica_id": self.replica_id,
-            "node_id": self.info.node_id,
-            "sessions": self.sessions.sessions() if self._sessions is not None else [],
-            "tree_unpickles": tree_unpickle_count(),
-            "plans_cached": len(self._plans),
-        }
+        return {**self.debug_sessions(), "plans_cached": len(self._plans)}

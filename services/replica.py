@@ -1,4 +1,4 @@
-"""What the drafter and verifier replicas share: one model worker thread, loading, health, eviction.
+"""What the drafter and verifier replicas share: one model worker thread, loading, sessions, health, eviction.
 
 ``cast_core.sessions`` objects are single-threaded, so every call that touches
 them runs on the replica's one worker thread (``ModelReplica.run``); the
@@ -6,6 +6,14 @@ replica's event loop stays free for batching, health checks and routing stats.
 Loading happens on that thread too; a failure is kept and reported by
 ``check_health`` (the replica stays up, answers every call with the reason,
 and Serve marks it unhealthy).
+
+Sessions (``cast_core.sessions.DrafterSessions`` / ``VerifierSessions``) are
+opened within ``max_sessions_per_replica``: an open beyond it raises
+``ReplicaFull``, a declared overload (HTTP 503 + Retry-After, gRPC
+UNAVAILABLE) that leaves the replica and its other sessions untouched. The
+replica's ``@serve.batch`` method may batch as many calls as there are live
+sessions (capped by its ``BatchingConfig``), so a step runs as soon as every
+live session has sent it.
 """
 
 from __future__ import annotations
@@ -16,31 +24,59 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import ray
 import torch
 from ray import serve
 
 from cast_core.cost import device_name
-from services.config import AppConfig
-from cast_core.sessions import SessionNotFound
-from services.messages import SessionInfo
+from cast_core.sessions import DrafterSessions, SessionNotFound, VerifierSessions
+from services.config import AppConfig, BatchingConfig
+from services.errors import Unavailable
+from services.messages import SessionInfo, tree_unpickle_count
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Sessions = TypeVar("Sessions", DrafterSessions, VerifierSessions)
 
 
-class ModelReplica:
-    """Base of a replica holding per-session model state on one worker thread."""
+class ReplicaFull(Unavailable):
+    """The replica holds ``max_sessions_per_replica`` sessions: HTTP 503 + Retry-After, gRPC UNAVAILABLE."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        # crosses the actor boundary pickled: rebuild from both arguments
+        return type(self), (self.message, self.retry_after_s)
+
+
+class BatchMethod(Protocol):
+    """A ``@serve.batch`` method bound to its replica (its limits are set at run time)."""
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
+
+
+class ModelReplica(Generic[Sessions]):
+    """Base of a replica holding per-session model state (``Sessions``) on one worker thread."""
 
     role = "model"
     #: closed session ids remembered, so an ``open`` that arrives after its ``close`` is refused
     CLOSED_MEMORY = 4096
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, batching: BatchingConfig, batch: BatchMethod) -> None:
+        """``batch``: the replica's ``@serve.batch`` step method, sized by ``batching`` and the live sessions."""
         self.config = config
+        self._sessions: Sessions | None = None
+        self._batching = batching
+        self._batch = batch
+        batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        batch.set_max_batch_size(1)
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cast-{self.role}")
         self._load_error: str | None = None
@@ -103,12 +139,55 @@ class ModelReplica:
         """Serve health check: fails with the load error, if any."""
         self.ensure_loaded()
 
+    @property
+    def sessions(self) -> Sessions:
+        """The loaded sessions object (raises the load error if loading failed)."""
+        self.ensure_loaded()
+        assert self._sessions is not None
+        return self._sessions
+
+    @property
+    def occupancy(self) -> int:
+        """Live sessions on this replica (0 while loading)."""
+        return self._sessions.occupancy if self._sessions is not None else 0
+
+    async def open_session(self, session_id: str, *args: Any) -> None:
+        """``sessions.open(session_id, *args)`` within the session limit (``ReplicaFull`` beyond it)."""
+        self.refuse_if_closed(session_id)
+        await self.run(self._open_within_limit, session_id, *args)
+        self.on_sessions_changed()
+
+    def _open_within_limit(self, session_id: str, *args: Any) -> None:
+        # on the worker thread, so concurrent opens see each other; checked before the prefill's cost
+        sessions = self.sessions
+        limit = self.config.max_sessions_per_replica
+        if sessions.occupancy >= limit and session_id not in sessions.sessions():
+            retry = self.config.admission.retry_after_s
+            raise ReplicaFull(f"server overloaded: a {self.role} replica holds its maximum of {limit} sessions; retry after {retry}s", retry)
+        sessions.open(session_id, *args)
+
+    async def close(self, session_id: str) -> None:
+        """Free a session's state (unknown ids are ignored); a later open of it is refused."""
+        self.forget_session(session_id)
+        await self.run(self.sessions.close, [session_id])
+        self.on_sessions_changed()
+
     def evict_idle(self, older_than_s: float) -> list[str]:
         """Drop sessions idle for ``older_than_s`` (worker thread)."""
-        raise NotImplementedError
+        return self.sessions.evict_idle(older_than_s)
 
     def on_sessions_changed(self) -> None:
-        """Called on the event loop after sessions were opened, closed or evicted."""
+        """Called on the event loop after sessions were opened, closed or evicted: resize the batch."""
+        self._batch.set_max_batch_size(max(1, min(self._batching.max_batch_size, self.occupancy)))
+
+    def debug_sessions(self) -> dict[str, object]:
+        """What every replica's ``debug_state`` reports: identity and live sessions."""
+        return {
+            "replica_id": self.replica_id,
+            "node_id": self.info.node_id,
+            "sessions": self._sessions.sessions() if self._sessions is not None else [],
+            "tree_unpickles": tree_unpickle_count(),
+        }
 
     async def _evict_loop(self) -> None:
         timeout = self.config.session_idle_timeout_s

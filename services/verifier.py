@@ -10,6 +10,9 @@ step runs as soon as every live session has sent it.
 Occupancy (live sessions and the last forward's batch size) is published to
 the request router (``record_routing_stats``), to Prometheus and, every
 ``occupancy_report_s``, to the Planner together with this replica's device kind.
+
+Loading checks that the drafter shares the target's tokenizer
+(``check_drafter_tokenizer``): the drafter pool never needs the target's files.
 """
 
 from __future__ import annotations
@@ -17,75 +20,65 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cast_core.models import load_model, resolve_model
+from cast_core.models import check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
 from cast_core.sampling import SamplingParams
 from cast_core.sessions import SessionNotFound, VerifierSessions
 from cast_core.verifier import Verifier
 from services.config import AppConfig
-from services.messages import DraftOutput, SessionInfo, StepOutput, tree_unpickle_count
+from services.messages import DraftOutput, SessionInfo, StepOutput
 from services.replica import ModelReplica
 from services.telemetry import VerifierMetrics
 
 logger = logging.getLogger(__name__)
 
 
-class VerifierReplica(ModelReplica):
+def check_drafter_tokenizer(target_path: Path, drafter_path: Path, target_vocab_size: int) -> None:
+    """Raise ``ValueError`` unless the drafter shares the target's tokenizer and the target accepts all its ids.
+
+    Checked here, where the target is at hand, so that a drafter replica needs
+    only its own model's files: it drafts within the shared tokenizer's ids.
+    """
+    tokenizer = load_tokenizer(target_path)
+    check_tokenizers_compatible(tokenizer, load_tokenizer(drafter_path))
+    if len(tokenizer) > target_vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} ids but the target's embedding only {target_vocab_size}")
+
+
+class VerifierReplica(ModelReplica[VerifierSessions]):
     """One verifier replica (deployed as ``Verifier``)."""
 
     role = "verifier"
 
     async def __init__(self, config: AppConfig, planner: DeploymentHandle) -> None:
-        super().__init__(config)
+        super().__init__(config, config.verifier_batching, self._verify_batch)
         self._planner = planner
-        self._sessions: VerifierSessions | None = None
         self._last_batch = 0
         self._opened = 0
         self._metrics = VerifierMetrics()
-        self._verify_batch.set_batch_wait_timeout_s(config.verifier_batching.batch_wait_timeout_s)
-        self._verify_batch.set_max_batch_size(1)
         await self.load(self._load)
         if self._load_error is None:
             self.spawn(self._report_loop())
 
     def _load(self) -> None:
-        model = load_model(resolve_model(self.config.target), self.config.dtype, self.config.device)
+        target_path = resolve_model(self.config.target)
+        model = load_model(target_path, self.config.dtype, self.config.device)
+        check_drafter_tokenizer(target_path, resolve_model(self.config.drafter), int(model.config.vocab_size))
         self._sessions = VerifierSessions(Verifier(model), self.config.max_sessions_per_replica)
 
-    @property
-    def sessions(self) -> VerifierSessions:
-        self.ensure_loaded()
-        assert self._sessions is not None
-        return self._sessions
-
-    @property
-    def occupancy(self) -> int:
-        return self._sessions.occupancy if self._sessions is not None else 0
-
     def on_sessions_changed(self) -> None:
-        cap = self.config.verifier_batching.max_batch_size
-        self._verify_batch.set_max_batch_size(max(1, min(cap, self.occupancy)))
+        super().on_sessions_changed()
         self._metrics.record(self.occupancy, self._last_batch)
 
     async def open(self, session_id: str, token_ids: list[int], params: SamplingParams) -> SessionInfo:
         """Prefill a session (all of ``token_ids`` but the last, which is the first root)."""
-        self.refuse_if_closed(session_id)
-        await self.run(self.sessions.open, session_id, token_ids, params)
+        await self.open_session(session_id, token_ids, params)
         self._opened += 1
-        self.on_sessions_changed()
         return self.info
-
-    async def close(self, session_id: str) -> None:
-        """Free a session's state (unknown ids are ignored); a later open of it is refused."""
-        self.forget_session(session_id)
-        await self.run(self.sessions.close, [session_id])
-        self.on_sessions_changed()
-
-    def evict_idle(self, older_than_s: float) -> list[str]:
-        return self.sessions.evict_idle(older_than_s)
 
     async def verify(self, session_id: str, draft: DraftOutput) -> StepOutput:
         """Verify and commit one drafted tree of ``session_id`` (batched with other sessions)."""
@@ -148,14 +141,7 @@ class VerifierReplica(ModelReplica):
 
     async def debug_state(self) -> dict[str, object]:
         """Sessions held and DraftTree deserialisations in this process (tests, debugging)."""
-        return {
-            "replica_id": self.replica_id,
-            "node_id": self.info.node_id,
-            "sessions": self.sessions.sessions() if self._sessions is not None else [],
-            "tree_unpickles": tree_unpickle_count(),
-            "last_batch_size": self._last_batch,
-            "sessions_opened": self._opened,
-        }
+        return {**self.debug_sessions(), "last_batch_size": self._last_batch, "sessions_opened": self._opened}
 
     async def debug_drop_sessions(self) -> list[str]:
         """Forget every session, as a restarted replica would (tests of the re-open path)."""
