@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from cast_core.cost import CostProfile
 from cast_core.policy import CastPolicy
+from cast_core.sampling import SamplingParams
 from services.admission import Admission
 from services.config import AdmissionConfig, AppConfig, BatchingConfig, DeploymentOptions, TelemetryConfig
 from services.drafter import context_bucket
@@ -214,11 +215,16 @@ def test_replicas_fail_health_checks_with_the_load_error(tmp_path: Path, outside
         return replica
 
     async def main() -> None:
-        replica = await construct(DrafterReplica, AppConfig(target=str(target), drafter=str(drafter), dtype="float32"))
-        with pytest.raises(RuntimeError, match="drafter replica failed to load its model: ValueError: drafter tokenizer does not match"):
+        replica = await construct(VerifierReplica, AppConfig(target=str(target), drafter=str(drafter), dtype="float32"))
+        with pytest.raises(RuntimeError, match="verifier replica failed to load its model: ValueError: drafter tokenizer does not match"):
             await replica.check_health()
         with pytest.raises(RuntimeError, match="tokenizer"):
-            await replica.open("s", [5, 6])
+            await replica.open("s", [5, 6], SamplingParams())
+        # a drafter replica needs only its own model: no target files at all
+        alone = await construct(DrafterReplica, AppConfig(target=str(tmp_path / "nowhere"), drafter=str(drafter), dtype="float32"))
+        await alone.check_health()
+        await alone.open("s", [5, 6])
+        assert alone.occupancy == 1
         missing = await construct(VerifierReplica, AppConfig(target=str(tmp_path / "nowhere"), dtype="float32"))
         with pytest.raises(RuntimeError, match="verifier replica failed to load its model"):
             await missing.check_health()
