@@ -88,9 +88,11 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
         ``verifier_replica``: the replica that will verify it (whose occupancy sizes the tree).
         """
         self.ensure_loaded()
+        started = time.perf_counter()
         result = await self._draft_batch(session_id, pending, verifier_replica)
         if isinstance(result, Exception):
             raise result
+        self.timings.record(time.perf_counter() - started, result.draft_s)
         return result
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.01)
@@ -107,7 +109,9 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
                 results[i] = SessionNotFound(sid)
         for verifier, members in groups.items():
             context = max(self._context.get(session_ids[i], 0) + len(pendings[i]) for i in members)
+            planning = time.perf_counter()
             ctx = await self._plan(verifier or None, context)
+            self.timings.plan_s += (time.perf_counter() - planning) * len(members)
             pending = {session_ids[i]: pendings[i] for i in members}
             try:
                 drafts, draft_s = await self.run(self._draft_now, pending, ctx)

@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import ray
@@ -54,6 +55,28 @@ class ReplicaFull(Unavailable):
         return type(self), (self.message, self.retry_after_s)
 
 
+@dataclass
+class StepTimings:
+    """Cumulative step timings of a replica (``debug_state``; ``bench.serving`` splits the Router's step with them).
+
+    Attributes:
+        calls: steps served (``draft`` or ``verify`` calls).
+        busy_s: from each call's arrival at the replica to its answer.
+        compute_s: the model forwards of those steps.
+        plan_s: waiting for the Planner's cost context (drafter), per step.
+    """
+
+    calls: int = 0
+    busy_s: float = 0.0
+    compute_s: float = 0.0
+    plan_s: float = 0.0
+
+    def record(self, busy_s: float, compute_s: float) -> None:
+        self.calls += 1
+        self.busy_s += busy_s
+        self.compute_s += compute_s
+
+
 class BatchMethod(Protocol):
     """A ``@serve.batch`` method bound to its replica (its limits are set at run time)."""
 
@@ -75,6 +98,7 @@ class ModelReplica(Generic[Sessions]):
         self._sessions: Sessions | None = None
         self._batching = batching
         self._batch = batch
+        self.timings = StepTimings()
         batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         batch.set_max_batch_size(1)
         self._closed: OrderedDict[str, None] = OrderedDict()
@@ -181,12 +205,13 @@ class ModelReplica(Generic[Sessions]):
         self._batch.set_max_batch_size(max(1, min(self._batching.max_batch_size, self.occupancy)))
 
     def debug_sessions(self) -> dict[str, object]:
-        """What every replica's ``debug_state`` reports: identity and live sessions."""
+        """What every replica's ``debug_state`` reports: identity, live sessions, step timings."""
         return {
             "replica_id": self.replica_id,
             "node_id": self.info.node_id,
             "sessions": self._sessions.sessions() if self._sessions is not None else [],
             "tree_unpickles": tree_unpickle_count(),
+            "timings": asdict(self.timings),
         }
 
     async def _evict_loop(self) -> None:

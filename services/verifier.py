@@ -83,9 +83,11 @@ class VerifierReplica(ModelReplica[VerifierSessions]):
     async def verify(self, session_id: str, draft: DraftOutput) -> StepOutput:
         """Verify and commit one drafted tree of ``session_id`` (batched with other sessions)."""
         self.ensure_loaded()
+        started = time.perf_counter()
         result = await self._verify_batch(session_id, draft)
         if isinstance(result, Exception):
             raise result
+        self.timings.record(time.perf_counter() - started, result.verify_s)
         return result
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.01)
