@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 from cast_core.models import DTYPES
@@ -105,6 +105,39 @@ class TelemetryConfig(BaseModel):
     service_name: str = Field("cast-serving", description="service.name resource attribute of the spans.")
 
 
+class LimitsConfig(BaseModel):
+    """Request-level limits checked at the ingress (HTTP and gRPC); beyond them a 400 / 413 / INVALID_ARGUMENT."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body in bytes; beyond it 413.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Most prompt tokens (after the chat template); None = the target's context window."
+    )
+    max_tokens: int | None = Field(None, ge=1, description="Largest max_tokens a request may ask for; None = the context window.")
+    max_stop_sequences: int = Field(4, ge=0, description="Most stop strings in one request.")
+    max_stop_length: int = Field(256, ge=1, description="Longest stop string, in characters.")
+    max_messages: int = Field(256, ge=1, description="Most chat messages in one request.")
+
+
+class SecurityConfig(BaseModel):
+    """API keys, CORS and request ids of the ingress (see README "Security and limits")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Accepted API keys (HTTP 'Authorization: Bearer <key>', gRPC metadata 'authorization'); "
+        "with the keys of api_keys_env; none at all = no authentication.",
+    )
+    api_keys_env: str = Field(
+        "CAST_API_KEYS", description="Environment variable (read by the router replica) holding more API keys, comma-separated."
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS (e.g. https://app.example.com or '*'); empty = CORS off."
+    )
+
+
 class AppConfig(BaseModel):
     """Everything ``build_app`` needs: models, policy, pools, batching, admission, telemetry."""
 
@@ -176,6 +209,8 @@ class AppConfig(BaseModel):
     occupancy_report_s: float = Field(0.05, gt=0, description="How often a verifier reports its occupancy to the planner, in seconds.")
     max_reopens: int = Field(3, ge=0, description="Times a request may re-open its sessions after a replica lost them.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Tracing exporter.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request-level limits.")
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys and CORS.")
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":

@@ -15,51 +15,88 @@ statistics::
              "mean_verified_tokens": 9.5,  # tree nodes verified per step (root included)
              "reopens": 0}                 # sessions re-opened after a replica lost them
 
+Requests are checked strictly: an unknown field is a 400 "Unrecognized request
+argument supplied: <name>" (OpenAI's convention); OpenAI fields this server
+does not implement (``n``, ``echo``, ``logprobs``, ``best_of``, ``suffix``,
+penalties, ``logit_bias``, ``top_logprobs``) pass only at their neutral value.
+
 Errors are ``{"error": {"message", "type", "param", "code"}}`` with status 400
-(invalid field, named in ``param``), 429 (overloaded, with ``Retry-After``),
-503 (no replica) or 500.
+(invalid field, named in ``param``), 401 (API key), 413 (body too large), 415
+(not JSON), 429 (overloaded, with ``Retry-After``), 503 (no replica) or 500.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from services.config import PolicyName
+from services.errors import RequestError
 from services.generation import GenerationParams
+
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _utf8(value: str) -> str:
+    """Reject strings that cannot be encoded as UTF-8 (JSON escapes of lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
+def only(*neutral: Any) -> AfterValidator:
+    """Validator of an OpenAI field this server does not implement: only its neutral values pass."""
+
+    def check(value: Any) -> Any:
+        if value not in neutral:
+            raise ValueError(f"not supported by this server; use {' or '.join(json.dumps(n) for n in neutral)} or leave it out")
+        return value
+
+    return AfterValidator(check)
 
 
 class StreamOptions(BaseModel):
     """Streaming options."""
 
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = Field(False, description="Send a last chunk with usage (and empty choices).")
 
 
 class _SamplingFields(BaseModel):
-    """Fields shared by both endpoints."""
+    """Fields shared by both endpoints; unknown fields are refused (OpenAI: "Unrecognized request argument")."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="Model id from /v1/models; None = the served model.")
+    model: Text | None = Field(None, description="Model id from /v1/models; None = the served model.")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most; None = server default.")
     temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description="Sampling temperature; 0 = greedy; None = server default.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass in (0, 1].")
-    top_k: int = Field(0, ge=0, description="Extension: sample from the k most likely tokens; 0 = all.")
-    seed: int | None = Field(None, description="Seed of the sampler (reproducible sampled output).")
-    stop: str | list[str] | None = Field(None, description="Stop string(s); generation ends before the first one.")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass in (0, 1].")
+    top_k: int = Field(0, ge=0, le=1 << 31, description="Extension: sample from the k most likely tokens; 0 = all.")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Seed of the sampler (reproducible sampled output).")
+    stop: Text | list[Text] | None = Field(None, description="Stop string(s); generation ends before the first one.")
     stream: bool = Field(False, description="Stream the completion as server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
     n: int = Field(1, ge=1, le=1, description="Number of completions; only 1 is supported.")
     policy: PolicyName | None = Field(None, description="Extension: tree policy for this request: the server's, or 'none'.")
-    user: str | None = Field(None, description="End-user id (logged, not used).")
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop strings")
-        return v
+    user: Text | None = Field(None, max_length=256, description="End-user id (not used).")
+    presence_penalty: Annotated[float | None, only(None, 0)] = Field(
+        None, description="Not supported: only 0 or null."
+    )
+    frequency_penalty: Annotated[float | None, only(None, 0)] = Field(
+        None, description="Not supported: only 0 or null."
+    )
+    logit_bias: Annotated[dict[str, float] | None, only(None, {})] = Field(
+        None, description="Not supported: only null or {}."
+    )
 
     def generation_params(self, max_tokens: int | None = None) -> GenerationParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -81,18 +118,21 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``."""
 
-    prompt: str | list[int] = Field(description="The prompt: text, or token ids.")
+    prompt: Text | list[int] = Field(description="The prompt: text, or token ids.")
     echo: Literal[False] = Field(False, description="Echo the prompt; not supported (must be false).")
     logprobs: None = Field(None, description="Log probabilities; not supported (must be null).")
+    best_of: Literal[1] | None = Field(None, description="Not supported: only 1 or null.")
+    suffix: None = Field(None, description="Not supported: must be null.")
 
 
 class ChatMessage(BaseModel):
     """One turn of a conversation."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"] = Field(description="Speaker of the turn.")
-    content: str = Field(description="Text of the turn.")
+    content: Text = Field(description="Text of the turn.")
+    name: Text | None = Field(None, max_length=64, description="Name of the speaker (accepted, not used).")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -100,6 +140,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest turn first.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer clients).")
+    logprobs: Literal[False] | None = Field(None, description="Log probabilities; not supported (false or null).")
+    top_logprobs: None = Field(None, description="Not supported: must be null.")
 
     def chat_params(self) -> GenerationParams:
         return self.generation_params(self.max_completion_tokens)
@@ -224,3 +266,9 @@ class ErrorResponse(BaseModel):
     """Body of every error response."""
 
     error: ErrorDetail = Field(description="The error.")
+
+
+def error_response(err: RequestError) -> JSONResponse:
+    """OpenAI-style JSON error body with the error's HTTP status and headers (Retry-After, WWW-Authenticate)."""
+    body = ErrorResponse(error=ErrorDetail(message=err.message, type=err.error_type, param=err.param, code=err.code))
+    return JSONResponse(body.model_dump(), status_code=err.http_status, headers=err.headers() or None)

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cast_core.models import load_tokenizer, resolve_model
 from services.admission import Admission
@@ -61,21 +62,19 @@ from services.openai_api import (
     ModelCard,
     ModelList,
     Usage,
+    error_response,
 )
+from services.security import REQUEST_ID_HEADER, GuardSettings, HttpGuard, check_request_id, install
 from services.telemetry import RouterMetrics, Tracing
 
-logger = logging.getLogger(__name__)
+# A child of Serve's logger: records land in the replica's Serve log with the request id Serve tracks.
+logger = logging.getLogger(f"ray.serve.{__name__}")
 
 HEALTH_TIMEOUT_S = 5.0
+GRPC_DETAILS_MAX_CHARS = 1024
 
 app = FastAPI(title="CAST serving", description="Cost-aware speculative tree decoding, OpenAI-compatible API.")
-
-
-def error_response(err: RequestError) -> JSONResponse:
-    """OpenAI-style JSON error body with the error's HTTP status (and Retry-After when overloaded)."""
-    body = ErrorResponse(error=ErrorDetail(message=err.message, type=err.error_type, param=err.param))
-    headers = {"Retry-After": str(err.retry_after_s)} if hasattr(err, "retry_after_s") else None
-    return JSONResponse(body.model_dump(), status_code=err.http_status, headers=headers)
+app.add_middleware(HttpGuard)
 
 
 @app.exception_handler(RequestValidationError)
@@ -84,7 +83,18 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
     where = ".".join(loc)
+    if first.get("type") == "extra_forbidden":
+        return error_response(InvalidRequest(f"Unrecognized request argument supplied: {where}", param))
+    if first.get("type") == "json_invalid":
+        return error_response(InvalidRequest(f"body: invalid JSON ({first.get('msg')})", "body"))
     return error_response(InvalidRequest(f"{where}: {first.get('msg')}" if where else str(first.get("msg")), param))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (404, 405, unparsable body) in the OpenAI error shape."""
+    body = ErrorResponse(error=ErrorDetail(message=str(exc.detail), type="invalid_request_error"))
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
 
 
 @app.exception_handler(RequestError)
@@ -105,6 +115,12 @@ def _sse(model: BaseModel) -> str:
         if data.get(key) is None:
             data.pop(key, None)
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _sse_error(err: RequestError) -> str:
+    """An error met after a stream started, as a last ``data:`` event."""
+    body = ErrorResponse(error=ErrorDetail(message=err.message, type=err.error_type, param=err.param, code=err.code))
+    return f"data: {json.dumps(body.model_dump())}\n\n"
 
 
 def _usage(event: StepEvent) -> Usage:
@@ -147,12 +163,31 @@ class RouterReplica:
         self.runner = SessionRunner(drafter, verifier, self.encoder, self.metrics, self.tracing.tracer, config.max_reopens)
         self.admission = Admission(config.admission)
         self.started = int(time.time())
+        guard = GuardSettings.from_config(config)
+        install(guard)
+        self.api_keys = guard.keys
 
     # --- shared -----------------------------------------------------------------------------
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.config.served_model_id:
-            raise InvalidRequest(f"model: unknown model {model!r}; this server serves {self.config.served_model_id!r}", "model")
+            raise InvalidRequest(f"model: unknown model {model[:64]!r}; this server serves {self.config.served_model_id!r}", "model")
+
+    def _check_messages(self, count: int) -> None:
+        if count > self.config.limits.max_messages:
+            raise InvalidRequest(f"messages: {count} messages exceed the limit of {self.config.limits.max_messages}", "messages")
+
+    def _check_limits(self, prompt_ids: list[int], params: GenerationParams, prompt_param: str) -> None:
+        """The request-level limits of ``config.limits`` (the context window is checked when preparing)."""
+        limits = self.config.limits
+        if limits.max_prompt_tokens is not None and len(prompt_ids) > limits.max_prompt_tokens:
+            raise InvalidRequest(f"{prompt_param}: {len(prompt_ids)} prompt tokens exceed the limit of {limits.max_prompt_tokens}", prompt_param)
+        if limits.max_tokens is not None and params.max_tokens is not None and params.max_tokens > limits.max_tokens:
+            raise InvalidRequest(f"max_tokens: {params.max_tokens} exceeds the limit of {limits.max_tokens}", "max_tokens")
+        if len(params.stop) > limits.max_stop_sequences:
+            raise InvalidRequest(f"stop: at most {limits.max_stop_sequences} stop strings", "stop")
+        if any(len(stop) > limits.max_stop_length for stop in params.stop):
+            raise InvalidRequest(f"stop: a stop string is longer than {limits.max_stop_length} characters", "stop")
 
     async def _generate(self, request: PreparedRequest, protocol: str, release: Callable[[], None]) -> AsyncIterator[StepEvent]:
         """Admission already acquired: run the step loop, release the slot at the end."""
@@ -167,9 +202,13 @@ class RouterReplica:
         finally:
             release()
             self.metrics.record_request(protocol, status)
+            logger.info("request %s (%s) finished: %s", request.request_id, protocol, status)
 
-    async def _admit(self, prompt_ids: list[int], params: GenerationParams, request_id: str, protocol: str) -> AsyncIterator[StepEvent]:
-        """Validate against the model, then wait for a slot (``Overloaded`` when the queue is full)."""
+    async def _admit(
+        self, prompt_ids: list[int], params: GenerationParams, request_id: str, protocol: str, prompt_param: str
+    ) -> AsyncIterator[StepEvent]:
+        """Validate against the limits and the model, then wait for a slot (``Overloaded`` when the queue is full)."""
+        self._check_limits(prompt_ids, params, prompt_param)
         prepared = self.encoder.prepare(prompt_ids, params, request_id)
         try:
             await self.admission.acquire()
@@ -201,19 +240,20 @@ class RouterReplica:
     # --- HTTP -------------------------------------------------------------------------------
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={400: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
-    async def completions(self, body: CompletionRequest) -> Response:
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
         """OpenAI-compatible text completion (streamed as SSE when ``stream`` is true)."""
         self._check_model(body.model)
         ids = self.encoder.encode(body.prompt, "prompt")
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        events = await self._admit(ids, body.generation_params(), request_id, "http")
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = request.headers.get(REQUEST_ID_HEADER) or completion_id
+        events = await self._admit(ids, body.generation_params(), request_id, "http", "prompt")
         model, created = self.config.served_model_id, int(time.time())
         if body.stream:
-            return StreamingResponse(self._completion_stream(events, request_id, model, created, body.include_usage), media_type="text/event-stream")
+            return StreamingResponse(self._completion_stream(events, completion_id, model, created, body.include_usage), media_type="text/event-stream")
         text, last = await self._collect(events)
         return JSONResponse(
             CompletionResponse(
-                id=request_id,
+                id=completion_id,
                 created=created,
                 model=model,
                 choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
@@ -241,23 +281,25 @@ class RouterReplica:
                 yield _sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=_usage(last)))
             yield "data: [DONE]\n\n"
         except RequestError as err:
-            yield f"data: {json.dumps(ErrorResponse(error=ErrorDetail(message=err.message, type=err.error_type, param=err.param)).model_dump())}\n\n"
+            yield _sse_error(err)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={400: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
-    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI-compatible chat completion (streamed as SSE when ``stream`` is true)."""
         self._check_model(body.model)
-        prompt = self.encoder.render_chat([m.model_dump() for m in body.messages])
+        self._check_messages(len(body.messages))
+        prompt = self.encoder.render_chat([{"role": m.role, "content": m.content} for m in body.messages])
         ids = self.encoder.encode(prompt, "messages")
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        events = await self._admit(ids, body.chat_params(), request_id, "http")
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = request.headers.get(REQUEST_ID_HEADER) or completion_id
+        events = await self._admit(ids, body.chat_params(), request_id, "http", "messages")
         model, created = self.config.served_model_id, int(time.time())
         if body.stream:
-            return StreamingResponse(self._chat_stream(events, request_id, model, created, body.include_usage), media_type="text/event-stream")
+            return StreamingResponse(self._chat_stream(events, completion_id, model, created, body.include_usage), media_type="text/event-stream")
         text, last = await self._collect(events)
         return JSONResponse(
             ChatCompletionResponse(
-                id=request_id,
+                id=completion_id,
                 created=created,
                 model=model,
                 choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)],
@@ -282,7 +324,7 @@ class RouterReplica:
                 yield _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=_usage(last)))
             yield "data: [DONE]\n\n"
         except RequestError as err:
-            yield f"data: {json.dumps(ErrorResponse(error=ErrorDetail(message=err.message, type=err.error_type, param=err.param)).model_dump())}\n\n"
+            yield _sse_error(err)
 
     @staticmethod
     async def _collect(events: AsyncIterator[StepEvent]) -> tuple[str, StepEvent]:
@@ -315,7 +357,21 @@ class RouterReplica:
 
     # --- gRPC (cast.v1.Cast) ----------------------------------------------------------------
 
-    def _grpc_request(self, request: cast_pb2.GenerateRequest) -> tuple[list[int], GenerationParams, str]:
+    def _grpc_authenticate(self, context: RayServegRPCContext) -> dict[str, str]:
+        """The call's metadata, once its ``authorization`` entry passed the API key check."""
+        metadata = {key.lower(): value for key, value in context.invocation_metadata() if isinstance(value, str)}
+        self.api_keys.verify(metadata.get("authorization"))
+        return metadata
+
+    def _grpc_request(self, request: cast_pb2.GenerateRequest, context: RayServegRPCContext) -> tuple[list[int], GenerationParams, str, str]:
+        """Authenticate and validate; the prompt ids, parameters, request id and the prompt's field name."""
+        metadata = self._grpc_authenticate(context)
+        request_id = (
+            check_request_id(request.request_id, "request_id")
+            or check_request_id(metadata.get(REQUEST_ID_HEADER), REQUEST_ID_HEADER)
+            or f"grpc-{uuid.uuid4().hex}"
+        )
+        context.set_trailing_metadata([(REQUEST_ID_HEADER, request_id)])
         self._check_model(request.model)
         which = request.WhichOneof("input")
         if which is None:
@@ -323,10 +379,11 @@ class RouterReplica:
         if which == "prompt":
             ids = self.encoder.encode(request.prompt, "prompt")
         else:
+            self._check_messages(len(request.messages.messages))
             messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
             for i, m in enumerate(messages):
                 if m["role"] not in ("system", "user", "assistant"):
-                    raise InvalidRequest(f"messages[{i}].role: must be system, user or assistant; got {m['role']!r}", "messages")
+                    raise InvalidRequest(f"messages[{i}].role: must be system, user or assistant; got {m['role'][:32]!r}", "messages")
             ids = self.encoder.encode(self.encoder.render_chat(messages), "messages")
         fields: dict[str, Any] = {"stop": list(request.stop)}
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "policy"):
@@ -336,24 +393,24 @@ class RouterReplica:
             params = GenerationParams(**fields)
         except ValidationError as err:
             raise validation_error(err) from None
-        return ids, params, request.request_id or f"grpc-{uuid.uuid4().hex}"
+        return ids, params, request_id, which
 
     @staticmethod
     def _grpc_error(context: RayServegRPCContext, err: Exception) -> None:
         """Set the status code and details; the caller re-raises (Serve keeps the code set here)."""
         if isinstance(err, RequestError):
             context.set_code(getattr(grpc.StatusCode, err.grpc_code))
-            context.set_details(err.message)
+            context.set_details(err.message[:GRPC_DETAILS_MAX_CHARS])
         else:
             logger.exception("gRPC request failed")
             context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details(f"{type(err).__name__}: {err}")
+            context.set_details(f"{type(err).__name__}: {err}"[:GRPC_DETAILS_MAX_CHARS])
 
     async def Generate(self, request: cast_pb2.GenerateRequest, grpc_context: RayServegRPCContext) -> cast_pb2.GenerateResponse:
         """Unary generation."""
         try:
-            ids, params, request_id = self._grpc_request(request)
-            events = await self._admit(ids, params, request_id, "grpc")
+            ids, params, request_id, prompt_param = self._grpc_request(request, grpc_context)
+            events = await self._admit(ids, params, request_id, "grpc", prompt_param)
             token_ids: list[int] = []
             text, last = "", None
             async for event in events:
@@ -377,8 +434,8 @@ class RouterReplica:
     async def GenerateStream(self, request: cast_pb2.GenerateRequest, grpc_context: RayServegRPCContext) -> AsyncIterator[cast_pb2.GenerateChunk]:
         """Server-streaming generation: one chunk per step that commits tokens."""
         try:
-            ids, params, request_id = self._grpc_request(request)
-            events = await self._admit(ids, params, request_id, "grpc")
+            ids, params, request_id, prompt_param = self._grpc_request(request, grpc_context)
+            events = await self._admit(ids, params, request_id, "grpc", prompt_param)
             async for event in events:
                 chunk = cast_pb2.GenerateChunk(text=event.text, token_ids=event.token_ids, request_id=request_id)
                 if event.finish_reason:
@@ -397,8 +454,13 @@ class RouterReplica:
         status = cast_pb2.HealthResponse.SERVING_STATUS_SERVING if ok else cast_pb2.HealthResponse.SERVING_STATUS_NOT_SERVING
         return cast_pb2.HealthResponse(status=status, message=detail)
 
-    async def ListModels(self, request: cast_pb2.ListModelsRequest) -> cast_pb2.ListModelsResponse:
-        """The served model."""
+    async def ListModels(self, request: cast_pb2.ListModelsRequest, grpc_context: RayServegRPCContext) -> cast_pb2.ListModelsResponse:
+        """The served model (API key checked; ``Health`` stays open)."""
+        try:
+            self._grpc_authenticate(grpc_context)
+        except RequestError as err:
+            self._grpc_error(grpc_context, err)
+            raise
         card = self._model_card()
         return cast_pb2.ListModelsResponse(models=[cast_pb2.ModelInfo(id=card.id, drafter=card.drafter, max_context_tokens=card.max_context_tokens)])
 

@@ -25,15 +25,19 @@ name                                   kind       meaning
 =====================================  =========  ============================================
 
 Spans (OpenTelemetry SDK, exporter chosen by ``TelemetryConfig``): one
-``cast.request`` span per request with a ``cast.step`` child per step.
+``cast.request`` span per request with a ``cast.step`` child per step; both
+carry the request id as ``cast.request_id`` (children inherit it from their
+parent through ``RequestIdPropagator``).
 """
 
 from __future__ import annotations
 
 import logging
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -69,12 +73,26 @@ def _exporter(config: TelemetryConfig) -> SpanExporter | None:
     return OTLPSpanExporter(endpoint=config.otlp_endpoint) if config.otlp_endpoint else OTLPSpanExporter()
 
 
+REQUEST_ID_ATTRIBUTE = "cast.request_id"
+
+
+class RequestIdPropagator(SpanProcessor):
+    """Copies the parent span's ``cast.request_id`` onto every child span when it starts."""
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        parent = trace.get_current_span(parent_context)
+        attributes = getattr(parent, "attributes", None) or {}
+        if REQUEST_ID_ATTRIBUTE in attributes and REQUEST_ID_ATTRIBUTE not in (span.attributes or {}):
+            span.set_attribute(REQUEST_ID_ATTRIBUTE, attributes[REQUEST_ID_ATTRIBUTE])
+
+
 class Tracing:
     """A private tracer provider (not the global one) with the configured exporter."""
 
     def __init__(self, config: TelemetryConfig) -> None:
         self.exporter = _exporter(config)
         self.provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
+        self.provider.add_span_processor(RequestIdPropagator())
         if self.exporter is not None:
             batch = config.tracing_exporter == "otlp"
             self.provider.add_span_processor(
