@@ -10,8 +10,12 @@ replica (routed by ``SessionAffinityRouter``), then per step::
 until ``OutputTracker`` says the output is finished, yielding one
 ``StepEvent`` per step (tokens kept, text delta). The router holds every
 committed token, so when a replica lost the session (``SessionNotFound``:
-restarted, evicted; or the actor died) it re-opens both sessions with the
-prompt plus the output so far and carries on: nothing is lost or repeated.
+restarted, evicted; or the actor died -- a verifier or a drafter replica; a
+drafter dying mid-draft fails the verify call, whose argument the draft is: see
+``is_lost_session``) it re-opens both sessions with the prompt plus the output so far,
+on live replicas, and carries on: nothing is lost or repeated. Re-opens back off
+(``reopen_backoff_s``) and give up after ``max_reopens`` losses in a row with no
+step in between.
 Both sessions are closed when the request ends, however it ends (finish,
 error, client disconnect -> cancellation).
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerBase
 
@@ -44,6 +49,28 @@ from services.telemetry import RouterMetrics
 logger = logging.getLogger(__name__)
 
 LOST_SESSION = (SessionNotFound, RayActorError, ActorUnavailableError)
+REOPEN_BACKOFF_S = 0.05
+REOPEN_BACKOFF_MAX_S = 2.0
+
+
+def is_lost_session(err: BaseException) -> bool:
+    """Whether ``err`` means a replica lost the request's session.
+
+    It raised ``SessionNotFound``, or it died; or -- wrapped by Serve in a
+    ``RayServeException`` caused by ``ActorDiedError`` -- the drafter replica
+    whose draft the verify call was waiting for (its argument) died.
+    """
+    return isinstance(err, LOST_SESSION) or (isinstance(err, RayServeException) and isinstance(err.__cause__, LOST_SESSION))
+
+
+def reopen_backoff_s(lost_in_a_row: int) -> float:
+    """Wait before the ``lost_in_a_row``-th re-open in a row: 0.05 s doubling, at most 2 s.
+
+    A replica that just died stays a routing candidate until its caller's request
+    router or the Serve controller notices; re-opening at once could spend the
+    request's whole re-open budget on it within milliseconds.
+    """
+    return min(REOPEN_BACKOFF_S * 2 ** (lost_in_a_row - 1), REOPEN_BACKOFF_MAX_S)
 
 
 class GenerationParams(BaseModel):
@@ -254,6 +281,7 @@ class SessionRunner:
         try:
             info: SessionInfo | None = None
             pending: list[int] = []
+            lost_in_a_row = 0
             while not tracker.finished:
                 started = time.perf_counter()
                 try:
@@ -261,13 +289,18 @@ class SessionRunner:
                         info = await self._open(drafter, verifier, sid, committed, request)
                         pending = [committed[-1]]
                     step = await self._step(drafter, verifier, sid, pending, info, request.speculate)
-                except LOST_SESSION as err:
+                except (*LOST_SESSION, RayServeException) as err:
+                    if not is_lost_session(err):
+                        raise
                     stats.reopens += 1
-                    if stats.reopens > self._max_reopens:
-                        raise Unavailable(f"session lost {stats.reopens} times; giving up ({err})") from err
+                    lost_in_a_row += 1
+                    if lost_in_a_row > self._max_reopens:
+                        raise Unavailable(f"session lost {lost_in_a_row} times in a row; giving up ({err})") from err
                     logger.warning("request %s: session lost (%s); re-opening with %d tokens", request.request_id, type(err).__name__, len(committed))
                     info = None
+                    await asyncio.sleep(reopen_backoff_s(lost_in_a_row))
                     continue
+                lost_in_a_row = 0
                 wall_s = time.perf_counter() - started
                 self._trace_step(parent, stats.steps, step, wall_s)
                 committed.extend(step.tokens)
