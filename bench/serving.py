@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from bench.datasets import DATASET_NAMES, load_prompts
 from bench.harness import RESULTS_DIR, machine_info
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET, Engine
-from cast_core.models import load_tokenizer, resolve_model
+from cast_core.models import DTYPES, load_tokenizer, resolve_model
+from cast_core.policy import POLICY_NAMES
 
 METRICS_FLUSH_S = 60.0
 SERVE_TIMEOUT_S = 600.0
@@ -375,24 +376,35 @@ def serving_table(result: ServingResult) -> str:
     return "\n".join(lines)
 
 
+def load_serving(path: Path) -> ServingResult:
+    """Read a result written by ``save_serving``."""
+    return ServingResult.model_validate_json(path.read_text(encoding="utf-8"))
+
+
 def register(subparsers: Any) -> None:
     """Add ``serving`` to ``cast bench``'s subcommands."""
     p = subparsers.add_parser("serving", help="HTTP end-to-end throughput vs the in-process engine")
     p.add_argument("--target", default=DEFAULT_TARGET, help="target model: known name or local path")
     p.add_argument("--drafter", default=DEFAULT_DRAFTER, help="drafter model: known name or local path")
-    p.add_argument("--dtype", default="bfloat16", help="model dtype")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="model dtype")
     p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--policy", default="cast", help="tree policy")
+    p.add_argument("--policy", default="cast", choices=POLICY_NAMES, help="tree policy")
     p.add_argument("--dataset", default="humaneval", choices=DATASET_NAMES)
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per concurrency level")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8])
+    p.add_argument("--torch-threads", type=int, default=None, help="threads of the engine and each replica (default: torch's)")
     p.add_argument("--name", default="serving", help="result name: <results-dir>/<name>.json")
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    p.add_argument("--table-only", action="store_true", help="print the table of the existing result; measure nothing")
     p.set_defaults(func=_cmd_serving)
 
 
 def _cmd_serving(args: Any) -> int:
+    results_dir = Path(args.results_dir)
+    if args.table_only:
+        print(serving_table(load_serving(results_dir / f"{args.name}.json")))
+        return 0
     config = ServingBenchConfig(
         name=args.name,
         target=args.target,
@@ -404,9 +416,10 @@ def _cmd_serving(args: Any) -> int:
         prompts=args.prompts,
         max_new_tokens=args.max_new_tokens,
         concurrency=args.concurrency,
+        torch_threads=args.torch_threads,
     )
     result = run_serving_benchmark(config)
-    path = save_serving(result, Path(args.results_dir))
+    path = save_serving(result, results_dir)
     print(serving_table(result))
     print(f"wrote {path}")
     return 0
