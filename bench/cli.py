@@ -4,6 +4,7 @@
 * ``cast bench report``: plots + README table from the committed JSON (:mod:`bench.report`).
 * ``cast bench sweep``: CAST threshold sweep on the tuning prompts (:mod:`bench.sweep`).
 * ``cast bench overhead``: where a step's time goes beyond the model forwards (:mod:`bench.overhead`).
+* ``cast bench serving``: HTTP end-to-end throughput vs the in-process engine (:mod:`bench.serving`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bench.harness import RESULTS_DIR, BenchConfig, make_groups, run_benchmark, 
 from bench.methods import METHOD_NAMES, ModelPair
 from bench.overhead import profile_overhead
 from bench.report import README, cells_table, generate_report, targets_table
+from bench.serving import register as register_serving
 from bench.sweep import SweepConfig, run_sweep, save_sweep
 from cast_core import CastConfig
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
@@ -147,7 +149,7 @@ def run_overhead(args: argparse.Namespace) -> int:
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    """Add the ``run`` / ``report`` / ``sweep`` / ``overhead`` subcommands; no subcommand means ``run``."""
+    """Add the ``run`` / ``report`` / ``sweep`` / ``overhead`` / ``serving`` subcommands; no subcommand means ``run``."""
     sub = parser.add_subparsers(dest="bench_command")
 
     run = sub.add_parser("run", help="run the benchmark (the default subcommand)")
@@ -194,12 +196,14 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     _add_cast_args(overhead)
     overhead.set_defaults(func=run_overhead)
 
+    register_serving(sub)
+
     parser.set_defaults(func=lambda _: run_bench(run.parse_args([])))
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench`` to the ``cast`` console script."""
-    _configure(subparsers.add_parser("bench", help="benchmarks: run, report, sweep, overhead"))
+    _configure(subparsers.add_parser("bench", help="benchmarks: run, report, sweep, overhead, serving"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
