@@ -8,6 +8,10 @@
     paths = verifier.verify(trees)                 # one target forward
     pending[b] = accepted drafts + bonus token      # the drafter's next catch-up
 
+With a speedup gate (``cast``), the drafter may skip a step where drafting
+does not pay at this batch size: the trees are roots alone (a plain decode
+step) and the drafter catches up later (``cast_core.gate``).
+
 Sequences are admitted (prefilled, then appended as rows) and retired
 (rows dropped) between steps, so a batch mixes prompt lengths and ages.
 """
@@ -21,7 +25,7 @@ import torch
 
 from cast_core.cost import CostProfile
 from cast_core.drafter import Drafter
-from cast_core.policy import CostContext, DepthHistory, TreePolicy
+from cast_core.policy import CostContext, RowPlan, TreePolicy
 from cast_core.sampling import SamplingParams, make_generator
 from cast_core.tree import DraftTree
 from cast_core.verifier import Verifier
@@ -57,7 +61,7 @@ class LiveSequence:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator
-    history: DepthHistory
+    plan: RowPlan
     pending: list[int] = field(default_factory=list)
 
 
@@ -81,14 +85,14 @@ class SpecDecoder:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def admit(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, r: int = 4) -> LiveSequence:
+    def admit(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> LiveSequence:
         """Prefill a new sequence in both models and add it as the last row."""
         seq = LiveSequence(
             seq_id=seq_id,
             prompt_ids=list(prompt_ids),
             params=params,
             generator=make_generator(params.seed),
-            history=DepthHistory(r),
+            plan=self.policy.new_row_plan(),
             pending=[prompt_ids[-1]],
         )
         state = self.verifier.new_state(1)
@@ -129,7 +133,7 @@ class SpecDecoder:
         if self.policy.drafts:
             assert self.drafter is not None and self.drafter_state is not None
             result = self.drafter.draft(
-                self.drafter_state, [s.pending for s in self.rows], self.policy, ctx, [s.history for s in self.rows]
+                self.drafter_state, [s.pending for s in self.rows], self.policy, ctx, [s.plan for s in self.rows]
             )
             tree, drafted = result.tree, result.nodes_drafted
             plan_s += result.plan_s

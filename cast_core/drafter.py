@@ -26,7 +26,8 @@ import torch
 
 from cast_core.forward import feed_chain, forward_logits, prefill_prompts
 from cast_core.kv import KVState
-from cast_core.policy import CostContext, DepthHistory, TreePolicy
+from cast_core.gate import DraftGate
+from cast_core.policy import CostContext, RowPlan, TreePolicy
 from cast_core.tree import DraftTree
 
 
@@ -72,24 +73,67 @@ class Drafter:
         pending: list[list[int]],
         policy: TreePolicy,
         ctx: CostContext | None,
-        histories: list[DepthHistory],
+        plans: list[RowPlan],
     ) -> DraftResult:
         """Catch up on ``pending`` tokens (each row's list ends with its root) and draft a tree per row.
 
         A row with an empty ``pending`` list is idle: it rides along in the
         padded forwards, its tree is garbage, and it is left out of every
         policy decision (utilities average over the active rows only).
+
+        With a speedup gate (``policy.gate``), the active rows first report
+        the speedup their last drafted step achieved (``len(pending) /
+        last_cost``); if the gate then says drafting does not pay at this
+        batch size, no forward runs: every tree is its root alone and the
+        pending tokens wait in each row's backlog for the next drafted step.
         """
-        bsz, k = len(pending), policy.top_k
         active = np.array([bool(p) for p in pending])
         if not active.any():
             raise ValueError("pending: no active row to draft for")
         roots = torch.tensor([p[-1] if p else 0 for p in pending], dtype=torch.long)
-        root_logits = feed_chain(self.model, state, pending, want_last=True)
+        live = [plan for plan, a in zip(plans, active) if a]
+        gate = policy.gate if ctx is not None else None
+        if gate is not None:
+            t0 = time.perf_counter()
+            _report_speedups(gate, live, [p for p in pending if p])
+            skip = not gate.should_draft(ctx.batch_size)
+            plan_s = time.perf_counter() - t0
+            if skip:
+                for plan, chain in zip(live, (p for p in pending if p)):
+                    plan.backlog.extend(chain)
+                return DraftResult(tree=DraftTree.roots(roots), nodes_drafted=0, layers=0, plan_s=plan_s)
+        else:
+            plan_s = 0.0
+        chains = [plan.backlog + p if a else [] for plan, p, a in zip(plans, pending, active)]
+        for plan in live:
+            plan.backlog = []
+        result, layer_costs = self._grow(state, chains, roots, active, policy, ctx, live)
+        result.plan_s += plan_s
+        if ctx is not None:
+            # a backlog is a one-off debt of skipped steps, not the cost of drafting: charge the pending chain only
+            catch_up = ctx.drafter[min(max(len(p) for p in pending), len(ctx.drafter) - 1)]
+            verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
+            for plan in live:
+                plan.last_cost, plan.last_batch = float(catch_up + layer_costs + verify), ctx.batch_size
+        return result
+
+    def _grow(
+        self,
+        state: KVState,
+        chains: list[list[int]],
+        roots: torch.Tensor,
+        active: np.ndarray,
+        policy: TreePolicy,
+        ctx: CostContext | None,
+        live: list[RowPlan],
+    ) -> tuple[DraftResult, float]:
+        """Feed ``chains``, grow the tree layer by layer, rerank; also returns the drafted layers' cost (target steps)."""
+        bsz, k = len(chains), policy.top_k
+        root_logits = feed_chain(self.model, state, chains, want_last=True)
         assert root_logits is not None
-        plan_s = 0.0
+        plan_s, layer_costs = 0.0, 0.0
         root_pos = (state.next_pos - 1).clamp(min=0)
-        histories = [h for h, a in zip(histories, active) if a]
+        histories = [plan.depth for plan in live]
 
         conf, tok = torch.topk(self._probs(root_logits), k, dim=-1)  # [B, k]
         node_tok, node_parent, node_depth, node_conf = [tok], [torch.zeros_like(tok)], [torch.ones_like(tok)], [conf]
@@ -111,6 +155,8 @@ class Drafter:
             plan_s += time.perf_counter() - t0
             if not grow:
                 break
+            if ctx is not None:
+                layer_costs += float(ctx.drafter[min(n_keep, len(ctx.drafter) - 1)])
             # feed the kept nodes: each sees its fed ancestors and itself
             vis = torch.cat([layer_vis, torch.eye(n_keep, dtype=torch.bool).expand(bsz, n_keep, n_keep)], dim=2)
             positions = root_pos[:, None] + layer
@@ -140,7 +186,21 @@ class Drafter:
         plan_s += time.perf_counter() - t0
         chosen = torch.sort(order[:, :m], dim=1).values  # node order keeps parents first
         tree = _assemble(roots, torch.cat(node_tok, 1), torch.cat(node_parent, 1), torch.cat(node_depth, 1), all_conf, chosen)
-        return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s)
+        return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s), layer_costs
+
+
+def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]]) -> None:
+    """Tell ``gate`` what the rows' last drafted step achieved: per batch size, the mean of ``len(new tokens) / last_cost``.
+
+    ``pending`` holds each row's tokens committed by that step (accepted drafts + bonus).
+    """
+    by_batch: dict[int, list[float]] = {}
+    for plan, tokens in zip(plans, pending):
+        if plan.last_cost is not None and plan.last_cost > 0:
+            by_batch.setdefault(plan.last_batch, []).append(len(tokens) / plan.last_cost)
+        plan.last_cost = None
+    for batch_size, speedups in by_batch.items():
+        gate.observe(batch_size, float(np.mean(speedups)))
 
 
 def _assemble(

@@ -38,6 +38,7 @@ class GenerationStats:
 
     Attributes:
         steps: verifier forwards the sequence took part in.
+        drafted_steps: steps the drafter ran for (the speedup gate skips the others).
         drafted_nodes: drafted nodes over all steps (before reranking).
         verified_tokens: tree nodes sent to the verifier, roots included.
         accepted_tokens: drafted tokens accepted.
@@ -45,6 +46,7 @@ class GenerationStats:
     """
 
     steps: int = 0
+    drafted_steps: int = 0
     drafted_nodes: int = 0
     verified_tokens: int = 0
     accepted_tokens: int = 0
@@ -59,6 +61,7 @@ class GenerationStats:
 
     def add(self, step: StepStats, row: int) -> None:
         self.steps += 1
+        self.drafted_steps += int(step.nodes_drafted > 0)
         self.drafted_nodes += step.nodes_drafted
         self.verified_tokens += step.tokens_verified[row]
         self.accepted_tokens += step.accepted[row]
@@ -263,7 +266,6 @@ class Engine:
 
     def _run(self, encoded: list[list[int]], request: GenerateRequest) -> Iterator[TokenEvent]:
         decoder = SpecDecoder(self.verifier, self.drafter, self.policy, self.cost_profile)
-        r = getattr(getattr(self.policy, "config", None), "r", 4)
         waiting = list(range(len(encoded)))
         trackers: dict[int, OutputTracker] = {}
         stats: dict[int, GenerationStats] = {}
@@ -276,7 +278,7 @@ class Engine:
                     top_k=request.top_k,
                     seed=None if request.seed is None else request.seed + i,
                 )
-                decoder.admit(i, encoded[i], params, r)
+                decoder.admit(i, encoded[i], params)
                 trackers[i] = OutputTracker(self.tokenizer, self.eos_token_ids, request.max_new_tokens, tuple(request.stop))
                 stats[i] = GenerationStats()
             new_tokens, step = decoder.step()

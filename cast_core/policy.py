@@ -35,6 +35,13 @@ Policies:
 
 With an affine cost model and a matching ``C1``, breadth pruning keeps exactly
 the top ``K`` of every layer (the paper's Theorem 4.1): CAST generalises EAGLE-2.
+
+Beyond the paper, ``cast`` carries a speedup gate (``cast_core.gate``): the
+drafter's catch-up forward is spent before any of the three questions is
+asked, so at batch sizes where no tree pays for it the gate skips drafting
+(a plain decode step) and probes now and then. With ``adaptive_thresholds``
+the thresholds are ``C_j * max(1, rho^B)``, ``rho^B`` the speedup drafted
+steps achieved at batch size ``B``.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cast_core.cost import CostProfile
+from cast_core.gate import DraftGate
 
 POLICY_NAMES = ("none", "static", "cast")
 
@@ -96,6 +104,10 @@ class CastConfig(BaseModel):
     c2: float = Field(1.0, gt=0, description="Depth threshold C2: grow the next layer iff alpha * u^(i) / c^(i) >= C2.")
     c3: float = Field(1.0, gt=0, description="Reranking threshold C3: verify k nodes while marginal expected tokens per marginal verifier cost exceeds C3.")
     r: int = Field(4, ge=1, le=64, description="R: number of recent depth gain ratios averaged into alpha.")
+    min_speedup: float = Field(1.0, gt=0, description="Speedup gate: draft at batch size B only while drafted steps there achieve at least this speedup over plain decoding (tokens per step / predicted step cost in target steps); see cast_core.gate.")
+    max_skip: int = Field(32, ge=1, le=1024, description="Speedup gate: most plain steps between two probing drafted steps while the gate is closed.")
+    gate_weight: float = Field(0.25, gt=0, le=1, description="Speedup gate: weight of the newest step in the moving average of achieved speedup.")
+    adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
 
 
 @dataclass
@@ -143,6 +155,25 @@ class DepthHistory:
         self.ratios.append(phi)
 
 
+@dataclass
+class RowPlan:
+    """Planning memory of one sequence, carried across its steps.
+
+    Attributes:
+        depth: the depth gain FIFO (``alpha``).
+        backlog: tokens committed while the speedup gate skipped the drafter;
+            fed, ahead of the new pending tokens, at the next drafted step.
+        last_cost: predicted cost (in plain target steps) of the sequence's
+            last step if the drafter ran for it, else None.
+        last_batch: batch size that step was planned at.
+    """
+
+    depth: DepthHistory
+    backlog: list[int] = field(default_factory=list)
+    last_cost: float | None = None
+    last_batch: int = 0
+
+
 class TreePolicy(ABC):
     """Answers the drafter's three questions for a batch (see module docstring)."""
 
@@ -166,6 +197,15 @@ class TreePolicy(ABC):
     def cost_horizon(self) -> int:
         """Largest token count a decision reads from the cost curves."""
         return 1
+
+    @property
+    def gate(self) -> DraftGate | None:
+        """The speedup gate deciding whether to draft at all (None: always draft)."""
+        return None
+
+    def new_row_plan(self) -> RowPlan:
+        """Fresh planning memory for a new sequence."""
+        return RowPlan(DepthHistory(4))
 
     @abstractmethod
     def layer_width(self, layer: int, confidences: np.ndarray, ctx: CostContext | None) -> int:
@@ -235,10 +275,22 @@ class CastPolicy(TreePolicy):
         self.config = config or CastConfig()
         self.top_k = self.config.top_k
         self.max_depth = self.config.max_depth
+        self._gate = DraftGate(self.config.min_speedup, self.config.max_skip, self.config.gate_weight)
 
     @property
     def needs_costs(self) -> bool:
         return True
+
+    @property
+    def gate(self) -> DraftGate:
+        return self._gate
+
+    def new_row_plan(self) -> RowPlan:
+        return RowPlan(DepthHistory(self.config.r))
+
+    def _threshold(self, base: float, ctx: CostContext) -> float:
+        """``base``, times ``max(1, rho^B)`` with adaptive thresholds."""
+        return base * self._gate.threshold_scale(ctx.batch_size) if self.config.adaptive_thresholds else base
 
     @property
     def cost_horizon(self) -> int:
@@ -254,7 +306,7 @@ class CastPolicy(TreePolicy):
         assert ctx is not None, "the cast policy needs a cost context"
         m = confidences.shape[1]
         cost = ctx.drafter[: m + 1]
-        return max(1, algorithm1(self._utility(confidences), cost, self.config.c1))
+        return max(1, algorithm1(self._utility(confidences), cost, self._threshold(self.config.c1, ctx)))
 
     def grow(self, layer, kept, ctx, histories) -> bool:
         assert ctx is not None, "the cast policy needs a cost context"
@@ -263,7 +315,7 @@ class CastPolicy(TreePolicy):
         alpha = float(np.mean([h.alpha() for h in histories])) if histories else 1.0
         utility = float(kept.sum(axis=1).mean())
         cost = float(ctx.drafter[kept.shape[1]])
-        return alpha * utility >= self.config.c2 * cost
+        return alpha * utility >= self._threshold(self.config.c2, ctx) * cost
 
     def observe_layer(self, prev_kept: np.ndarray, kept: np.ndarray, histories: list[DepthHistory]) -> None:
         prev = prev_kept.sum(axis=1)
@@ -277,7 +329,7 @@ class CastPolicy(TreePolicy):
         m = min(confidences.shape[1], self.config.max_verify, len(ctx.target) - 2)
         utility = self._utility(confidences[:, :m])
         cost = ctx.target[1 : m + 2]  # k nodes + root: c_k = f_T(k + 1) / f_T(1); c_0 = 1
-        return algorithm1(utility, cost, self.config.c3)
+        return algorithm1(utility, cost, self._threshold(self.config.c3, ctx))
 
 
 def make_policy(name: str, static: StaticConfig | None = None, cast: CastConfig | None = None) -> TreePolicy:

@@ -22,7 +22,7 @@ import torch
 
 from cast_core.acceptance import AcceptedPath
 from cast_core.drafter import DraftResult, Drafter
-from cast_core.policy import CostContext, DepthHistory, TreePolicy
+from cast_core.policy import CostContext, RowPlan, TreePolicy
 from cast_core.sampling import SamplingParams, make_generator
 from cast_core.tree import DraftTree
 from cast_core.verifier import Verifier
@@ -141,7 +141,7 @@ class DrafterSessions:
         self.drafter = drafter
         self.policy = policy
         self._rows = _SessionRows(drafter.new_state(0), max_sessions)
-        self._histories: dict[str, DepthHistory] = {}
+        self._plans: dict[str, RowPlan] = {}
 
     @property
     def occupancy(self) -> int:
@@ -157,12 +157,12 @@ class DrafterSessions:
         state = self.drafter.new_state(1)
         self.drafter.prefill(state, [token_ids])
         self._rows.add(session_id, state)
-        self._histories[session_id] = DepthHistory(getattr(getattr(self.policy, "config", None), "r", 4))
+        self._plans[session_id] = self.policy.new_row_plan()
 
     def close(self, session_ids: list[str]) -> None:
         self._rows.remove(session_ids)
         for sid in session_ids:
-            self._histories.pop(sid, None)
+            self._plans.pop(sid, None)
 
     def evict_idle(self, older_than_s: float) -> list[str]:
         stale = self._rows.idle(older_than_s)
@@ -179,6 +179,6 @@ class DrafterSessions:
             if not tokens:
                 raise ValueError(f"pending[{sid!r}]: must end with the session's root token")
         chains = [pending.get(r.session_id, []) for r in self._rows.rows]
-        histories = [self._histories[r.session_id] for r in self._rows.rows]
-        result = self.drafter.draft(self._rows.state, chains, self.policy, ctx, histories)
+        plans = [self._plans[r.session_id] for r in self._rows.rows]
+        result = self.drafter.draft(self._rows.state, chains, self.policy, ctx, plans)
         return {sid: (result.tree.row(i), result) for sid, i in rows.items()}

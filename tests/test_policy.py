@@ -106,7 +106,7 @@ def _draft(policy, ctx, prompts, seed: int = 0):
     drafter = Drafter(drafter_model, target.config.vocab_size)
     state = drafter.new_state(len(prompts))
     prefill_prompts(drafter_model, state, prompts)
-    return drafter.draft(state, [[p[-1]] for p in prompts], policy, ctx, [DepthHistory(4) for _ in prompts])
+    return drafter.draft(state, [[p[-1]] for p in prompts], policy, ctx, [policy.new_row_plan() for _ in prompts])
 
 
 def test_static_tree_shape_is_eagle2() -> None:

@@ -67,7 +67,7 @@ def models():
 
 CASES = [
     ("static", SamplingParams(temperature=1.0), StaticConfig(top_k=3, depth=2, total_tokens=8)),
-    ("cast", SamplingParams(temperature=1.0), CastConfig(top_k=3, max_depth=3, c1=0.2, c2=0.2, c3=0.2)),
+    ("cast", SamplingParams(temperature=1.0), CastConfig(top_k=3, max_depth=3, c1=0.2, c2=0.2, c3=0.2, min_speedup=1e-3)),
     ("static", SamplingParams(temperature=0.7, top_p=0.9, top_k=5), StaticConfig(top_k=3, depth=2, total_tokens=8)),
 ]
 

@@ -1,0 +1,90 @@
+"""The speedup gate: when drafting does not pay at a batch size, decode plainly, probe now and then, stay lossless."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cast_core import CastConfig, Engine
+from cast_core.cost import CostProfile
+from cast_core.gate import DraftGate
+
+from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair
+
+
+def test_open_until_a_step_falls_short_then_probes_with_doubling_backoff() -> None:
+    gate = DraftGate(min_speedup=1.0, max_skip=8, weight=1.0)
+    assert gate.should_draft(4) and gate.speedup(4) is None and gate.threshold_scale(4) == 1.0
+    decisions = []
+    for _ in range(24):
+        if gate.should_draft(4):
+            decisions.append("D")
+            gate.observe(4, 0.7)  # every drafted step is slower than plain decoding
+        else:
+            decisions.append(".")
+    # skip 2, probe, skip 4, probe, skip 8, probe, skip 8 (capped) ...
+    assert "".join(decisions) == "D..D....D........D......"
+    assert gate.should_draft(1), "other batch sizes keep their own record"
+
+
+def test_a_probe_that_pays_reopens_and_scales_thresholds() -> None:
+    gate = DraftGate(min_speedup=1.0, max_skip=32, weight=0.5)
+    gate.observe(2, 0.5)
+    assert not gate.should_draft(2) and not gate.should_draft(2) and gate.should_draft(2)
+    gate.observe(2, 2.5)  # EMA: 0.5 * 0.5 + 0.5 * 2.5 = 1.5
+    assert gate.speedup(2) == pytest.approx(1.5)
+    assert all(gate.should_draft(2) for _ in range(5))
+    assert gate.threshold_scale(2) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("field,value", [("min_speedup", 0.0), ("max_skip", 0), ("weight", 1.5)])
+def test_bad_gate_settings_name_the_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        DraftGate(**{field: value})
+
+
+def _engine(models, tokenizer, cast: CastConfig, profile: CostProfile, batch: int) -> Engine:
+    target, drafter = models
+    return Engine(target, tokenizer, drafter, policy="cast", cost_profile=profile, max_batch_size=batch, cast_config=cast)
+
+
+@pytest.fixture(scope="module")
+def exact_pair_case():
+    """A target, an exact drafter (its copy) and 4 prompts the target runs for 40 tokens without EOS."""
+    models = tiny_pair("llama", torch.float32, noise=0.0)
+    candidates = random_prompts(32, max_len=16, seed=11)
+    runs = [(p, reference_greedy(models[0], p, 40, TINY_EOS)) for p in candidates]
+    long_runs = [(p, r) for p, r in runs if len(r) == 40][:4]
+    assert len(long_runs) == 4, "the tiny target must have enough prompts that run 40 tokens without EOS"
+    return models, [p for p, _ in long_runs], [r for _, r in long_runs]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_closed_gate_decodes_plainly_and_probes_catch_the_drafter_up(tokenizer, exact_pair_case, batch: int) -> None:
+    """An exact drafter behind a gate that never opens: output still the target's, probes still fully accepted.
+
+    Probes accept every verified node only if the skipped steps' tokens reached the
+    drafter's cache (the backlog), since the drafter predicts from its own cache.
+    """
+    models, prompts, refs = exact_pair_case
+    prompts, refs = prompts[:batch], refs[:batch]
+    cast = CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, max_skip=4)
+    engine = _engine(models, tokenizer, cast, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001), batch)
+    gens = engine.generate(prompts, max_new_tokens=40)
+    assert [g.token_ids for g in gens] == refs
+    for g in gens:
+        assert 0 < g.stats.drafted_steps < g.stats.steps
+        assert g.stats.accepted_tokens >= g.stats.drafted_steps, "each probe accepts at least one drafted token"
+
+
+def test_dear_drafter_falls_back_to_plain_decoding_and_a_cheap_one_always_drafts(tokenizer, exact_pair_case) -> None:
+    """Even an exact drafter does not pay when one of its forwards costs 10 target steps; at 1/20 of one it always does."""
+    models, prompts, refs = exact_pair_case
+    dear = _engine(models, tokenizer, CastConfig(), CostProfile.synthetic(0.01, 0.0002, 0.1, 0.0001), 2)
+    gens = dear.generate(prompts[:2], max_new_tokens=40)
+    assert [g.token_ids for g in gens] == refs[:2]
+    assert all(g.stats.drafted_steps <= g.stats.steps // 2 for g in gens)
+    cheap = _engine(models, tokenizer, CastConfig(), CostProfile.synthetic(0.01, 0.0002, 0.0005, 0.00001), 2)
+    gens = cheap.generate(prompts[:2], max_new_tokens=40)
+    assert [g.token_ids for g in gens] == refs[:2]
+    assert all(g.stats.drafted_steps == g.stats.steps for g in gens)
