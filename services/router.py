@@ -363,9 +363,11 @@ class RouterReplica:
         self.api_keys.verify(metadata.get("authorization"))
         return metadata
 
-    def _grpc_request(self, request: cast_pb2.GenerateRequest, context: RayServegRPCContext) -> tuple[list[int], GenerationParams, str, str]:
+    def _grpc_request(self, request: cast_pb2.GenerateRequest | bytes, context: RayServegRPCContext) -> tuple[list[int], GenerationParams, str, str]:
         """Authenticate and validate; the prompt ids, parameters, request id and the prompt's field name."""
         metadata = self._grpc_authenticate(context)
+        if not isinstance(request, cast_pb2.GenerateRequest):  # bytes the lenient parser could not decode
+            raise InvalidRequest("request: not a valid cast.v1.GenerateRequest protobuf message", "request")
         request_id = (
             check_request_id(request.request_id, "request_id")
             or check_request_id(metadata.get(REQUEST_ID_HEADER), REQUEST_ID_HEADER)

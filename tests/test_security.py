@@ -60,7 +60,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
     target, drafter = save_tiny_models(tmp_path_factory.mktemp("models"))
     os.environ["CAST_API_KEYS"] = f" {ENV_KEY} ,"
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never join a cluster someone else started
     try:
         http_port, grpc_port = free_port(), free_port()
         start_serve(http_port, grpc_port)

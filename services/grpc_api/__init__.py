@@ -8,7 +8,8 @@
 The modules are build outputs (``make protos`` / ``python -m services.grpc_api.codegen``). When they
 are missing or older than the proto -- a fresh clone, or the proto just edited -- importing this
 package regenerates them first, so the import above always works in a source checkout. Ray Serve's
-gRPC proxy imports ``services.grpc_api.cast_pb2_grpc.add_CastServicer_to_server`` through here.
+gRPC proxy imports ``services.grpc_api.lenient.add_cast_servicer`` (the servicer registration with
+lenient request parsing) through here.
 
 This package stays light: protobuf and grpc only, never ray or torch.
 """
