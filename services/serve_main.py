@@ -22,7 +22,7 @@ from typing import Any
 from cast_core.models import DTYPES, resolve_model
 from cast_core.policy import POLICY_NAMES
 
-GRPC_SERVICER = "services.grpc_api.cast_pb2_grpc.add_CastServicer_to_server"
+GRPC_SERVICER = "services.grpc_api.lenient.add_cast_servicer"
 
 
 def build_config(args: argparse.Namespace) -> Any:

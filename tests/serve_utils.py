@@ -80,7 +80,7 @@ def start_serve(http_port: int, grpc_port: int | None, proxy_location: str = "Ev
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     grpc = (
-        gRPCOptions(port=grpc_port, grpc_servicer_functions=["services.grpc_api.cast_pb2_grpc.add_CastServicer_to_server"])
+        gRPCOptions(port=grpc_port, grpc_servicer_functions=["services.grpc_api.lenient.add_cast_servicer"])
         if grpc_port
         else None
     )

@@ -362,7 +362,7 @@ def test_serve_config_validates_with_rays_model(serve_config: Json) -> None:
     parsed = ServeDeploySchema.model_validate(serve_config)
     assert parsed.http_options.host == "0.0.0.0" and parsed.http_options.port == 8000
     assert parsed.grpc_options.port == 9000
-    assert parsed.grpc_options.grpc_servicer_functions == ["services.grpc_api.cast_pb2_grpc.add_CastServicer_to_server"]
+    assert parsed.grpc_options.grpc_servicer_functions == ["services.grpc_api.lenient.add_cast_servicer"]
     (application,) = parsed.applications
     assert application.import_path == "services.app:app_builder"
 
