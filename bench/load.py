@@ -80,18 +80,28 @@ def replica_actor(deployment: str, replica_id: str) -> Any:
     return ray.get_actor(name, namespace="serve")
 
 
+def process_rss(pid: int) -> int | None:
+    """Resident memory (bytes) of a local process, from ``/proc/<pid>/status`` (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def replica_rss() -> dict[str, int]:
     """Resident memory (bytes) of each live replica process of the app, by actor name (local node)."""
-    import psutil
     from ray._private import state  # the public state API needs the dashboard
 
     rss = {}
     for actor in state.actors().values():
         if actor["State"] == "ALIVE" and actor["ActorClassName"].startswith(REPLICA_CLASS_PREFIX):
-            try:
-                rss[actor["Name"]] = psutil.Process(actor["Pid"]).memory_info().rss
-            except psutil.Error:
-                continue
+            value = process_rss(actor["Pid"])
+            if value is not None:
+                rss[actor["Name"]] = value
     return rss
 
 
@@ -279,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16, help="Distinct prompts (their references computed first).")
     parser.add_argument("--replicas", type=int, default=2, help="Drafter and verifier replicas each.")
     parser.add_argument("--max-active", type=int, default=32, help="Admission: requests running at once.")
-    parser.add_argument("--max-queued", type=int, default=16, help="Admission: requests waiting; beyond, 429.")
+    parser.add_argument("--max-queued", type=int, default=32, help="Admission: requests waiting; beyond, 429.")
     parser.add_argument("--target", type=Path, help="Target model folder (default: the test suite's tiny pair).")
     parser.add_argument("--drafter", type=Path, help="Drafter model folder (with --target).")
     parser.add_argument("--dtype", default="float32", help="Model dtype.")
