@@ -207,7 +207,7 @@ class AppConfig(BaseModel):
         0.1, gt=0, description="A drafter reuses a planner answer this long, refreshing it in the background (no per-step round trip)."
     )
     occupancy_report_s: float = Field(0.05, gt=0, description="How often a verifier reports its occupancy to the planner, in seconds.")
-    max_reopens: int = Field(3, ge=0, description="Times a request may re-open its sessions after a replica lost them.")
+    max_reopens: int = Field(3, ge=0, description="Times in a row (no step in between) a request may re-open its sessions after a replica lost them.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Tracing exporter.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request-level limits.")
     security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys and CORS.")
