@@ -2,16 +2,17 @@
 
 Per step and batch (one forward per layer, every row in it):
 
-1. *Catch-up*: feed each row's pending tokens (tokens committed since the
-   last step, ending with the root) as a causal chain; they stay in the
-   drafter's cache. The logits at the root give layer 1: the root's
+1. *Catch-up*: commit each row's pending tokens (tokens committed since the
+   last step, ending with the root): the accepted drafts the last tree fed
+   come from its stashed cache entries, the rest (at least the root) is fed
+   as a causal chain. The logits at the root give layer 1: the root's
    ``top_k`` children, ``v = p_D(child)``.
 2. For layer ``i``: the policy keeps ``n_i`` candidates (best ``v`` first)
    and decides whether to grow. Growing feeds the kept nodes (tree mask over
    their ancestors, position = root position + depth) and takes, over all
    their children, the ``top_k`` by ``v = v(parent) * p_D(child)`` as layer
    ``i + 1``.
-3. The tree's part of the drafter cache is dropped; the policy picks how many
+3. The tree's part of the drafter cache is stashed per row, then dropped; the policy picks how many
    nodes to verify, best ``v`` first (a connected subtree: ``v`` never grows
    along a path, and ties keep node order, where parents come first).
 """
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from cast_core.forward import feed_chain, forward_logits, prefill_prompts
-from cast_core.kv import KVState
+from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
 from cast_core.policy import CostContext, RowPlan, TreePolicy
 from cast_core.tree import DraftTree
@@ -81,6 +82,9 @@ class Drafter:
         padded forwards, its tree is garbage, and it is left out of every
         policy decision (utilities average over the active rows only).
 
+        Accepted drafts whose cache entries the row's last tree stashed are
+        committed from the stash rather than fed again.
+
         With a speedup gate (``policy.gate``), the active rows first report
         the speedup their last drafted step achieved (``len(pending) /
         last_cost``); if the gate then says drafting does not pay at this
@@ -93,25 +97,24 @@ class Drafter:
         roots = torch.tensor([p[-1] if p else 0 for p in pending], dtype=torch.long)
         live = [plan for plan, a in zip(plans, active) if a]
         gate = policy.gate if ctx is not None else None
+        t0 = time.perf_counter()
         if gate is not None:
-            t0 = time.perf_counter()
             _report_speedups(gate, live, [p for p in pending if p])
-            skip = not gate.should_draft(ctx.batch_size)
-            plan_s = time.perf_counter() - t0
-            if skip:
-                for plan, chain in zip(live, (p for p in pending if p)):
-                    plan.backlog.extend(chain)
-                return DraftResult(tree=DraftTree.roots(roots), nodes_drafted=0, layers=0, plan_s=plan_s)
-        else:
-            plan_s = 0.0
-        chains = [plan.backlog + p if a else [] for plan, p, a in zip(plans, pending, active)]
+        fresh = _reuse_stashed_path(state, pending, plans)
+        skip = gate is not None and not gate.should_draft(ctx.batch_size)
+        plan_s = time.perf_counter() - t0
+        if skip:
+            for plan, chain in zip(plans, fresh):
+                plan.backlog.extend(chain)
+            return DraftResult(tree=DraftTree.roots(roots), nodes_drafted=0, layers=0, plan_s=plan_s)
+        chains = [plan.backlog + chain if chain else [] for plan, chain in zip(plans, fresh)]
         for plan in live:
             plan.backlog = []
-        result, layer_costs = self._grow(state, chains, roots, active, policy, ctx, live)
+        result, layer_costs = self._grow(state, chains, roots, active, policy, ctx, plans)
         result.plan_s += plan_s
         if ctx is not None:
-            # a backlog is a one-off debt of skipped steps, not the cost of drafting: charge the pending chain only
-            catch_up = ctx.drafter[min(max(len(p) for p in pending), len(ctx.drafter) - 1)]
+            # a backlog is a one-off debt of skipped steps, not the cost of drafting: charge the fresh chain only
+            catch_up = ctx.drafter[min(max(len(c) for c in fresh), len(ctx.drafter) - 1)]
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
             for plan in live:
                 plan.last_cost, plan.last_batch = float(catch_up + layer_costs + verify), ctx.batch_size
@@ -125,10 +128,14 @@ class Drafter:
         active: np.ndarray,
         policy: TreePolicy,
         ctx: CostContext | None,
-        live: list[RowPlan],
+        plans: list[RowPlan],
     ) -> tuple[DraftResult, float]:
-        """Feed ``chains``, grow the tree layer by layer, rerank; also returns the drafted layers' cost (target steps)."""
+        """Feed ``chains``, grow the tree layer by layer, stash the fed nodes, rerank.
+
+        Also returns the drafted layers' cost (target steps).
+        """
         bsz, k = len(chains), policy.top_k
+        live = [plan for plan, a in zip(plans, active) if a]
         root_logits = feed_chain(self.model, state, chains, want_last=True)
         assert root_logits is not None
         plan_s, layer_costs = 0.0, 0.0
@@ -141,6 +148,8 @@ class Drafter:
         layer_vis = torch.zeros((bsz, k, 0), dtype=torch.bool)
         layer_start, layer, tail = 1, 1, 0  # node index of the current layer's first node (root = 0)
         prev_kept: np.ndarray | None = None
+        fed_tok: list[torch.Tensor] = []
+        fed_parent: list[torch.Tensor] = []  # tail slot of each fed node's parent (-1: the root)
         while True:
             t0 = time.perf_counter()
             cand = node_conf[-1].numpy()[active]
@@ -157,7 +166,9 @@ class Drafter:
                 break
             if ctx is not None:
                 layer_costs += float(ctx.drafter[min(n_keep, len(ctx.drafter) - 1)])
-            # feed the kept nodes: each sees its fed ancestors and itself
+            # feed the kept nodes: each sees its fed ancestors and itself (fed node i sits in tail slot i - 1)
+            fed_tok.append(node_tok[-1])
+            fed_parent.append(node_parent[-1] - 1)
             vis = torch.cat([layer_vis, torch.eye(n_keep, dtype=torch.bool).expand(bsz, n_keep, n_keep)], dim=2)
             positions = root_pos[:, None] + layer
             logits = forward_logits(self.model, state, node_tok[-1], positions.expand(bsz, n_keep), vis)
@@ -177,6 +188,11 @@ class Drafter:
             layer_start += n_keep
             layer += 1
             prev_kept = kept
+        if fed_tok:
+            stashes = state.stash_tail(torch.cat(fed_tok, 1), torch.cat(fed_parent, 1))
+            for plan, stash, a in zip(plans, stashes, active):
+                if a:
+                    plan.stash = stash
         state.discard_tail()
 
         t0 = time.perf_counter()
@@ -187,6 +203,25 @@ class Drafter:
         chosen = torch.sort(order[:, :m], dim=1).values  # node order keeps parents first
         tree = _assemble(roots, torch.cat(node_tok, 1), torch.cat(node_parent, 1), torch.cat(node_depth, 1), all_conf, chosen)
         return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s), layer_costs
+
+
+def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[RowPlan]) -> list[list[int]]:
+    """Commit the stashed entries of each row's accepted drafts; returns the tokens still to feed.
+
+    ``pending[b]`` = the drafts accepted from row ``b``'s last tree, then the
+    bonus token. The drafter fed every node of that tree but its last layer,
+    so the accepted path's prefix down to that layer is already computed:
+    those entries become committed slots and only the rest of ``pending``
+    (at least the bonus token) is fed again.
+    """
+    picks: list[tuple[TailStash, list[int]] | None] = []
+    for plan, tokens in zip(plans, pending):
+        stash = plan.stash if tokens else None  # an idle row keeps its stash for its own next step
+        if stash is not None:
+            plan.stash = None
+        picks.append((stash, stash.match(tokens[:-1])) if stash is not None else None)
+    counts = state.append_committed(picks)
+    return [tokens[n:] for tokens, n in zip(pending, counts)]
 
 
 def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]]) -> None:

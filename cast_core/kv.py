@@ -23,11 +23,17 @@ One step:
 
 ``compact()`` packs rows to the left when that would shrink the cache by a
 fraction ``HOLE_FRACTION``.
+
+A tail can outlive its step as a ``TailStash`` (``stash_tail``): the drafter
+keeps the entries of the nodes it fed, and once the verifier has chosen a
+path, ``append_committed`` writes the entries of the accepted nodes as
+committed slots instead of computing them again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -136,6 +142,36 @@ class SlotLayer(CacheLayerMixin):
         self._refresh_views()
 
 
+@dataclass
+class TailStash:
+    """One row's tail slots, kept past the step that wrote them, with the tree they encode.
+
+    Attributes:
+        keys, values: per layer, ``[H, T, d]`` entries of the row's ``T`` tail slots.
+        tokens: the token each slot holds.
+        parents: each slot's parent slot (``-1``: the step's root, a committed token).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    tokens: list[int]
+    parents: list[int]
+
+    def match(self, tokens: Sequence[int]) -> list[int]:
+        """Slots of the longest prefix of ``tokens`` that is a path down from the root."""
+        children: dict[tuple[int, int], int] = {}
+        for slot, (token, parent) in enumerate(zip(self.tokens, self.parents)):
+            children.setdefault((parent, token), slot)
+        path, node = [], -1
+        for token in tokens:
+            nxt = children.get((node, int(token)))
+            if nxt is None:
+                break
+            path.append(nxt)
+            node = nxt
+        return path
+
+
 class KVState:
     """A model's batched KV cache plus per-row validity and positions.
 
@@ -236,6 +272,52 @@ class KVState:
         self.valid = torch.cat([self.valid, new_valid], dim=1)
         self.next_pos = self.next_pos + counts
         self._maybe_compact()
+
+    @torch.inference_mode()
+    def stash_tail(self, tokens: torch.Tensor, parents: torch.Tensor) -> list[TailStash]:
+        """Copy each row's tail out (``tokens``/``parents``: ``[B, T]`` per slot) before it is discarded."""
+        base, tail = self.base, self.length - self.base
+        if tokens.shape != (self.batch_size, tail) or parents.shape != tokens.shape:
+            raise ValueError(f"tokens and parents must be {(self.batch_size, tail)}")
+        keys = [layer.keys[:, :, base:].clone() for layer in self.layers]
+        values = [layer.values[:, :, base:].clone() for layer in self.layers]
+        return [
+            TailStash([k[b] for k in keys], [v[b] for v in values], tokens[b].tolist(), parents[b].tolist())
+            for b in range(self.batch_size)
+        ]
+
+    @torch.inference_mode()
+    def append_committed(self, picks: Sequence[tuple[TailStash, list[int]] | None]) -> list[int]:
+        """Commit, per row, the given slots of a stash (in order) as its next tokens; returns the counts.
+
+        Row ``b`` gains ``len(slots)`` committed slots holding the stashed
+        entries and ``next_pos[b]`` grows by as much; ``None`` adds nothing.
+        The entries must have been computed at exactly those positions with
+        exactly those ancestors (a path of the row's last tree from its root).
+        """
+        if len(picks) != self.batch_size:
+            raise ValueError("append_committed needs one entry per row")
+        if self.length != self.base:
+            raise RuntimeError("append_committed() with an uncommitted tail")
+        counts = [len(p[1]) if p is not None else 0 for p in picks]
+        width = max(counts, default=0)
+        if width == 0:
+            return counts
+        base = self.base
+        for i, layer in enumerate(self.layers):
+            layer.pad_to(base + width)
+            assert layer._k is not None and layer._v is not None
+            for b, pick in enumerate(picks):
+                if pick is not None and pick[1]:
+                    stash, slots = pick
+                    index = torch.tensor(slots, dtype=torch.long, device=self.device)
+                    layer._k[b, :, base : base + len(slots)] = stash.keys[i].index_select(1, index)
+                    layer._v[b, :, base : base + len(slots)] = stash.values[i].index_select(1, index)
+        count_t = torch.tensor(counts, dtype=torch.long, device=self.device)
+        new_valid = torch.arange(width, device=self.device)[None, :] < count_t[:, None]
+        self.valid = torch.cat([self.valid, new_valid], dim=1)
+        self.next_pos = self.next_pos + count_t
+        return counts
 
     @torch.inference_mode()
     def discard_tail(self) -> None:

@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cast_core.cost import CostProfile
 from cast_core.gate import DraftGate
+from cast_core.kv import TailStash
 
 POLICY_NAMES = ("none", "static", "cast")
 
@@ -166,12 +167,15 @@ class RowPlan:
         last_cost: predicted cost (in plain target steps) of the sequence's
             last step if the drafter ran for it, else None.
         last_batch: batch size that step was planned at.
+        stash: the drafter's cache entries of the nodes it fed for the last
+            tree, reused for the drafts the verifier accepts from it.
     """
 
     depth: DepthHistory
     backlog: list[int] = field(default_factory=list)
     last_cost: float | None = None
     last_batch: int = 0
+    stash: TailStash | None = None
 
 
 class TreePolicy(ABC):

@@ -171,3 +171,24 @@ def test_from_pretrained_local_folders(tmp_path) -> None:
     )
     prompt = random_prompts(1, seed=21)[0]
     assert engine.generate([prompt], max_new_tokens=8)[0].token_ids == reference_greedy(target, prompt, 8, TINY_EOS)
+
+
+def test_drafter_feeds_only_what_its_last_tree_did_not(tokenizer) -> None:
+    """Accepted drafts come from the drafter's stash: each catch-up forward feeds about the bonus token alone.
+
+    Without the stash every catch-up would re-feed the accepted drafts (about
+    ``accepted length`` tokens per row); with it only the drafts of the tree's
+    unfed last layer and the bonus token remain.
+    """
+    target, drafter = tiny_pair("llama", torch.float32, noise=0.0)
+    widths: list[tuple[str, int]] = []
+    target.model.embed_tokens.register_forward_hook(lambda m, args, out: widths.append(("target", args[0].shape[1])))
+    drafter.model.embed_tokens.register_forward_hook(lambda m, args, out: widths.append(("drafter", args[0].shape[1])))
+    engine = make_engine((target, drafter), tokenizer, "cast", 1)
+    prompt = random_prompts(1, max_len=12, seed=21)[0]
+    gen = engine.generate([prompt], max_new_tokens=40)[0]
+    after_target = [w for (prev, _), (who, w) in zip(widths, widths[1:]) if prev == "target" and who == "drafter"]
+    catch_ups = after_target[1:]  # the first is the prompt's prefill
+    assert gen.stats.mean_accepted_length > 3
+    assert len(catch_ups) == gen.stats.steps - 1
+    assert sum(catch_ups) / len(catch_ups) <= 2.0 < gen.stats.mean_accepted_length

@@ -168,3 +168,36 @@ def _chain(n: int, token: int) -> DraftTree:
         confidence=torch.ones((1, n)),
         valid=torch.ones((1, n), dtype=torch.bool),
     )
+
+
+def test_stashed_tail_commits_an_accepted_path_exactly(model: torch.nn.Module) -> None:
+    """The drafter's reuse: stash a tree's entries, commit a path from the stash, decode on; equal to a full recompute."""
+    from cast_core.forward import feed_chain
+
+    gen = torch.Generator().manual_seed(11)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in (6, 9, 4)]
+    state = KVState(model.config.num_hidden_layers, 3)
+    prefill_prompts(model, state, prompts)
+    feed_chain(model, state, [[p[-1]] for p in prompts], want_last=False)  # the roots are committed
+    trees = [random_tree(gen, n, vocab, p[-1]) for n, p in zip((7, 5, 6), prompts)]
+    tree = DraftTree.stack(trees)
+    # feed every node but the root into the tail: the root is a committed slot, a node sees its other ancestors
+    with torch.no_grad():
+        forward_logits(model, state, tree.tokens[:, 1:], tree.position_ids(state.next_pos - 1)[:, 1:], tree.ancestors()[:, 1:, 1:])
+    stashes = state.stash_tail(tree.tokens[:, 1:], (tree.parents[:, 1:] - 1).clamp(min=-1))
+    state.discard_tail()
+    paths = [path_to(tree, b, trees[b].num_nodes - 1)[1:] for b in range(3)]
+    pending = [
+        [int(tree.tokens[0, j]) for j in paths[0]] + [5],  # the whole path accepted, then a bonus token
+        [int(tree.tokens[1, j]) for j in paths[1][:1]] + [vocab - 1, 6],  # one draft matches, then a token the tree lacks
+        [7],  # nothing accepted
+    ]
+    picks = [(s, s.match(p[:-1])) for s, p in zip(stashes, pending)]
+    assert [len(p[1]) for p in picks] == [len(paths[0]), 1, 0]
+    counts = state.append_committed(picks)
+    rest = [p[n:] for p, n in zip(pending, counts)]
+    logits = feed_chain(model, state, rest, want_last=True)
+    for b in range(3):
+        expected = full_logits(model, prompts[b] + pending[b])
+        torch.testing.assert_close(logits[b], expected, rtol=1e-9, atol=1e-9)
