@@ -106,6 +106,18 @@ class LevelResult(BaseModel):
     breakdown: StepBreakdown | None = Field(description="Per-step overhead (None if the metrics did not arrive).")
 
 
+_SPLIT_FIELDS = (
+    "router_step_s",
+    "draft_compute_s",
+    "verify_compute_s",
+    "drafter_queue_s",
+    "verifier_queue_s",
+    "planner_s",
+    "handles_and_transfer_s",
+    "inprocess_step_s",
+)
+
+
 class ServingResult(BaseModel):
     """A serving benchmark run."""
 
@@ -174,13 +186,12 @@ def breakdown(
     steps = int(_delta(m1, m0, "count:verify"))
     if steps <= 0:
         return None
-    per = lambda value: value / steps  # noqa: E731 - a local shorthand
-    draft = per(_delta(m1, m0, "sum:draft"))
-    verify = per(_delta(m1, m0, "sum:verify"))
-    router_step = draft + verify + per(_delta(m1, m0, "sum:transfer"))
-    planner = per(_delta(t1, t0, "drafter.plan_s"))
-    drafter_queue = per(_delta(t1, t0, "drafter.busy_s") - _delta(t1, t0, "drafter.compute_s")) - planner
-    verifier_queue = per(_delta(t1, t0, "verifier.busy_s") - _delta(t1, t0, "verifier.compute_s"))
+    draft = _delta(m1, m0, "sum:draft") / steps
+    verify = _delta(m1, m0, "sum:verify") / steps
+    router_step = draft + verify + _delta(m1, m0, "sum:transfer") / steps
+    planner = _delta(t1, t0, "drafter.plan_s") / steps
+    drafter_queue = (_delta(t1, t0, "drafter.busy_s") - _delta(t1, t0, "drafter.compute_s")) / steps - planner
+    verifier_queue = (_delta(t1, t0, "verifier.busy_s") - _delta(t1, t0, "verifier.compute_s")) / steps
     return StepBreakdown(
         steps=steps,
         router_step_s=router_step,
@@ -354,9 +365,12 @@ def save_serving(result: ServingResult, results_dir: Path = RESULTS_DIR) -> Path
     return path
 
 
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.1f}"
+
+
 def serving_table(result: ServingResult) -> str:
     """Markdown: throughput per level, the HTTP / in-process ratio and the per-step split (ms)."""
-    ms = lambda s: f"{1000 * s:.1f}"  # noqa: E731 - a local shorthand
     lines = [
         "| concurrency | HTTP tok/s | in-process tok/s | ratio | router step ms | draft | verify | drafter queue | verifier queue | planner | handles + transfer | in-process step ms | outputs match |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
@@ -364,9 +378,9 @@ def serving_table(result: ServingResult) -> str:
     for lv in result.levels:
         b = lv.breakdown
         split = (
-            [ms(b.router_step_s), ms(b.draft_compute_s), ms(b.verify_compute_s), ms(b.drafter_queue_s), ms(b.verifier_queue_s), ms(b.planner_s), ms(b.handles_and_transfer_s), ms(b.inprocess_step_s)]
+            [_ms(getattr(b, f)) for f in _SPLIT_FIELDS]
             if b is not None
-            else ["n/a"] * 8
+            else ["n/a"] * len(_SPLIT_FIELDS)
         )
         match = "yes" if lv.outputs_match else f"no ({len(lv.mismatched_prompts)})"
         lines.append(f"| {lv.concurrency} | {lv.http_tokens_per_s:.1f} | {lv.inprocess_tokens_per_s:.1f} | {lv.ratio:.2f} | " + " | ".join(split) + f" | {match} |")
