@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from bench.datasets import DATASET_NAMES, Prompt
-from bench.methods import METHOD_NAMES, MethodRun, ModelPair, RunStats, build_methods
+from bench.methods import METHOD_NAMES, MethodRun, ModelPair, RunStats, add_counts, build_methods
 from cast_core import CastConfig, StaticConfig
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 
@@ -105,7 +105,7 @@ class GroupResult(BaseModel):
     tokens_per_s: float = Field(description="tokens / wall_s.")
     speedup_vs_vanilla: float = Field(description="tokens_per_s / vanilla's tokens_per_s on the same group.")
     matched: int = Field(description="Prompts whose token ids equal vanilla's on the same group.")
-    stats: dict[str, float] = Field(description="RunStats of the call (see bench.methods.RunStats).")
+    stats: dict[str, float | list[int]] = Field(description="RunStats of the call (see bench.methods.RunStats).")
 
 
 class Mismatch(BaseModel):
@@ -132,6 +132,8 @@ class CellResult(BaseModel):
     mean_accepted_length: float = Field(description="Tokens gained per row-step (accepted drafts + bonus).")
     drafted_nodes_per_step: float = Field(description="Drafted nodes per row-step (before reranking).")
     verified_tokens_per_step: float = Field(description="Tokens scored by the target per row-step (root included).")
+    drafted_step_share: float = Field(0.0, description="Share of row-steps the drafter ran for (CAST's speedup gate skips the rest).")
+    acceptance_by_depth: list[float] = Field(default_factory=list, description="[i] = share of drafted row-steps that accepted more than i drafted tokens.")
     batch_steps: int = Field(description="Target forwards of all groups together.")
     draft_ms_per_step: float = Field(description="Drafting (planning included) per batch step.")
     verify_ms_per_step: float = Field(description="Verifying per batch step.")
@@ -256,8 +258,8 @@ def explain_mismatch(pair: ModelPair, prompt: Prompt, prompt_ids: list[int], van
     )
 
 
-def _stats_dict(stats: RunStats) -> dict[str, float]:
-    return {k: float(v) for k, v in vars(stats).items()}
+def _stats_dict(stats: RunStats) -> dict[str, float | list[int]]:
+    return {k: v if isinstance(v, list) else float(v) for k, v in vars(stats).items()}
 
 
 def summarize_cell(
@@ -289,7 +291,8 @@ def summarize_cell(
     total = RunStats()
     for run in runs:
         for key, value in vars(run.stats).items():
-            setattr(total, key, getattr(total, key) + value)
+            mine = getattr(total, key)
+            setattr(total, key, add_counts(mine, value) if isinstance(value, list) else mine + value)
     wall = sum(r.wall_s for r in runs)
     row_steps, batch_steps = max(total.row_steps, 1), max(total.batch_steps, 1)
     step_s = total.draft_s + total.verify_s
@@ -303,6 +306,8 @@ def summarize_cell(
         mean_accepted_length=total.gained_tokens / row_steps,
         drafted_nodes_per_step=total.drafted_nodes / row_steps,
         verified_tokens_per_step=total.verified_tokens / row_steps,
+        drafted_step_share=total.drafted_row_steps / row_steps,
+        acceptance_by_depth=[n / max(total.drafted_row_steps, 1) for n in total.accepted_at_least],
         batch_steps=total.batch_steps,
         draft_ms_per_step=1e3 * total.draft_s / batch_steps,
         verify_ms_per_step=1e3 * total.verify_s / batch_steps,

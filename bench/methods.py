@@ -91,6 +91,15 @@ class ModelPair:
         )
 
 
+def add_counts(*counts: list[int]) -> list[int]:
+    """Element-wise sum of count lists of any lengths."""
+    out = [0] * max((len(c) for c in counts), default=0)
+    for c in counts:
+        for i, n in enumerate(c):
+            out[i] += n
+    return out
+
+
 @dataclass
 class RunStats:
     """Statistics of one method on one group of prompts (one batch).
@@ -103,6 +112,8 @@ class RunStats:
         row_steps: sum over sequences of the steps each took part in.
         gained_tokens: tokens gained over all row-steps (accepted drafts + one bonus per step).
         drafted_nodes: drafted nodes over all row-steps (before reranking).
+        drafted_row_steps: row-steps the drafter ran for (CAST's speedup gate skips some).
+        accepted_at_least: ``[i]`` = row-steps that accepted more than ``i`` drafted tokens.
         verified_tokens: tokens the target scored over all row-steps (tree roots included).
         draft_s, verify_s, plan_s: the engine's split of the step time (drafting with
             planning included, verifying, policy decisions alone). For the transformers
@@ -114,6 +125,8 @@ class RunStats:
     row_steps: int = 0
     gained_tokens: int = 0
     drafted_nodes: int = 0
+    drafted_row_steps: int = 0
+    accepted_at_least: list[int] = field(default_factory=list)
     verified_tokens: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -238,6 +251,8 @@ class EngineMethod(Method):
             row_steps=sum(g.stats.steps for g in generations),
             gained_tokens=sum(g.stats.accepted_tokens + g.stats.steps for g in generations),
             drafted_nodes=sum(g.stats.drafted_nodes for g in generations),
+            drafted_row_steps=sum(g.stats.drafted_steps for g in generations),
+            accepted_at_least=add_counts(*(g.stats.accepted_at_least for g in generations)),
             verified_tokens=sum(g.stats.verified_tokens for g in generations),
             draft_s=longest.draft_s,
             verify_s=longest.verify_s,
@@ -320,6 +335,7 @@ class HFAssistedMethod(HFGenerateMethod):
             row_steps=steps,
             gained_tokens=min(len(token_ids) + 1, max_new_tokens),
             drafted_nodes=sum(lengths) - steps,
+            drafted_row_steps=steps,
             verified_tokens=sum(lengths),
             draft_s=drafter_timer.seconds,
             verify_s=target_timer.seconds,

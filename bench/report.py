@@ -22,12 +22,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bench.bound import speedup_bound  # noqa: E402
 from bench.harness import RESULTS_DIR, BenchResult, load_result  # noqa: E402
 from bench.sweep import SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
 from cast_core import CastConfig  # noqa: E402
+from cast_core.cost import CostProfile, default_search_dirs  # noqa: E402
 
 README: Path = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+BOUND_CONTEXT = 256  # context length the bounds read the cost profile at (prompt + half the output, roughly)
 SECTION = "## Benchmarks"
 METHOD_STYLE = {
     "vanilla": ("tab:gray", "o"),
@@ -153,6 +156,35 @@ def targets_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def measured_profile(result: BenchResult) -> CostProfile | None:
+    """The measured cost profile the run planned with (None for a synthetic fallback or a missing file)."""
+    if result.cost_profile.get("synthetic"):
+        return None
+    for directory in default_search_dirs():
+        path = Path(directory) / f"{result.cost_profile.get('slug')}.json"
+        if path.is_file():
+            return CostProfile.load(path)
+    return None
+
+
+def bounds_table(result: BenchResult, profile: CostProfile) -> str:
+    """Per (dataset, B): the speedup ceilings of ``bench.bound`` next to what CAST measured."""
+    lines = [
+        "| dataset | B | drafter forward / target step | ceiling, every draft accepted (depth) "
+        "| ceiling, CAST's measured acceptance (depth) | CAST measured | CAST accepted / step | CAST steps drafted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for dataset in _datasets(result):
+        for c in sorted((c for c in result.cells if c.dataset == dataset and c.method == "cast"), key=lambda c: c.batch_size):
+            b = speedup_bound(profile, c.batch_size, BOUND_CONTEXT, c.acceptance_by_depth or None)
+            chain = "n/a" if b.chain is None else f"{b.chain:.2f}x ({b.chain_depth})"
+            lines.append(
+                f"| {dataset} | {c.batch_size} | {b.drafter_cost:.2f} | {b.perfect:.2f}x ({b.perfect_depth}) | {chain} "
+                f"| {c.speedup_vs_vanilla.median:.2f}x | {c.mean_accepted_length:.2f} | {100 * c.drafted_step_share:.0f}% |"
+            )
+    return "\n".join(lines)
+
+
 def cells_table(result: BenchResult, dataset: str) -> str:
     """One row per (method, batch size) of ``dataset``."""
     lines = [
@@ -249,6 +281,20 @@ def markdown(result: BenchResult, name: str, sweep: SweepResult | None, image_pr
         "framework and engine overhead); *match* = outputs token-identical to vanilla's, with the target's "
         "top-1/top-2 logit gap at each first differing token (bf16 near-ties).",
     ]
+    profile = measured_profile(result)
+    if profile is not None:
+        parts += [
+            "",
+            "### How fast can it be here? Speedup ceilings",
+            "",
+            f"From the cost profile (context {BOUND_CONTEXT}) and CAST's acceptance by depth in this run "
+            "(`bench/bound.py`): a step drafting `d` layers runs at least `d` drafter forwards and verifies `d + 1` "
+            "tokens per row, and gains at most `1 + d` tokens. A target above the first ceiling cannot be met by any "
+            "drafter as costly as this one, however accurate; above the second, not with this drafter's acceptance. "
+            "Neither counts prefill or framework time.",
+            "",
+            bounds_table(result, profile),
+        ]
     if sweep is not None:
         parts += ["", "### Threshold sweep", "", sweep_section(sweep)]
     return "\n".join(parts)

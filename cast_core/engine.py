@@ -42,6 +42,8 @@ class GenerationStats:
         drafted_nodes: drafted nodes over all steps (before reranking).
         verified_tokens: tree nodes sent to the verifier, roots included.
         accepted_tokens: drafted tokens accepted.
+        accepted_at_least: ``accepted_at_least[i]`` = steps that accepted more
+            than ``i`` drafted tokens (acceptance by depth).
         draft_s, verify_s, plan_s: seconds of the steps it took part in.
     """
 
@@ -50,6 +52,7 @@ class GenerationStats:
     drafted_nodes: int = 0
     verified_tokens: int = 0
     accepted_tokens: int = 0
+    accepted_at_least: list[int] = field(default_factory=list)
     draft_s: float = 0.0
     verify_s: float = 0.0
     plan_s: float = 0.0
@@ -65,6 +68,10 @@ class GenerationStats:
         self.drafted_nodes += step.nodes_drafted
         self.verified_tokens += step.tokens_verified[row]
         self.accepted_tokens += step.accepted[row]
+        depth = step.accepted[row]
+        self.accepted_at_least.extend([0] * (depth - len(self.accepted_at_least)))
+        for i in range(depth):
+            self.accepted_at_least[i] += 1
         self.draft_s += step.draft_s
         self.verify_s += step.verify_s
         self.plan_s += step.plan_s
@@ -72,6 +79,7 @@ class GenerationStats:
     def as_dict(self) -> dict[str, float]:
         return {
             "steps": self.steps,
+            "drafted_steps": self.drafted_steps,
             "drafted_nodes": self.drafted_nodes,
             "verified_tokens": self.verified_tokens,
             "accepted_tokens": self.accepted_tokens,

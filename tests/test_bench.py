@@ -194,3 +194,28 @@ def test_overhead_breakdown(pair) -> None:
     text = profile_overhead(pair, [pair.encode("t5 t6 t7 t8")], "cast", max_new_tokens=6, cast_config=CAST, top=10)
     for needle in ("target forwards", "outside model forwards", "engine plan", "decoder.step", "own time"):
         assert needle in text
+
+
+def test_cells_record_acceptance_by_depth_and_drafted_share(result) -> None:
+    res, _ = result
+    for c in res.cells:
+        assert all(a >= b for a, b in zip(c.acceptance_by_depth, c.acceptance_by_depth[1:])), "P(accepted > i) never grows with i"
+        assert all(0 <= q <= 1 for q in c.acceptance_by_depth) and 0 <= c.drafted_step_share <= 1
+        if c.method == "static":
+            assert c.drafted_step_share == 1.0 and c.acceptance_by_depth
+        if c.method in ("vanilla", "hf_generate"):
+            assert c.drafted_step_share == 0.0 and not c.acceptance_by_depth
+
+
+def test_speedup_bounds_follow_the_formula() -> None:
+    """Affine costs: S_perfect = max_d (1 + d) / (d c_D + c_V(d + 1)); measured acceptance can only lower it."""
+    from bench.bound import extend_acceptance, speedup_bound
+
+    profile = CostProfile.synthetic(0.1, 0.01, 0.03, 0.0, token_counts=(1, 2, 4, 8, 16, 32, 64))
+    bound = speedup_bound(profile, 1, 128, [0.8, 0.6, 0.45])
+    c_d = 0.03 / 0.11
+    expected = max((1 + d) / (d * c_d + (0.1 + 0.01 * (d + 1)) / 0.11) for d in range(1, 49))
+    assert bound.drafter_cost == pytest.approx(c_d)
+    assert bound.perfect == pytest.approx(expected, rel=1e-6)
+    assert bound.chain is not None and 1.0 < bound.chain < bound.perfect
+    assert extend_acceptance([0.8, 0.4], 4).tolist() == pytest.approx([0.8, 0.4, 0.2, 0.1])

@@ -1,0 +1,72 @@
+"""How fast speculation can be on this hardware: speedup bounds from measured costs and acceptance.
+
+Per batch size ``B``, from the cost profile at context ``ctx`` (in plain target steps)::
+
+    c_D    = f_D(B, ctx, 1) / f_T(B, ctx, 1)     one drafter forward
+    c_V(n) = f_T(B, ctx, n) / f_T(B, ctx, 1)     verifying n tokens per row
+
+A step that drafts ``d`` layers runs at least ``d`` drafter forwards (the
+catch-up, which yields layer 1, and one per further layer) and verifies at
+least ``d + 1`` tokens per row; it gains at most ``1 + d`` tokens. Hence::
+
+    S_perfect(B) = max_d (1 + d) / (d * c_D + c_V(d + 1))                 every draft accepted
+    S_chain(B)   = max_d (1 + sum_{i<d} q_i) / (d * c_D + c_V(d + 1))     measured acceptance
+
+``q_i`` is the share of drafted steps that accepted more than ``i`` drafts,
+measured on CAST's own trees (a tree accepts at least as often as its best
+chain); beyond the deepest measured depth, each further depth keeps the last
+measured conditional rate ``q_i / q_{i-1}``. Neither bound counts prefill or
+framework time, so measured end-to-end speedups sit below both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cast_core.cost import CostProfile
+
+MAX_DEPTH = 48
+
+
+@dataclass
+class Bound:
+    """Speedup bounds at one batch size (see module docstring)."""
+
+    batch_size: int
+    drafter_cost: float
+    perfect: float
+    perfect_depth: int
+    chain: float | None
+    chain_depth: int | None
+
+
+def extend_acceptance(q: list[float], depth: int) -> np.ndarray:
+    """``q_0 .. q_{depth-1}``: measured shares, then the last conditional rate carried on."""
+    out = np.zeros(depth)
+    if not q:
+        return out
+    measured = np.asarray(q[:depth], dtype=np.float64)
+    out[: len(measured)] = measured
+    if len(q) < depth:
+        rate = q[-1] / q[-2] if len(q) >= 2 and q[-2] > 0 else q[-1]
+        for i in range(len(q), depth):
+            out[i] = out[i - 1] * rate
+    return out
+
+
+def speedup_bound(profile: CostProfile, batch_size: int, context: int, acceptance: list[float] | None = None) -> Bound:
+    """``S_perfect`` and (given ``acceptance`` = q) ``S_chain`` at ``batch_size``."""
+    target = np.asarray(profile.latency_curve("target", batch_size, context, MAX_DEPTH + 1), dtype=np.float64)
+    drafter = np.asarray(profile.latency_curve("drafter", batch_size, context, 1), dtype=np.float64)
+    c_d = drafter[1] / target[1]
+    depths = np.arange(1, MAX_DEPTH + 1)
+    cost = depths * c_d + target[depths + 1] / target[1]
+    perfect = (1 + depths) / cost
+    chain, chain_depth = None, None
+    if acceptance:
+        gained = 1 + np.cumsum(extend_acceptance(acceptance, MAX_DEPTH))
+        ratio = gained / cost
+        chain, chain_depth = float(ratio.max()), int(depths[ratio.argmax()])
+    return Bound(batch_size, float(c_d), float(perfect.max()), int(depths[perfect.argmax()]), chain, chain_depth)
