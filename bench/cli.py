@@ -115,6 +115,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
             prompts=args.prompts,
             max_new_tokens=args.max_new_tokens,
             start=CastConfig(**_cast_overrides(args)),
+            **({"order": args.order} if args.order else {}),
             **grids,
         )
     except ValidationError as err:
@@ -182,6 +183,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     _add_cast_args(sweep)
     for k, kind in (("c1", float), ("c2", float), ("c3", float), ("r", int)):
         sweep.add_argument(f"--{k}-grid", nargs="+", type=kind, default=None, help=f"values of {k.upper()} to try")
+    sweep.add_argument("--order", nargs="+", default=None, help="parameters to search, in this order (default: c1 c2 c3 r)")
     sweep.add_argument("--results-dir", default=str(RESULTS_DIR))
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=run_sweep_cmd)
