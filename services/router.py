@@ -149,6 +149,19 @@ def _spec_pb(stats: SpecStats) -> cast_pb2.SpecStats:
     )
 
 
+async def _started(events: AsyncIterator[StepEvent]) -> AsyncIterator[StepEvent]:
+    """``events`` run up to its first step, then all of it: an error before that (a full replica's 503,
+    lost replicas) is still the response's HTTP status instead of an event in a 200 stream."""
+    first = await anext(events)
+
+    async def replay() -> AsyncIterator[StepEvent]:
+        yield first
+        async for event in events:
+            yield event
+
+    return replay()
+
+
 @serve.ingress(app)
 class RouterReplica:
     """The ingress replica (deployed as ``Router``)."""
@@ -249,6 +262,7 @@ class RouterReplica:
         events = await self._admit(ids, body.generation_params(), request_id, "http", "prompt")
         model, created = self.config.served_model_id, int(time.time())
         if body.stream:
+            events = await _started(events)
             return StreamingResponse(self._completion_stream(events, completion_id, model, created, body.include_usage), media_type="text/event-stream")
         text, last = await self._collect(events)
         return JSONResponse(
@@ -295,6 +309,7 @@ class RouterReplica:
         events = await self._admit(ids, body.chat_params(), request_id, "http", "messages")
         model, created = self.config.served_model_id, int(time.time())
         if body.stream:
+            events = await _started(events)
             return StreamingResponse(self._chat_stream(events, completion_id, model, created, body.include_usage), media_type="text/event-stream")
         text, last = await self._collect(events)
         return JSONResponse(
