@@ -150,10 +150,10 @@ def test_full_replica_is_a_declared_overload(served: Served, stub) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(stub.GenerateStream(cast_pb2.GenerateRequest(prompt="t5 t6", max_tokens=4), timeout=60))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        # a stream has sent its 200 before the sessions open: the overload arrives as its error event
-        with httpx.stream("POST", served.http + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 4, "stream": True}, timeout=60) as s:
-            events = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
-        assert events[-1]["error"]["type"] == "server_error" and f"maximum of {MAX_SESSIONS}" in events[-1]["error"]["message"]
+        for path, body in (("/v1/completions", {"prompt": [5, 6]}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5"}]})):
+            with httpx.stream("POST", served.http + path, json={**body, "max_tokens": 4, "stream": True}, timeout=60) as s:
+                s.read()
+                assert_error_body(s, 503, "server_error", f"maximum of {MAX_SESSIONS} sessions")
         for line in lines:
             if line.startswith("data: {"):
                 text += json.loads(line[6:])["choices"][0]["text"]
