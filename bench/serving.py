@@ -16,11 +16,13 @@ drift of the machine hits both alike. Throughput = generated tokens / wall time
 
 The per-step breakdown explains the gap. The Router times every step of its
 loop (Prometheus ``cast_step_latency_seconds``: draft and verify compute as the
-replicas report them, ``transfer`` = the rest); the replicas' ``debug_state``
-timings split the rest into the drafter's and verifier's queueing (batch wait,
+replicas report them, ``transfer`` = the rest; a request's first step includes
+its session opens); the replicas' ``debug_state`` timings split the rest into
+the session opens (prefill), the drafter's and verifier's queueing (batch wait,
 worker thread), the drafter's wait for the Planner, and what is left: handle
 calls (Router -> replica routing and RPC), the draft tree's object-ref transfer
-and the Router's own loop.
+and the Router's own loop. The in-process step time (wall / batched steps)
+includes prefill too.
 
 Writes ``<results_dir>/<name>.json`` with the machine (``bench.harness.machine_info``);
 ``serving_table`` renders the markdown table.
@@ -79,7 +81,8 @@ class StepBreakdown(BaseModel):
     """Where one HTTP step's time goes (means per step, seconds)."""
 
     steps: int = Field(description="Steps the Router ran at this level.")
-    router_step_s: float = Field(description="Router-side wall time of a step: draft call through verify result.")
+    router_step_s: float = Field(description="Router-side wall time of a step: draft call through verify result (a request's first step includes its session opens).")
+    session_open_s: float = Field(description="Session opens (prefill), amortised per step: the verifier's, which runs alongside the drafter's.")
     draft_compute_s: float = Field(description="Drafter forwards (catch-up and tree growth).")
     verify_compute_s: float = Field(description="Verifier forward (batched with the other sessions' steps).")
     drafter_queue_s: float = Field(description="Time in the drafter replica beyond compute and planning: batch wait, worker thread.")
@@ -108,6 +111,7 @@ class LevelResult(BaseModel):
 
 _SPLIT_FIELDS = (
     "router_step_s",
+    "session_open_s",
     "draft_compute_s",
     "verify_compute_s",
     "drafter_queue_s",
@@ -192,15 +196,17 @@ def breakdown(
     planner = _delta(t1, t0, "drafter.plan_s") / steps
     drafter_queue = (_delta(t1, t0, "drafter.busy_s") - _delta(t1, t0, "drafter.compute_s")) / steps - planner
     verifier_queue = (_delta(t1, t0, "verifier.busy_s") - _delta(t1, t0, "verifier.compute_s")) / steps
+    session_open = _delta(t1, t0, "verifier.open_s") / steps
     return StepBreakdown(
         steps=steps,
         router_step_s=router_step,
+        session_open_s=session_open,
         draft_compute_s=draft,
         verify_compute_s=verify,
         drafter_queue_s=drafter_queue,
         verifier_queue_s=verifier_queue,
         planner_s=planner,
-        handles_and_transfer_s=router_step - draft - verify - drafter_queue - verifier_queue - planner,
+        handles_and_transfer_s=router_step - session_open - draft - verify - drafter_queue - verifier_queue - planner,
         inprocess_step_s=inprocess_step_s,
     )
 
@@ -372,8 +378,8 @@ def _ms(seconds: float) -> str:
 def serving_table(result: ServingResult) -> str:
     """Markdown: throughput per level, the HTTP / in-process ratio and the per-step split (ms)."""
     lines = [
-        "| concurrency | HTTP tok/s | in-process tok/s | ratio | router step ms | draft | verify | drafter queue | verifier queue | planner | handles + transfer | in-process step ms | outputs match |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "| concurrency | HTTP tok/s | in-process tok/s | ratio | router step ms | session open | draft | verify | drafter queue | verifier queue | planner | handles + transfer | in-process step ms | outputs match |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for lv in result.levels:
         b = lv.breakdown

@@ -64,12 +64,14 @@ class StepTimings:
         busy_s: from each call's arrival at the replica to its answer.
         compute_s: the model forwards of those steps.
         plan_s: waiting for the Planner's cost context (drafter), per step.
+        open_s: session opens (prefill), from arrival to answer.
     """
 
     calls: int = 0
     busy_s: float = 0.0
     compute_s: float = 0.0
     plan_s: float = 0.0
+    open_s: float = 0.0
 
     def record(self, busy_s: float, compute_s: float) -> None:
         self.calls += 1
@@ -178,7 +180,9 @@ class ModelReplica(Generic[Sessions]):
     async def open_session(self, session_id: str, *args: Any) -> None:
         """``sessions.open(session_id, *args)`` within the session limit (``ReplicaFull`` beyond it)."""
         self.refuse_if_closed(session_id)
+        started = time.perf_counter()
         await self.run(self._open_within_limit, session_id, *args)
+        self.timings.open_s += time.perf_counter() - started
         self.on_sessions_changed()
 
     def _open_within_limit(self, session_id: str, *args: Any) -> None:

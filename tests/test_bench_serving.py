@@ -39,10 +39,10 @@ def test_serving_benchmark_on_tiny_models(tmp_path: Path) -> None:
         assert lv.http_tokens_per_s > 0 and lv.inprocess_tokens_per_s > 0
         assert lv.ratio == pytest.approx(lv.http_tokens_per_s / lv.inprocess_tokens_per_s)
         b = lv.breakdown
-        assert b is not None and b.steps > 0
+        assert b is not None and b.steps > 0 and b.session_open_s > 0
         assert b.router_step_s >= b.draft_compute_s + b.verify_compute_s > 0
         assert b.router_step_s == pytest.approx(
-            b.draft_compute_s + b.verify_compute_s + b.drafter_queue_s + b.verifier_queue_s + b.planner_s + b.handles_and_transfer_s
+            b.session_open_s + b.draft_compute_s + b.verify_compute_s + b.drafter_queue_s + b.verifier_queue_s + b.planner_s + b.handles_and_transfer_s
         )
     for key in ("cpu_model", "usable_cpus", "torch_threads", "dtype"):
         assert key in result.machine
