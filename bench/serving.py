@@ -248,7 +248,7 @@ def _start(config: ServingBenchConfig, threads: int) -> _Served:
 
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     ports = [_free_port(), _free_port()]
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _metrics_export_port=ports[1])
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _metrics_export_port=ports[1])
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=ports[0]))
     app = build_app(AppConfig.model_validate(_app_config(config, threads)))
     outcome: dict[str, BaseException] = {}

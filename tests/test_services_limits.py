@@ -60,7 +60,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         session_idle_timeout_s=IDLE_TIMEOUT_S,
         admission={"max_active_requests": MAX_ACTIVE, "max_queued_requests": MAX_QUEUED, "retry_after_s": RETRY_AFTER_S},
     )
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never join a cluster someone else started
     try:
         http_port, grpc_port = free_port(), free_port()
         start_serve(http_port, grpc_port)
