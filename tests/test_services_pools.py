@@ -38,7 +38,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     config = tiny_config(
         target, drafter, cost_profile=str(profile), drafter_deployment=two, verifier_deployment=two, default_max_tokens=NEW
     )
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never join a cluster someone else started
     try:
         http_port = free_port()
         start_serve(http_port, None)
