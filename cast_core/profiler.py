@@ -101,10 +101,9 @@ def _measure_table(
     warmup: int,
     bar: tqdm,
 ) -> CostTable:
-    """Median forward seconds of ``model`` on the whole grid (module docstring for the method)."""
+    """Forward seconds of ``model`` on the whole grid (module docstring for the method)."""
     generator = torch.Generator().manual_seed(_SEED)
     vocab = model.config.vocab_size
-    dtype = _model_dtype(model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds = [[[0.0] * len(token_counts) for _ in context_buckets] for _ in batch_sizes]
 

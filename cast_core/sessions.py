@@ -22,6 +22,7 @@ import torch
 
 from cast_core.acceptance import AcceptedPath
 from cast_core.drafter import DraftResult, Drafter
+from cast_core.kv import KVState
 from cast_core.policy import CostContext, RowPlan, TreePolicy
 from cast_core.sampling import SamplingParams, make_generator
 from cast_core.tree import DraftTree

@@ -6,6 +6,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,29 @@ def start_serve(http_port: int, grpc_port: int | None, proxy_location: str = "Ev
         else None
     )
     serve.start(proxy_location=proxy_location, http_options=HTTPOptions(host="127.0.0.1", port=http_port), grpc_options=grpc)
+
+
+@contextmanager
+def served_app(config: dict[str, Any], grpc: bool = True, **ray_options: Any) -> Iterator[tuple[int, int | None]]:
+    """A local Ray (never joining a cluster someone else started), Serve on loopback and the app of ``config``.
+
+    Yields ``(http_port, grpc_port)`` (``grpc_port`` None without gRPC); shuts Serve and Ray down after.
+    """
+    import ray
+    from ray import serve
+
+    from services.app import build_app
+    from services.config import AppConfig
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, **ray_options)
+    try:
+        http_port, grpc_port = free_port(), free_port() if grpc else None
+        start_serve(http_port, grpc_port)
+        run_app(build_app(AppConfig.model_validate(config)))
+        yield http_port, grpc_port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def run_app(app: Any, timeout_s: float = SERVE_TIMEOUT_S, name: str = "cast") -> Any:

@@ -24,7 +24,7 @@ import pytest
 from bench.load import replica_actor, session_counts, wait_sessions_freed
 from cast_core.engine import Engine
 from conftest import random_prompts
-from serve_utils import free_port, reference_engine, run_app, save_tiny_models, start_serve, tiny_config
+from serve_utils import reference_engine, save_tiny_models, served_app, tiny_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(420)]
 
@@ -41,25 +41,12 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    import ray
-    from ray import serve
-
-    from services.app import build_app
-    from services.config import AppConfig
-
     root = tmp_path_factory.mktemp("models")
     target, drafter = save_tiny_models(root)
     two = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 1.0}
     config = tiny_config(target, drafter, drafter_deployment=two, verifier_deployment=two, default_max_tokens=NEW)
-    ray.init(num_cpus=4, include_dashboard=False)
-    try:
-        http_port = free_port()
-        start_serve(http_port, None)
-        run_app(build_app(AppConfig.model_validate(config)))
+    with served_app(config, grpc=False) as (http_port, _):
         yield Served(f"http://127.0.0.1:{http_port}", reference_engine(target, drafter), root)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def full_length_prompts(engine: Engine, n: int, new: int) -> list[tuple[list[int], str]]:

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cast_core.engine import Engine
-from serve_utils import free_port, reference_engine, run_app, save_tiny_models, start_serve, tiny_config
+from serve_utils import reference_engine, save_tiny_models, served_app, tiny_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
@@ -60,24 +60,11 @@ def serve_replicas() -> set[str]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    import ray
-    from ray import serve
-
-    from services.app import build_app
-    from services.config import AppConfig
-
     target, drafter = save_tiny_models(tmp_path_factory.mktemp("models"))
-    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never join a cluster someone else started
-    try:
-        http_port, grpc_port = free_port(), free_port()
-        start_serve(http_port, grpc_port)
-        config = tiny_config(target, drafter, default_max_tokens=MAX_TOKENS, limits={"max_tokens": MAX_TOKENS, "max_body_bytes": 16384})
-        run_app(build_app(AppConfig.model_validate(config)))
+    config = tiny_config(target, drafter, default_max_tokens=MAX_TOKENS, limits={"max_tokens": MAX_TOKENS, "max_body_bytes": 16384})
+    with served_app(config) as (http_port, grpc_port):
         with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120) as client:
             yield Served(client, f"127.0.0.1:{grpc_port}", reference_engine(target, drafter), serve_replicas())
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from bench.load import reference, rss_growth, run_load
 from conftest import random_prompts
-from serve_utils import free_port, run_app, save_tiny_models, start_serve, tiny_config
+from serve_utils import save_tiny_models, served_app, tiny_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(420)]
 
@@ -27,26 +27,13 @@ RSS_GROWTH_BOUND = 1.5  # measured on the 2-core box: +4 to +8 % after ~300 requ
 
 
 def test_load_then_burst(tmp_path_factory: pytest.TempPathFactory) -> None:
-    import ray
-    from ray import serve
-
-    from services.app import build_app
-    from services.config import AppConfig
-
     target, drafter = save_tiny_models(tmp_path_factory.mktemp("models"))
     work = reference(target, drafter, random_prompts(8, seed=7), NEW, "float32")
     pool = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}}
     admission = {"max_active_requests": MAX_ACTIVE, "max_queued_requests": MAX_QUEUED}
     config = tiny_config(target, drafter, drafter_deployment=pool, verifier_deployment=pool, admission=admission)
-    ray.init(num_cpus=4, include_dashboard=False)
-    try:
-        port = free_port()
-        start_serve(port, None)
-        run_app(build_app(AppConfig.model_validate(config)))
+    with served_app(config, grpc=False) as (port, _):
         result = run_load(f"http://127.0.0.1:{port}", work, CLIENTS, DURATION_S, BURST)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     print(json.dumps({k: result[k] for k in ("phases", "totals", "sessions_left", "replica_rss_mb")}, indent=1))
     steady, burst = result["phases"]["steady"], result["phases"]["burst"]
     assert result["totals"]["failed"] == 0, steady["failures"] + burst["failures"]

@@ -29,7 +29,7 @@ from starlette.testclient import TestClient
 
 from cast_core.engine import Engine
 from conftest import random_prompts
-from serve_utils import free_port, reference_engine, run_app, save_tiny_models, start_serve, tiny_config
+from serve_utils import reference_engine, save_tiny_models, served_app, tiny_config
 from services.config import AppConfig, SecurityConfig
 from services.errors import Unauthenticated
 from services.security import ApiKeys, GuardSettings, HttpGuard
@@ -54,24 +54,16 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     import ray
-    from ray import serve
-
-    from services.app import build_app
 
     target, drafter = save_tiny_models(tmp_path_factory.mktemp("models"))
     os.environ["CAST_API_KEYS"] = f" {ENV_KEY} ,"
-    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never join a cluster someone else started
+    config = tiny_config(target, drafter, default_max_tokens=NEW, limits=LIMITS, security={"api_keys": [CONFIG_KEY]})
     try:
-        http_port, grpc_port = free_port(), free_port()
-        start_serve(http_port, grpc_port)
-        config = tiny_config(target, drafter, default_max_tokens=NEW, limits=LIMITS, security={"api_keys": [CONFIG_KEY]})
-        run_app(build_app(AppConfig.model_validate(config)))
-        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-        yield Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", reference_engine(target, drafter), logs)
+        with served_app(config) as (http_port, grpc_port):
+            logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+            yield Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", reference_engine(target, drafter), logs)
     finally:
         os.environ.pop("CAST_API_KEYS", None)
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

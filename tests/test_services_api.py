@@ -22,7 +22,7 @@ import pytest
 
 from cast_core.engine import Engine
 from conftest import random_prompts
-from serve_utils import free_port, reference_engine, run_app, save_tiny_models, start_serve, tiny_config
+from serve_utils import free_port, reference_engine, save_tiny_models, served_app, tiny_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(420)]
 
@@ -40,24 +40,11 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    import ray
-    from ray import serve
-
-    from services.app import build_app
-    from services.config import AppConfig
-
     target, drafter = save_tiny_models(tmp_path_factory.mktemp("models"))
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
     metrics_port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port)
-    try:
-        http_port, grpc_port = free_port(), free_port()
-        start_serve(http_port, grpc_port)
-        run_app(build_app(AppConfig.model_validate(tiny_config(target, drafter, default_max_tokens=NEW))))
+    with served_app(tiny_config(target, drafter, default_max_tokens=NEW), _metrics_export_port=metrics_port) as (http_port, grpc_port):
         yield Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", metrics_port, reference_engine(target, drafter), target)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def handle(name: str):

@@ -17,7 +17,6 @@ import json
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import httpx
@@ -26,7 +25,7 @@ import pytest
 from cast_core.engine import Engine
 from cast_core.sampling import SamplingParams
 from conftest import random_prompts
-from serve_utils import free_port, reference_engine, run_app, save_tiny_models, start_serve, tiny_config
+from serve_utils import reference_engine, save_tiny_models, served_app, tiny_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(300)]
 
@@ -45,12 +44,6 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    import ray
-    from ray import serve
-
-    from services.app import build_app
-    from services.config import AppConfig
-
     target, drafter = save_tiny_models(tmp_path_factory.mktemp("models"))
     config = tiny_config(
         target,
@@ -60,15 +53,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         session_idle_timeout_s=IDLE_TIMEOUT_S,
         admission={"max_active_requests": MAX_ACTIVE, "max_queued_requests": MAX_QUEUED, "retry_after_s": RETRY_AFTER_S},
     )
-    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never join a cluster someone else started
-    try:
-        http_port, grpc_port = free_port(), free_port()
-        start_serve(http_port, grpc_port)
-        run_app(build_app(AppConfig.model_validate(config)))
+    with served_app(config) as (http_port, grpc_port):
         yield Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", reference_engine(target, drafter))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

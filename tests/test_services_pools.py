@@ -16,7 +16,7 @@ import pytest
 
 from cast_core.engine import Engine
 from conftest import random_prompts
-from serve_utils import free_port, reference_engine, run_app, save_tiny_models, start_serve, synthetic_profile, tiny_config
+from serve_utils import reference_engine, save_tiny_models, served_app, synthetic_profile, tiny_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(420)]
 
@@ -25,12 +25,6 @@ NEW = 32
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    import ray
-    from ray import serve
-
-    from services.app import build_app
-    from services.config import AppConfig
-
     root = tmp_path_factory.mktemp("models")
     target, drafter = save_tiny_models(root)
     profile = synthetic_profile(root / "profile.json")
@@ -38,15 +32,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     config = tiny_config(
         target, drafter, cost_profile=str(profile), drafter_deployment=two, verifier_deployment=two, default_max_tokens=NEW
     )
-    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never join a cluster someone else started
-    try:
-        http_port = free_port()
-        start_serve(http_port, None)
-        run_app(build_app(AppConfig.model_validate(config)))
+    with served_app(config, grpc=False) as (http_port, _):
         yield f"http://127.0.0.1:{http_port}", reference_engine(target, drafter)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def states(name: str) -> list[dict[str, Any]]:

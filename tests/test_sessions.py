@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cast_core.cost import CostProfile
 from cast_core.drafter import Drafter
