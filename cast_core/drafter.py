@@ -110,7 +110,11 @@ class Drafter:
         chains = [plan.backlog + chain if chain else [] for plan, chain in zip(plans, fresh)]
         for plan in live:
             plan.backlog = []
-        result, layer_costs = self._grow(state, chains, roots, active, policy, ctx, plans)
+        try:
+            result, layer_costs = self._grow(state, chains, roots, active, policy, ctx, plans)
+        except BaseException:
+            state.discard_tail()  # a failed step leaves no half-built tree behind
+            raise
         result.plan_s += plan_s
         if ctx is not None:
             # a backlog is a one-off debt of skipped steps, not the cost of drafting: charge the fresh chain only

@@ -56,7 +56,11 @@ class SamplingParams(BaseModel):
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Target distribution ``p`` (float32, last dim) for non-greedy ``params``; see module docstring."""
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # shift before scaling, in float64: with a tiny T, logits / T overflows to inf (and T itself underflows
+    # in float32), and softmax would turn inf - inf into nan; shifted, the argmax scales to 0, the rest to <= 0
+    logits = logits.double()
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(shifted / params.temperature, dim=-1).float()
     if params.top_k and params.top_k < probs.shape[-1]:
         kth = torch.topk(probs, params.top_k, dim=-1).values[..., -1:]
         probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))

@@ -49,18 +49,22 @@ class Verifier:
         Rows outside ``keep_rows`` (default: all rows) are idle: their forward
         output is ignored and they commit nothing (an empty path).
         """
-        logits = forward_logits(
-            self.model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors()
-        )
-        assert logits is not None
-        paths = []
-        for b in range(tree.batch_size):
-            row_logits = logits[b]
-            if keep_rows is not None and b not in keep_rows:
-                paths.append(AcceptedPath(nodes=[], tokens=[]))
-            elif params[b].greedy:
-                paths.append(accept_greedy(tree, row_logits, b))
-            else:
-                paths.append(accept_sampled(tree, row_logits, b, params[b], generators[b]))
+        try:
+            logits = forward_logits(
+                self.model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors()
+            )
+            assert logits is not None
+            paths = []
+            for b in range(tree.batch_size):
+                row_logits = logits[b]
+                if keep_rows is not None and b not in keep_rows:
+                    paths.append(AcceptedPath(nodes=[], tokens=[]))
+                elif params[b].greedy:
+                    paths.append(accept_greedy(tree, row_logits, b))
+                else:
+                    paths.append(accept_sampled(tree, row_logits, b, params[b], generators[b]))
+        except BaseException:
+            state.discard_tail()  # a failed step leaves the cache as it was: every row stays usable
+            raise
         state.commit([p.nodes for p in paths])
         return paths

@@ -122,3 +122,22 @@ def test_seeded_sampling_is_reproducible(models) -> None:
     a = engine.generate([PROMPT] * 4, max_new_tokens=6, temperature=1.0, seed=7)
     b = engine.generate([PROMPT] * 4, max_new_tokens=6, temperature=1.0, seed=7)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-300, 5e-324])
+def test_tiny_temperature_is_a_point_mass_not_nan(temperature: float) -> None:
+    """logits / T overflows for a tiny T; the distribution is still the argmax's point mass."""
+    logits = torch.tensor([[3.0, 7.5, -2.0, 7.0], [0.0, -1.0, -50.0, 1.0]])
+    probs = target_probs(logits, SamplingParams(temperature=temperature))
+    assert not bool(probs.isnan().any())
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+
+
+def test_tiny_temperature_sampling_through_the_engine_is_greedy(tokenizer) -> None:
+    """Speculative sampling at T = 1e-300 runs (no nan) and reproduces greedy output exactly."""
+    target, drafter = tiny_pair("llama", torch.float32)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    engine = Engine(target, tokenizer, drafter, policy="cast", cost_profile=CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001))
+    sampled = engine.generate(prompts, max_new_tokens=16, temperature=1e-300, seed=3)
+    greedy = engine.generate(prompts, max_new_tokens=16)
+    assert [g.token_ids for g in sampled] == [g.token_ids for g in greedy]

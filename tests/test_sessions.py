@@ -85,3 +85,33 @@ def test_unknown_session_and_reopen(tiny_models_fp32) -> None:
     assert verifier.occupancy == 1
     assert verifier.evict_idle(0.0) == ["a"]
     assert verifier.occupancy == 0
+
+
+def test_a_failed_verify_leaves_every_session_usable(tiny_models_fp32) -> None:
+    """A forward that raises mid-step (after earlier layers wrote their cache) must not corrupt the shared cache."""
+    import torch
+
+    from cast_core.tree import DraftTree
+
+    target = tiny_models_fp32[0]
+    verifier = VerifierSessions(Verifier(target))
+    prompts = random_prompts(2, seed=31)
+    for i, p in enumerate(prompts):
+        verifier.open(f"s{i}", p, SamplingParams())
+
+    def fail(*_):
+        raise RuntimeError("injected failure in the last layer")
+
+    hook = target.model.layers[-1].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        verifier.verify({"s0": DraftTree.roots(torch.tensor([prompts[0][-1]]))})
+    hook.remove()
+    out = {f"s{i}": [] for i in range(2)}
+    roots = {f"s{i}": p[-1] for i, p in enumerate(prompts)}
+    for _ in range(6):
+        paths = verifier.verify({s: DraftTree.roots(torch.tensor([roots[s]])) for s in out})
+        for s, path in paths.items():
+            out[s] += path.tokens
+            roots[s] = path.tokens[-1]
+    for i, p in enumerate(prompts):
+        assert out[f"s{i}"] == reference_greedy(target, p, 6, eos=None)
