@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cast_core import CastConfig, Engine, StaticConfig
 from cast_core.cost import CostProfile, device_name, dtype_name, resolve_profile
 from cast_core.models import check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
+from cast_core.policy import make_policy
 
 METHOD_NAMES = ("vanilla", "hf_generate", "hf_assisted", "static", "cast")
 
@@ -216,7 +217,12 @@ class Method(ABC):
 
 
 class EngineMethod(Method):
-    """Our engine with one tree policy; the engine's batch size is the group size."""
+    """Our engine with one tree policy; the engine's batch size is the group size.
+
+    The policy object lives as long as the method, as it would in a server: CAST's
+    speedup gate keeps what it learned per batch size from one group (and the
+    warm-up) to the next.
+    """
 
     def __init__(
         self,
@@ -227,20 +233,18 @@ class EngineMethod(Method):
         cast_config: CastConfig | None = None,
     ) -> None:
         super().__init__(pair)
-        self.name, self.policy = name, policy
-        self.static_config, self.cast_config = static_config, cast_config
+        self.name, self.uses_drafter = name, policy != "none"
+        self.policy = make_policy(policy, static_config, cast_config)
 
     def _generate(self, prompts, max_new_tokens, target_timer, drafter_timer):
         p = self.pair
         engine = Engine(
             p.target,
             p.tokenizer,
-            p.drafter if self.policy != "none" else None,
+            p.drafter if self.uses_drafter else None,
             policy=self.policy,
             cost_profile=p.cost_profile,
             max_batch_size=len(prompts),
-            static_config=self.static_config,
-            cast_config=self.cast_config,
         )
         generations = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0)
         # Every prompt is admitted in the first step (group size == max_batch_size), so the

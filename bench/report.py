@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.bound import speedup_bound  # noqa: E402
 from bench.harness import RESULTS_DIR, BenchResult, load_result  # noqa: E402
+from bench.serving import ServingResult, load_serving, serving_table  # noqa: E402
 from bench.sweep import SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
 from cast_core import CastConfig  # noqa: E402
 from cast_core.cost import CostProfile, default_search_dirs  # noqa: E402
@@ -242,8 +243,10 @@ def sweep_section(sweep: SweepResult) -> str:
     return "\n".join(lines)
 
 
-def markdown(result: BenchResult, name: str, sweep: SweepResult | None, image_prefix: str) -> str:
-    """The README section body for ``result`` (and the sweep, if any)."""
+def markdown(
+    result: BenchResult, name: str, sweep: SweepResult | None, image_prefix: str, serving: ServingResult | None = None
+) -> str:
+    """The README section body for ``result`` (and the sweep and the serving benchmark, if any)."""
     m, c, p = result.machine, result.config, result.cost_profile
     profile_note = " — **synthetic fallback, not measured**" if p.get("synthetic") else ""
     parts = [f"**Incomplete run** (interrupted after {len(result.cells)} cells).", ""] if not result.complete else []
@@ -297,6 +300,18 @@ def markdown(result: BenchResult, name: str, sweep: SweepResult | None, image_pr
         ]
     if sweep is not None:
         parts += ["", "### Threshold sweep", "", sweep_section(sweep)]
+    if serving is not None:
+        sc = serving.config
+        parts += [
+            "",
+            "### Serving overhead: HTTP against the in-process engine",
+            "",
+            f"`bench/results/serving.json` (`cast bench serving --prompts {sc.prompts} --max-new-tokens {sc.max_new_tokens} "
+            f"--concurrency {' '.join(map(str, sc.concurrency))}`): {sc.dataset} prompts, policy {sc.policy}, the same "
+            "token ids through `/v1/completions` and through `Engine.generate`, interleaved group by group.",
+            "",
+            serving_table(serving),
+        ]
     return "\n".join(parts)
 
 
@@ -329,13 +344,15 @@ def generate_report(name: str = "benchmark", results_dir: Path = RESULTS_DIR, re
     plot_acceptance(result, results_dir / f"{name}_acceptance.png")
     sweep_path = results_dir / SWEEP_FILE
     sweep = load_sweep(sweep_path) if sweep_path.exists() else None
+    serving_path = results_dir / "serving.json"
+    serving = load_serving(serving_path) if serving_path.exists() else None
     prefix = ""
     if readme is not None:
         try:
             prefix = results_dir.resolve().relative_to(readme.resolve().parent).as_posix() + "/"
         except ValueError:
             prefix = results_dir.resolve().as_posix() + "/"
-    body = markdown(result, name, sweep, prefix)
+    body = markdown(result, name, sweep, prefix, serving)
     if readme is not None:
         write_readme_section(readme, body)
     return body

@@ -350,6 +350,15 @@ class CostProfile(BaseModel):
         """File stem this profile is stored under (:func:`profile_slug`)."""
         return profile_slug(self.device, self.target.model, self.drafter.model, self.dtype)
 
+    @property
+    def measured(self) -> bool:
+        """False for a synthetic profile (its seconds describe no machine)."""
+        return not self.notes.get("synthetic", False)
+
+    def plain_step_seconds(self, seconds: float) -> float:
+        """``seconds`` (a plain target step read from this profile) if measured, else 0 (unknown)."""
+        return float(seconds) if self.measured else 0.0
+
     def latency(self, role: Role, batch: int, context: int, tokens: int) -> float:
         """``f_role(batch, context, tokens)`` in seconds: one forward of ``tokens`` new tokens per
         sequence for ``batch`` sequences over a ``context``-token KV cache.

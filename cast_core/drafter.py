@@ -28,7 +28,7 @@ import torch
 from cast_core.forward import feed_chain, forward_logits, prefill_prompts
 from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
-from cast_core.policy import CostContext, RowPlan, TreePolicy
+from cast_core.policy import CostContext, DraftedStep, RowPlan, TreePolicy
 from cast_core.tree import DraftTree
 
 
@@ -86,10 +86,12 @@ class Drafter:
         committed from the stash rather than fed again.
 
         With a speedup gate (``policy.gate``), the active rows first report
-        the speedup their last drafted step achieved (``len(pending) /
-        last_cost``); if the gate then says drafting does not pay at this
-        batch size, no forward runs: every tree is its root alone and the
-        pending tokens wait in each row's backlog for the next drafted step.
+        the speedup their last drafted step achieved (``DraftedStep.speedup``:
+        tokens it committed times a plain step's seconds, over the wall time
+        from its drafting to this call); if the gate then says drafting does
+        not pay at this batch size, no forward runs: every tree is its root
+        alone and the pending tokens wait in each row's backlog for the next
+        drafted step.
         """
         active = np.array([bool(p) for p in pending])
         if not active.any():
@@ -99,7 +101,7 @@ class Drafter:
         gate = policy.gate if ctx is not None else None
         t0 = time.perf_counter()
         if gate is not None:
-            _report_speedups(gate, live, [p for p in pending if p])
+            _report_speedups(gate, live, [p for p in pending if p], t0)
         fresh = _reuse_stashed_path(state, pending, plans)
         skip = gate is not None and not gate.should_draft(ctx.batch_size)
         plan_s = time.perf_counter() - t0
@@ -108,10 +110,11 @@ class Drafter:
                 plan.backlog.extend(chain)
             return DraftResult(tree=DraftTree.roots(roots), nodes_drafted=0, layers=0, plan_s=plan_s)
         chains = [plan.backlog + chain if chain else [] for plan, chain in zip(plans, fresh)]
+        had_backlog = any(plan.backlog for plan in live)
         for plan in live:
             plan.backlog = []
         try:
-            result, layer_costs = self._grow(state, chains, roots, active, policy, ctx, plans)
+            result, layer_costs, catch_up_s = self._grow(state, chains, roots, active, policy, ctx, plans)
         except BaseException:
             state.discard_tail()  # a failed step leaves no half-built tree behind
             raise
@@ -120,8 +123,10 @@ class Drafter:
             # a backlog is a one-off debt of skipped steps, not the cost of drafting: charge the fresh chain only
             catch_up = ctx.drafter[min(max(len(c) for c in fresh), len(ctx.drafter) - 1)]
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
+            # nor is the wall time of feeding it: the step's clock skips the catch-up's excess over a fresh chain's
+            excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if had_backlog and ctx.step_s > 0 else 0.0
             for plan in live:
-                plan.last_cost, plan.last_batch = float(catch_up + layer_costs + verify), ctx.batch_size
+                plan.last_step = DraftedStep(ctx.batch_size, t0 + excess, ctx.step_s, float(catch_up + layer_costs + verify))
         return result
 
     def _grow(
@@ -133,14 +138,16 @@ class Drafter:
         policy: TreePolicy,
         ctx: CostContext | None,
         plans: list[RowPlan],
-    ) -> tuple[DraftResult, float]:
+    ) -> tuple[DraftResult, float, float]:
         """Feed ``chains``, grow the tree layer by layer, stash the fed nodes, rerank.
 
-        Also returns the drafted layers' cost (target steps).
+        Also returns the drafted layers' cost (target steps) and the catch-up forward's seconds.
         """
         bsz, k = len(chains), policy.top_k
         live = [plan for plan, a in zip(plans, active) if a]
+        t_feed = time.perf_counter()
         root_logits = feed_chain(self.model, state, chains, want_last=True)
+        catch_up_s = time.perf_counter() - t_feed
         assert root_logits is not None
         plan_s, layer_costs = 0.0, 0.0
         root_pos = (state.next_pos - 1).clamp(min=0)
@@ -206,7 +213,7 @@ class Drafter:
         plan_s += time.perf_counter() - t0
         chosen = torch.sort(order[:, :m], dim=1).values  # node order keeps parents first
         tree = _assemble(roots, torch.cat(node_tok, 1), torch.cat(node_parent, 1), torch.cat(node_depth, 1), all_conf, chosen)
-        return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s), layer_costs
+        return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s), layer_costs, catch_up_s
 
 
 def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[RowPlan]) -> list[list[int]]:
@@ -228,16 +235,16 @@ def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[Ro
     return [tokens[n:] for tokens, n in zip(pending, counts)]
 
 
-def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]]) -> None:
-    """Tell ``gate`` what the rows' last drafted step achieved: per batch size, the mean of ``len(new tokens) / last_cost``.
+def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]], now: float) -> None:
+    """Tell ``gate`` what the rows' last drafted step achieved: per batch size, the mean ``DraftedStep.speedup``.
 
     ``pending`` holds each row's tokens committed by that step (accepted drafts + bonus).
     """
     by_batch: dict[int, list[float]] = {}
     for plan, tokens in zip(plans, pending):
-        if plan.last_cost is not None and plan.last_cost > 0:
-            by_batch.setdefault(plan.last_batch, []).append(len(tokens) / plan.last_cost)
-        plan.last_cost = None
+        if plan.last_step is not None:
+            by_batch.setdefault(plan.last_step.batch_size, []).append(plan.last_step.speedup(len(tokens), now))
+        plan.last_step = None
     for batch_size, speedups in by_batch.items():
         gate.observe(batch_size, float(np.mean(speedups)))
 

@@ -105,8 +105,8 @@ class CastConfig(BaseModel):
     c2: float = Field(1.0, gt=0, description="Depth threshold C2: grow the next layer iff alpha * u^(i) / c^(i) >= C2.")
     c3: float = Field(1.0, gt=0, description="Reranking threshold C3: verify k nodes while marginal expected tokens per marginal verifier cost exceeds C3.")
     r: int = Field(4, ge=1, le=64, description="R: number of recent depth gain ratios averaged into alpha.")
-    min_speedup: float = Field(1.0, gt=0, description="Speedup gate: draft at batch size B only while drafted steps there achieve at least this speedup over plain decoding (tokens per step / predicted step cost in target steps); see cast_core.gate.")
-    max_skip: int = Field(32, ge=1, le=1024, description="Speedup gate: most plain steps between two probing drafted steps while the gate is closed.")
+    min_speedup: float = Field(1.0, gt=0, description="Speedup gate: draft at batch size B only while drafted steps there achieve at least this speedup over plain decoding (tokens per step x plain step seconds / measured step seconds); see cast_core.gate.")
+    max_skip: int = Field(64, ge=1, le=1024, description="Speedup gate: most plain steps between two probing drafted steps while the gate is closed.")
     gate_weight: float = Field(0.25, gt=0, le=1, description="Speedup gate: weight of the newest step in the moving average of achieved speedup.")
     adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
 
@@ -120,20 +120,26 @@ class CostContext:
         target: ``target[k] = f_T(B, ctx, k) / f_T(B, ctx, 1)``, ``target[0] = 0``.
         batch_size: ``B`` the curves were read at.
         context: context length the curves were read at.
+        step_s: ``f_T(B, ctx, 1)`` in seconds (0: unknown; the speedup gate
+            then judges steps by their predicted cost instead of their wall time).
     """
 
     drafter: np.ndarray
     target: np.ndarray
     batch_size: int
     context: int
+    step_s: float = 0.0
 
     @staticmethod
     def from_profile(profile: CostProfile, batch_size: int, context: int, max_tokens: int) -> "CostContext":
-        """Read both curves from ``profile`` at ``(batch_size, context)`` for ``0..max_tokens`` tokens."""
+        """Read both curves from ``profile`` at ``(batch_size, context)`` for ``0..max_tokens`` tokens.
+
+        ``step_s`` is left unknown (0) for a synthetic profile: its seconds are no measurement of this machine.
+        """
         target = np.asarray(profile.latency_curve("target", batch_size, context, max_tokens), dtype=np.float64)
         drafter = np.asarray(profile.latency_curve("drafter", batch_size, context, max_tokens), dtype=np.float64)
         step = target[1]
-        return CostContext(drafter=drafter / step, target=target / step, batch_size=batch_size, context=context)
+        return CostContext(drafter=drafter / step, target=target / step, batch_size=batch_size, context=context, step_s=profile.plain_step_seconds(step))
 
 
 @dataclass
@@ -157,6 +163,32 @@ class DepthHistory:
 
 
 @dataclass
+class DraftedStep:
+    """A drafted step, as the speedup gate judges it once its tokens are known.
+
+    Attributes:
+        batch_size: ``B`` it was planned at.
+        started: ``time.perf_counter()`` when its drafting began.
+        plain_step_s: seconds of one plain target step at ``B`` (0: unknown).
+        predicted_cost: its cost in plain target steps, from the cost context
+            (catch-up + drafted layers + verify forward).
+    """
+
+    batch_size: int
+    started: float
+    plain_step_s: float
+    predicted_cost: float
+
+    def speedup(self, tokens: int, now: float) -> float:
+        """``rho`` of the step that committed ``tokens``: ``tokens * plain_step_s / wall`` (wall = until ``now``,
+        the next drafting call), or ``tokens / predicted_cost`` without a plain step time."""
+        wall = now - self.started
+        if self.plain_step_s > 0 and wall > 0:
+            return tokens * self.plain_step_s / wall
+        return tokens / self.predicted_cost
+
+
+@dataclass
 class RowPlan:
     """Planning memory of one sequence, carried across its steps.
 
@@ -164,17 +196,14 @@ class RowPlan:
         depth: the depth gain FIFO (``alpha``).
         backlog: tokens committed while the speedup gate skipped the drafter;
             fed, ahead of the new pending tokens, at the next drafted step.
-        last_cost: predicted cost (in plain target steps) of the sequence's
-            last step if the drafter ran for it, else None.
-        last_batch: batch size that step was planned at.
+        last_step: the sequence's last step if the drafter ran for it, else None.
         stash: the drafter's cache entries of the nodes it fed for the last
             tree, reused for the drafts the verifier accepts from it.
     """
 
     depth: DepthHistory
     backlog: list[int] = field(default_factory=list)
-    last_cost: float | None = None
-    last_batch: int = 0
+    last_step: DraftedStep | None = None
     stash: TailStash | None = None
 
 

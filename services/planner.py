@@ -82,7 +82,8 @@ class PlannerReplica:
         target = np.asarray(self.profile(view.device).latency_curve("target", b_v, context, self._horizon), dtype=np.float64)
         drafter = np.asarray(self.profile(drafter_device).latency_curve("drafter", b_d, context, self._horizon), dtype=np.float64)
         step = target[1]
-        return CostContext(drafter=drafter / step, target=target / step, batch_size=b_v, context=context)
+        step_s = self.profile(view.device).plain_step_seconds(step)
+        return CostContext(drafter=drafter / step, target=target / step, batch_size=b_v, context=context, step_s=step_s)
 
     def cluster(self) -> dict[str, dict[str, object]]:
         """The current view: live verifier replicas and their occupancy."""

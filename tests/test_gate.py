@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -88,3 +90,27 @@ def test_dear_drafter_falls_back_to_plain_decoding_and_a_cheap_one_always_drafts
     gens = cheap.generate(prompts[:2], max_new_tokens=40)
     assert [g.token_ids for g in gens] == refs[:2]
     assert all(g.stats.drafted_steps == g.stats.steps for g in gens)
+
+
+def test_with_a_measured_profile_the_gate_judges_wall_time(tokenizer, exact_pair_case) -> None:
+    """A measured profile gives the plain step's seconds; the gate compares them with each drafted step's wall time.
+
+    The profile's own drafter cost is cheap both times; only the drafter's real
+    speed differs (a forward hook that sleeps 60 ms, ~6 plain steps of this profile).
+    """
+    models, prompts, refs = exact_pair_case
+    measured = CostProfile.synthetic(0.01, 0.0002, 0.0005, 0.00001)
+    measured.notes["synthetic"] = False  # as if measured on this machine: f_T(B, ctx, 1) ~ 10 ms
+    engine = _engine(models, tokenizer, CastConfig(), measured, 2)
+    gens = engine.generate(prompts[:2], max_new_tokens=40)
+    assert [g.token_ids for g in gens] == refs[:2]
+    assert all(g.stats.drafted_steps == g.stats.steps for g in gens), "tiny forwards take well under 10 ms: drafting pays"
+
+    hook = models[1].model.register_forward_pre_hook(lambda *_: time.sleep(0.06))
+    try:
+        slow = _engine(models, tokenizer, CastConfig(), measured, 2)
+        gens = slow.generate(prompts[:2], max_new_tokens=40)
+    finally:
+        hook.remove()
+    assert [g.token_ids for g in gens] == refs[:2]
+    assert all(g.stats.drafted_steps <= g.stats.steps // 2 for g in gens)
