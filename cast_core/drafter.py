@@ -28,7 +28,7 @@ import torch
 from cast_core.forward import feed_chain, forward_logits, prefill_prompts
 from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
-from cast_core.policy import CostContext, DraftedStep, RowPlan, TreePolicy
+from cast_core.policy import CostContext, DraftedStep, PlainStep, RowPlan, TreePolicy
 from cast_core.tree import DraftTree
 
 
@@ -108,6 +108,8 @@ class Drafter:
         if skip:
             for plan, chain in zip(plans, fresh):
                 plan.backlog.extend(chain)
+            for plan in live:
+                plan.last_step = PlainStep(ctx.batch_size, t0)
             return DraftResult(tree=DraftTree.roots(roots), nodes_drafted=0, layers=0, plan_s=plan_s)
         chains = [plan.backlog + chain if chain else [] for plan, chain in zip(plans, fresh)]
         had_backlog = any(plan.backlog for plan in live)
@@ -236,17 +238,24 @@ def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[Ro
 
 
 def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]], now: float) -> None:
-    """Tell ``gate`` what the rows' last drafted step achieved: per batch size, the mean ``DraftedStep.speedup``.
+    """Tell ``gate`` how the rows' last steps went, per batch size: the mean wall time of plain
+    (skipped) steps, then the mean ``(rho, C)`` of drafted ones (``DraftedStep.judge``).
 
     ``pending`` holds each row's tokens committed by that step (accepted drafts + bonus).
     """
-    by_batch: dict[int, list[float]] = {}
+    plain: dict[int, list[float]] = {}
+    drafted: dict[int, list[tuple[DraftedStep, int]]] = {}
     for plan, tokens in zip(plans, pending):
-        if plan.last_step is not None:
-            by_batch.setdefault(plan.last_step.batch_size, []).append(plan.last_step.speedup(len(tokens), now))
-        plan.last_step = None
-    for batch_size, speedups in by_batch.items():
-        gate.observe(batch_size, float(np.mean(speedups)))
+        step, plan.last_step = plan.last_step, None
+        if isinstance(step, PlainStep):
+            plain.setdefault(step.batch_size, []).append(now - step.started)
+        elif isinstance(step, DraftedStep):
+            drafted.setdefault(step.batch_size, []).append((step, len(tokens)))
+    for batch_size, seconds in plain.items():
+        gate.observe_plain(batch_size, float(np.mean(seconds)))
+    for batch_size, steps in drafted.items():
+        judged = [step.judge(n, now, gate.plain_seconds(batch_size)) for step, n in steps]
+        gate.observe(batch_size, float(np.mean([r for r, _ in judged])), float(np.mean([c for _, c in judged])))
 
 
 def _assemble(

@@ -5,21 +5,24 @@ has run, but the drafter's catch-up forward (which yields the tree's first
 layer) is spent before any of them is asked. Where no tree can pay for that
 forward -- large batches on compute-bound hardware -- speculation is slower
 than plain decoding however the tree is pruned. The gate closes that hole
-with the speedup each drafted step actually achieved::
+with what each drafted step actually achieved::
 
-    rho   = (1 + a) / C          a = drafted tokens accepted, C = the step's
-                                 predicted cost in plain target steps
-                                 (catch-up + drafted layers + verify forward,
-                                 read from the cost context it was planned with)
-    rho^B = EMA of rho over steps planned at batch size B (weight ``weight``)
+    C     = wall / t_plain^B     the step's cost in plain steps: its wall time
+                                 (drafting to the next drafting call) over a
+                                 plain step's at batch size B -- measured on
+                                 the skipped steps, else read from a measured
+                                 profile; with neither, the step's predicted
+                                 cost from its cost context
+    rho   = (1 + a) / C          a = drafted tokens accepted
+    rho^B = EMA of rho over drafted steps at B (weight ``weight``)
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup`` (and while nothing was
 observed yet). Closed, it skips ``s`` steps, then probes with one drafted
-step; a probe that still falls short doubles ``s`` (up to ``max_skip``),
-one that pays reopens the gate. Probing costs at most one drafted step per
-``max_skip`` plain ones, so a closed gate runs at ``>= 1 - (C - 1) /
-max_skip`` of plain speed.
+step. A failing probe costs ``C - 1`` plain steps, so ``s = (C - 1) /
+probe_budget`` (at least twice the previous ``s``, at most ``max_skip``)
+keeps the time lost to probing near ``probe_budget``; a probe that pays
+reopens the gate.
 
 ``rho^B`` also serves as the scale of CAST's thresholds (``threshold_scale``):
 a node is worth adding when its marginal tokens per marginal cost beat the
@@ -29,6 +32,7 @@ speedup already achieved, not merely 1 (the optimum of ``(1 + U) / C`` has
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -37,17 +41,19 @@ class _BatchGate:
     """Gate state of one batch size."""
 
     speedup: float | None = None
+    plain_s: float | None = None
     skip_left: int = 0
     backoff: int = 0
 
 
 @dataclass
 class DraftGate:
-    """Per-batch-size record of achieved speedup, and the draft/skip decision it implies."""
+    """Per-batch-size record of achieved speedup and plain step time, and the draft/skip decision."""
 
     min_speedup: float = 1.0
-    max_skip: int = 32
+    max_skip: int = 256
     weight: float = 0.25
+    probe_budget: float = 0.03
     _by_batch: dict[int, _BatchGate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,13 +63,22 @@ class DraftGate:
             raise ValueError(f"max_skip must be >= 1; got {self.max_skip}")
         if not 0 < self.weight <= 1:
             raise ValueError(f"weight must be in (0, 1]; got {self.weight}")
+        if not 0 < self.probe_budget <= 1:
+            raise ValueError(f"probe_budget must be in (0, 1]; got {self.probe_budget}")
 
     def _at(self, batch_size: int) -> _BatchGate:
         return self._by_batch.setdefault(batch_size, _BatchGate())
 
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.weight) * old + self.weight * new
+
     def speedup(self, batch_size: int) -> float | None:
         """``rho^B``: the smoothed speedup of drafted steps at ``batch_size`` (None before any)."""
         return self._at(batch_size).speedup
+
+    def plain_seconds(self, batch_size: int) -> float | None:
+        """Smoothed wall time of a plain (skipped) step at ``batch_size`` (None before any)."""
+        return self._at(batch_size).plain_s
 
     def threshold_scale(self, batch_size: int) -> float:
         """``max(1, rho^B)``: what a marginal node must beat, in tokens per target step."""
@@ -78,14 +93,21 @@ class DraftGate:
             return False
         return True
 
-    def observe(self, batch_size: int, speedup: float) -> None:
-        """Record one drafted step's ``rho`` at ``batch_size`` and open or close the gate."""
-        if speedup < 0:
-            raise ValueError(f"speedup must be >= 0; got {speedup}")
+    def observe_plain(self, batch_size: int, seconds: float) -> None:
+        """Record the wall time of one plain step at ``batch_size``."""
+        if seconds > 0:
+            gate = self._at(batch_size)
+            gate.plain_s = self._ema(gate.plain_s, seconds)
+
+    def observe(self, batch_size: int, speedup: float, cost: float) -> None:
+        """Record one drafted step at ``batch_size`` (``rho``, and ``C`` in plain steps); open or close the gate."""
+        if speedup < 0 or cost <= 0:
+            raise ValueError(f"speedup must be >= 0 and cost > 0; got {speedup}, {cost}")
         gate = self._at(batch_size)
-        gate.speedup = speedup if gate.speedup is None else (1 - self.weight) * gate.speedup + self.weight * speedup
+        gate.speedup = self._ema(gate.speedup, speedup)
         if gate.speedup >= self.min_speedup:
             gate.backoff = 0
         elif gate.skip_left == 0:
-            gate.backoff = min(self.max_skip, max(2, 2 * gate.backoff))
+            wanted = math.ceil(max(0.0, cost - 1.0) / self.probe_budget)
+            gate.backoff = min(self.max_skip, max(2, 2 * gate.backoff, wanted))
             gate.skip_left = gate.backoff

@@ -106,7 +106,8 @@ class CastConfig(BaseModel):
     c3: float = Field(1.0, gt=0, description="Reranking threshold C3: verify k nodes while marginal expected tokens per marginal verifier cost exceeds C3.")
     r: int = Field(4, ge=1, le=64, description="R: number of recent depth gain ratios averaged into alpha.")
     min_speedup: float = Field(1.0, gt=0, description="Speedup gate: draft at batch size B only while drafted steps there achieve at least this speedup over plain decoding (tokens per step x plain step seconds / measured step seconds); see cast_core.gate.")
-    max_skip: int = Field(64, ge=1, le=1024, description="Speedup gate: most plain steps between two probing drafted steps while the gate is closed.")
+    max_skip: int = Field(256, ge=1, le=4096, description="Speedup gate: most plain steps between two probing drafted steps while the gate is closed.")
+    probe_budget: float = Field(0.03, gt=0, le=1, description="Speedup gate: share of time a closed gate may lose to failing probes (sets the plain steps between probes from a probe's cost).")
     gate_weight: float = Field(0.25, gt=0, le=1, description="Speedup gate: weight of the newest step in the moving average of achieved speedup.")
     adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
 
@@ -163,13 +164,26 @@ class DepthHistory:
 
 
 @dataclass
+class PlainStep:
+    """A step the speedup gate skipped the drafter for (its wall time is a plain step's).
+
+    Attributes:
+        batch_size: ``B`` it ran at.
+        started: ``time.perf_counter()`` at its drafting call.
+    """
+
+    batch_size: int
+    started: float
+
+
+@dataclass
 class DraftedStep:
     """A drafted step, as the speedup gate judges it once its tokens are known.
 
     Attributes:
         batch_size: ``B`` it was planned at.
         started: ``time.perf_counter()`` when its drafting began.
-        plain_step_s: seconds of one plain target step at ``B`` (0: unknown).
+        plain_step_s: seconds of one plain target step at ``B`` from a measured profile (0: unknown).
         predicted_cost: its cost in plain target steps, from the cost context
             (catch-up + drafted layers + verify forward).
     """
@@ -179,13 +193,15 @@ class DraftedStep:
     plain_step_s: float
     predicted_cost: float
 
-    def speedup(self, tokens: int, now: float) -> float:
-        """``rho`` of the step that committed ``tokens``: ``tokens * plain_step_s / wall`` (wall = until ``now``,
-        the next drafting call), or ``tokens / predicted_cost`` without a plain step time."""
-        wall = now - self.started
-        if self.plain_step_s > 0 and wall > 0:
-            return tokens * self.plain_step_s / wall
-        return tokens / self.predicted_cost
+    def judge(self, tokens: int, now: float, plain_s: float | None) -> tuple[float, float]:
+        """``(rho, C)`` of the step that committed ``tokens``, ``now`` being the next drafting call.
+
+        ``C = wall / plain`` with ``plain`` the measured plain step (``plain_s``), else the
+        profile's (``plain_step_s``); with neither, ``C = predicted_cost``. ``rho = tokens / C``.
+        """
+        wall, plain = now - self.started, plain_s or self.plain_step_s
+        cost = wall / plain if plain > 0 and wall > 0 else self.predicted_cost
+        return tokens / cost, cost
 
 
 @dataclass
@@ -196,14 +212,14 @@ class RowPlan:
         depth: the depth gain FIFO (``alpha``).
         backlog: tokens committed while the speedup gate skipped the drafter;
             fed, ahead of the new pending tokens, at the next drafted step.
-        last_step: the sequence's last step if the drafter ran for it, else None.
+        last_step: the sequence's last step (drafted or skipped), until the gate has judged it.
         stash: the drafter's cache entries of the nodes it fed for the last
             tree, reused for the drafts the verifier accepts from it.
     """
 
     depth: DepthHistory
     backlog: list[int] = field(default_factory=list)
-    last_step: DraftedStep | None = None
+    last_step: DraftedStep | PlainStep | None = None
     stash: TailStash | None = None
 
 
@@ -308,7 +324,7 @@ class CastPolicy(TreePolicy):
         self.config = config or CastConfig()
         self.top_k = self.config.top_k
         self.max_depth = self.config.max_depth
-        self._gate = DraftGate(self.config.min_speedup, self.config.max_skip, self.config.gate_weight)
+        self._gate = DraftGate(self.config.min_speedup, self.config.max_skip, self.config.gate_weight, self.config.probe_budget)
 
     @property
     def needs_costs(self) -> bool:

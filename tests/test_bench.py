@@ -88,7 +88,7 @@ def test_result_schema_and_cells(result) -> None:
             assert c.mean_accepted_length == pytest.approx(1.0)
             assert c.drafted_nodes_per_step == 0
         elif c.method == "cast":  # the speedup gate may stop drafting where the tiny drafter does not pay
-            assert c.drafted_nodes_per_step > 0 and c.mean_accepted_length >= 1
+            assert c.mean_accepted_length >= 1
         else:
             assert c.drafted_nodes_per_step > 0 and c.mean_accepted_length > 1
 

@@ -13,7 +13,7 @@ from cast_core.cost import CostProfile
 from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair, tiny_tokenizer
 
 PROFILE = CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001)
-CAST = CastConfig(c1=0.5, c2=0.5, c3=0.5)
+CAST = CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e-3)  # trees on every step (the gate has its own tests)
 STATIC = StaticConfig()  # EAGLE-2's defaults: top-10 per layer, depth 6, 60 verified nodes
 NEW_TOKENS = 20
 

@@ -15,13 +15,13 @@ from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair
 
 
 def test_open_until_a_step_falls_short_then_probes_with_doubling_backoff() -> None:
-    gate = DraftGate(min_speedup=1.0, max_skip=8, weight=1.0)
+    gate = DraftGate(min_speedup=1.0, max_skip=8, weight=1.0, probe_budget=1.0)
     assert gate.should_draft(4) and gate.speedup(4) is None and gate.threshold_scale(4) == 1.0
     decisions = []
     for _ in range(24):
         if gate.should_draft(4):
             decisions.append("D")
-            gate.observe(4, 0.7)  # every drafted step is slower than plain decoding
+            gate.observe(4, 0.7, 1.5)  # every drafted step is slower than plain decoding
         else:
             decisions.append(".")
     # skip 2, probe, skip 4, probe, skip 8, probe, skip 8 (capped) ...
@@ -30,16 +30,29 @@ def test_open_until_a_step_falls_short_then_probes_with_doubling_backoff() -> No
 
 
 def test_a_probe_that_pays_reopens_and_scales_thresholds() -> None:
-    gate = DraftGate(min_speedup=1.0, max_skip=32, weight=0.5)
-    gate.observe(2, 0.5)
+    gate = DraftGate(min_speedup=1.0, max_skip=32, weight=0.5, probe_budget=1.0)
+    gate.observe(2, 0.5, 1.2)
     assert not gate.should_draft(2) and not gate.should_draft(2) and gate.should_draft(2)
-    gate.observe(2, 2.5)  # EMA: 0.5 * 0.5 + 0.5 * 2.5 = 1.5
+    gate.observe(2, 2.5, 1.2)  # EMA: 0.5 * 0.5 + 0.5 * 2.5 = 1.5
     assert gate.speedup(2) == pytest.approx(1.5)
     assert all(gate.should_draft(2) for _ in range(5))
     assert gate.threshold_scale(2) == pytest.approx(1.5)
 
 
-@pytest.mark.parametrize("field,value", [("min_speedup", 0.0), ("max_skip", 0), ("weight", 1.5)])
+def test_a_dear_probe_buys_a_long_skip_and_plain_steps_are_timed() -> None:
+    """A failing probe that cost C plain steps is followed by (C - 1) / probe_budget plain steps."""
+    gate = DraftGate(probe_budget=0.03, max_skip=256)
+    gate.observe(8, 0.6, 4.0)
+    skipped = 0
+    while not gate.should_draft(8):
+        skipped += 1
+    assert skipped == 100  # (4 - 1) / 0.03: the probe's 3 lost steps are 3 % of the 100 it buys
+    gate.observe_plain(8, 0.3)
+    gate.observe_plain(8, 0.5)
+    assert gate.plain_seconds(8) == pytest.approx(0.75 * 0.3 + 0.25 * 0.5) and gate.plain_seconds(1) is None
+
+
+@pytest.mark.parametrize("field,value", [("min_speedup", 0.0), ("max_skip", 0), ("weight", 1.5), ("probe_budget", 0.0)])
 def test_bad_gate_settings_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         DraftGate(**{field: value})
