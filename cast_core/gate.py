@@ -16,6 +16,10 @@ with what each drafted step actually achieved::
     rho   = (1 + a) / C          a = drafted tokens accepted
     rho^B = EMA of rho over drafted steps at B (weight ``weight``)
 
+A batch size seen for the first time starts from the record of the nearest
+one judged within a factor 2 (sequences finishing one by one walk a batch
+through every size below it; each would otherwise pay a probe).
+
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup`` (and while nothing was
 observed yet). Closed, it skips ``s`` steps, then probes with one drafted
@@ -67,7 +71,16 @@ class DraftGate:
             raise ValueError(f"probe_budget must be in (0, 1]; got {self.probe_budget}")
 
     def _at(self, batch_size: int) -> _BatchGate:
-        return self._by_batch.setdefault(batch_size, _BatchGate())
+        """The record of ``batch_size``; a new one starts from the nearest judged batch size within a factor 2."""
+        if batch_size not in self._by_batch:
+            near = [b for b, g in self._by_batch.items() if g.speedup is not None and b <= 2 * batch_size and batch_size <= 2 * b]
+            gate = _BatchGate()
+            if near:
+                nearest = self._by_batch[min(near, key=lambda b: (abs(b - batch_size), b))]
+                gate.speedup, gate.backoff = nearest.speedup, nearest.backoff
+                gate.skip_left = nearest.backoff if nearest.speedup is not None and nearest.speedup < self.min_speedup else 0
+            self._by_batch[batch_size] = gate
+        return self._by_batch[batch_size]
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.weight) * old + self.weight * new

@@ -26,7 +26,8 @@ def test_open_until_a_step_falls_short_then_probes_with_doubling_backoff() -> No
             decisions.append(".")
     # skip 2, probe, skip 4, probe, skip 8, probe, skip 8 (capped) ...
     assert "".join(decisions) == "D..D....D........D......"
-    assert gate.should_draft(1), "other batch sizes keep their own record"
+    assert gate.should_draft(1), "batch sizes more than a factor 2 away keep their own record"
+    assert not gate.should_draft(3), "a new batch size within a factor 2 starts from the nearest record (closed)"
 
 
 def test_a_probe_that_pays_reopens_and_scales_thresholds() -> None:
