@@ -86,7 +86,12 @@ class SpecDecoder:
         return len(self.rows)
 
     def admit(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> LiveSequence:
-        """Prefill a new sequence in both models and add it as the last row."""
+        """Prefill a new sequence in the target and add it as the last row.
+
+        The drafter's row starts empty with the prompt as its backlog: it is
+        fed at the row's first drafted step, and never where the speedup gate
+        keeps the drafter idle.
+        """
         seq = LiveSequence(
             seq_id=seq_id,
             prompt_ids=list(prompt_ids),
@@ -99,9 +104,8 @@ class SpecDecoder:
         self.verifier.prefill(state, [seq.prompt_ids])
         self.target_state.extend(state)
         if self.drafter is not None and self.drafter_state is not None:
-            dstate = self.drafter.new_state(1)
-            self.drafter.prefill(dstate, [seq.prompt_ids])
-            self.drafter_state.extend(dstate)
+            self.drafter_state.extend(self.drafter.new_state(1))
+            seq.plan.backlog = list(prompt_ids[:-1])
         self.rows.append(seq)
         return seq
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cast_core.forward import feed_chain, forward_logits, prefill_prompts
+from cast_core.forward import feed_chain, forward_logits
 from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
 from cast_core.policy import CostContext, DraftedStep, PlainStep, RowPlan, TreePolicy
@@ -59,10 +59,6 @@ class Drafter:
 
     def new_state(self, batch_size: int) -> KVState:
         return KVState(self.model.config.num_hidden_layers, batch_size, self.model.device)
-
-    def prefill(self, state: KVState, prompts: list[list[int]]) -> None:
-        """Cache every prompt but its last token (the first step's root)."""
-        prefill_prompts(self.model, state, prompts)
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits[..., : self.vocab_size].float(), dim=-1)

@@ -152,13 +152,14 @@ class DrafterSessions:
         return [r.session_id for r in self._rows.rows]
 
     def open(self, session_id: str, token_ids: list[int]) -> None:
-        """Prefill ``token_ids[:-1]``; the last token is the first step's pending root."""
+        """Add a session; ``token_ids[:-1]`` wait as its backlog (fed at its first drafted step, never
+        while the speedup gate keeps the drafter idle); the last token is the first step's pending root."""
         if not token_ids:
             raise ValueError("token_ids: must not be empty")
-        state = self.drafter.new_state(1)
-        self.drafter.prefill(state, [token_ids])
-        self._rows.add(session_id, state)
-        self._plans[session_id] = self.policy.new_row_plan()
+        self._rows.add(session_id, self.drafter.new_state(1))
+        plan = self.policy.new_row_plan()
+        plan.backlog = list(token_ids[:-1])
+        self._plans[session_id] = plan
 
     def close(self, session_ids: list[str]) -> None:
         self._rows.remove(session_ids)
