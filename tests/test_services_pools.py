@@ -30,7 +30,13 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     profile = synthetic_profile(root / "profile.json")
     two = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}}
     config = tiny_config(
-        target, drafter, cost_profile=str(profile), drafter_deployment=two, verifier_deployment=two, default_max_tokens=NEW
+        target,
+        drafter,
+        cost_profile=str(profile),
+        drafter_deployment=two,
+        verifier_deployment=two,
+        default_max_tokens=NEW,
+        cast={"min_speedup": 1e-3},  # trees every step: these tests watch the planner's sizing, not the speedup gate
     )
     with served_app(config, grpc=False) as (http_port, _):
         yield f"http://127.0.0.1:{http_port}", reference_engine(target, drafter)
