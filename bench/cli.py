@@ -18,22 +18,13 @@ from pydantic import ValidationError
 
 from bench.datasets import DATASET_NAMES, Prompt, Subset, load_prompts
 from bench.harness import RESULTS_DIR, BenchConfig, make_groups, run_benchmark, save_result
-from bench.methods import METHOD_NAMES, ModelPair
+from bench.methods import METHOD_NAMES, ModelPair, add_model_pair_args
 from bench.overhead import profile_overhead
 from bench.report import README, cells_table, generate_report, targets_table
 from bench.serving import register as register_serving
 from bench.sweep import SweepConfig, run_sweep, save_sweep
 from cast_core import CastConfig
-from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
-from cast_core.models import DTYPES
 from cast_core.policy import POLICY_NAMES
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help="target model: known name or local path")
-    p.add_argument("--drafter", default=DEFAULT_DRAFTER, help="drafter model: known name or local path")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="model dtype")
-    p.add_argument("--device", default="cpu", help="torch device")
 
 
 def _cast_overrides(args: argparse.Namespace) -> dict[str, float]:
@@ -154,7 +145,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command")
 
     run = sub.add_parser("run", help="run the benchmark (the default subcommand)")
-    _add_model_args(run)
+    add_model_pair_args(run)
     run.add_argument("--name", default="benchmark", help="result name: <results-dir>/<name>.json")
     run.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), choices=DATASET_NAMES)
     run.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
@@ -175,7 +166,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     report.set_defaults(func=run_report)
 
     sweep = sub.add_parser("sweep", help="sweep CAST's C1, C2, C3, R on the tuning prompts")
-    _add_model_args(sweep)
+    add_model_pair_args(sweep)
     sweep.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), choices=DATASET_NAMES)
     sweep.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     sweep.add_argument("--prompts", type=int, default=2, help="tuning prompts per dataset and batch size")
@@ -189,7 +180,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     sweep.set_defaults(func=run_sweep_cmd)
 
     overhead = sub.add_parser("overhead", help="profile one engine step beyond the model forwards")
-    _add_model_args(overhead)
+    add_model_pair_args(overhead)
     overhead.add_argument("--policy", default="cast", choices=POLICY_NAMES)
     overhead.add_argument("--dataset", default="humaneval", choices=DATASET_NAMES)
     overhead.add_argument("--batch-size", type=int, default=1)

@@ -23,6 +23,7 @@ comparable across methods.
 
 from __future__ import annotations
 
+import argparse
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -34,8 +35,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cast_core import CastConfig, Engine, StaticConfig
+from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 from cast_core.cost import CostProfile, device_name, dtype_name, resolve_profile
-from cast_core.models import check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
+from cast_core.models import DTYPES, check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
 from cast_core.policy import make_policy
 
 METHOD_NAMES = ("vanilla", "hf_generate", "hf_assisted", "static", "cast")
@@ -90,6 +92,14 @@ class ModelPair:
             target_name=Path(target_path).name,
             drafter_name=Path(drafter_path).name,
         )
+
+
+def add_model_pair_args(parser: argparse.ArgumentParser) -> None:
+    """``--target --drafter --dtype --device``: the arguments of ``ModelPair.load``."""
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="target model: known name or local path")
+    parser.add_argument("--drafter", default=DEFAULT_DRAFTER, help="drafter model: known name or local path")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="model dtype")
+    parser.add_argument("--device", default="cpu", help="torch device")
 
 
 def add_counts(*counts: list[int]) -> list[int]:

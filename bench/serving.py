@@ -46,8 +46,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bench.datasets import DATASET_NAMES, load_prompts
 from bench.harness import RESULTS_DIR, machine_info
+from bench.methods import add_model_pair_args
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET, Engine
-from cast_core.models import DTYPES, load_tokenizer, resolve_model
+from cast_core.models import load_tokenizer, resolve_model
 from cast_core.policy import POLICY_NAMES
 
 METRICS_FLUSH_S = 60.0
@@ -404,10 +405,7 @@ def load_serving(path: Path) -> ServingResult:
 def register(subparsers: Any) -> None:
     """Add ``serving`` to ``cast bench``'s subcommands."""
     p = subparsers.add_parser("serving", help="HTTP end-to-end throughput vs the in-process engine")
-    p.add_argument("--target", default=DEFAULT_TARGET, help="target model: known name or local path")
-    p.add_argument("--drafter", default=DEFAULT_DRAFTER, help="drafter model: known name or local path")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="model dtype")
-    p.add_argument("--device", default="cpu", help="torch device")
+    add_model_pair_args(p)
     p.add_argument("--policy", default="cast", choices=POLICY_NAMES, help="tree policy")
     p.add_argument("--dataset", default="humaneval", choices=DATASET_NAMES)
     p.add_argument("--prompts", type=int, default=8, help="prompts per concurrency level")
