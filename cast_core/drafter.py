@@ -112,7 +112,7 @@ class Drafter:
         for plan in live:
             plan.backlog = []
         try:
-            result, layer_costs, catch_up_s = self._grow(state, chains, roots, active, policy, ctx, plans)
+            result, layer_costs, catch_up_s = self._grow(state, chains, roots, active, policy, ctx, plans, live)
         except BaseException:
             state.discard_tail()  # a failed step leaves no half-built tree behind
             raise
@@ -136,13 +136,13 @@ class Drafter:
         policy: TreePolicy,
         ctx: CostContext | None,
         plans: list[RowPlan],
+        live: list[RowPlan],
     ) -> tuple[DraftResult, float, float]:
-        """Feed ``chains``, grow the tree layer by layer, stash the fed nodes, rerank.
+        """Feed ``chains``, grow the tree layer by layer, stash the fed nodes, rerank (``live``: the active rows' plans).
 
         Also returns the drafted layers' cost (target steps) and the catch-up forward's seconds.
         """
         bsz, k = len(chains), policy.top_k
-        live = [plan for plan, a in zip(plans, active) if a]
         t_feed = time.perf_counter()
         root_logits = feed_chain(self.model, state, chains, want_last=True)
         catch_up_s = time.perf_counter() - t_feed
