@@ -5,7 +5,8 @@ Per step and batch (one forward per layer, every row in it):
 1. *Catch-up*: commit each row's pending tokens (tokens committed since the
    last step, ending with the root): the accepted drafts the last tree fed
    come from its stashed cache entries, the rest (at least the root) is fed
-   as a causal chain. The logits at the root give layer 1: the root's
+   as a causal chain -- at a speedup gate's probe, only its most recent
+   tokens (``DraftGate.probe_window``). The logits at the root give layer 1: the root's
    ``top_k`` children, ``v = p_D(child)``.
 2. For layer ``i``: the policy keeps ``n_i`` candidates (best ``v`` first)
    and decides whether to grow. Growing feeds the kept nodes (tree mask over
@@ -111,8 +112,11 @@ class Drafter:
         had_backlog = any(plan.backlog for plan in live)
         for plan in live:
             plan.backlog = []
+        gaps = None
+        if gate is not None and gate.is_closed(ctx.batch_size):  # a probe: its catch-up must stay cheap
+            chains, gaps = gate.probe_window(chains, state.next_pos.tolist())
         try:
-            result, layer_costs, catch_up_s = self._grow(state, chains, roots, active, policy, ctx, plans, live)
+            result, layer_costs, catch_up_s = self._grow(state, chains, gaps, roots, active, policy, ctx, plans, live)
         except BaseException:
             state.discard_tail()  # a failed step leaves no half-built tree behind
             raise
@@ -131,6 +135,7 @@ class Drafter:
         self,
         state: KVState,
         chains: list[list[int]],
+        gaps: list[tuple[int, int]] | None,
         roots: torch.Tensor,
         active: np.ndarray,
         policy: TreePolicy,
@@ -138,13 +143,14 @@ class Drafter:
         plans: list[RowPlan],
         live: list[RowPlan],
     ) -> tuple[DraftResult, float, float]:
-        """Feed ``chains``, grow the tree layer by layer, stash the fed nodes, rerank (``live``: the active rows' plans).
+        """Feed ``chains`` (with ``gaps``, see ``feed_chain``), grow the tree layer by layer, stash the fed nodes,
+        rerank (``live``: the active rows' plans).
 
         Also returns the drafted layers' cost (target steps) and the catch-up forward's seconds.
         """
         bsz, k = len(chains), policy.top_k
         t_feed = time.perf_counter()
-        root_logits = feed_chain(self.model, state, chains, want_last=True)
+        root_logits = feed_chain(self.model, state, chains, want_last=True, gaps=gaps)
         catch_up_s = time.perf_counter() - t_feed
         assert root_logits is not None
         plan_s, layer_costs = 0.0, 0.0

@@ -72,12 +72,21 @@ def causal_chain_visibility(lengths: list[int], width: int) -> torch.Tensor:
     return visible | torch.eye(width, dtype=torch.bool)[None]
 
 
-def feed_chain(model: torch.nn.Module, state: KVState, chains: list[list[int]], want_last: bool) -> torch.Tensor | None:
+def feed_chain(
+    model: torch.nn.Module,
+    state: KVState,
+    chains: list[list[int]],
+    want_last: bool,
+    gaps: list[tuple[int, int]] | None = None,
+) -> torch.Tensor | None:
     """Append each row's token chain to ``state`` and commit it.
 
     Returns the logits at each row's last chain token (``[B, V]``) when
     ``want_last``; rows with an empty chain get a dummy row and are not
-    committed.
+    committed. ``gaps[b] = (head, skipped)``: row ``b``'s chain stands for a
+    longer one whose ``skipped`` tokens after the first ``head`` are left
+    out; the tokens after them keep their true positions
+    (``KVState.skip_positions``).
     """
     lengths = [len(c) for c in chains]
     width = max(lengths)
@@ -87,9 +96,15 @@ def feed_chain(model: torch.nn.Module, state: KVState, chains: list[list[int]], 
     for b, chain in enumerate(chains):
         ids[b, : len(chain)] = torch.tensor(chain, dtype=torch.long)
     positions = state.next_pos[:, None] + torch.arange(width)[None, :]
+    if gaps is not None:
+        head = torch.tensor([h for h, _ in gaps])[:, None]
+        skipped = torch.tensor([s for _, s in gaps])[:, None]
+        positions = positions + torch.where(torch.arange(width)[None, :] >= head, skipped, 0).to(positions.device)
     last = torch.tensor([max(n - 1, 0) for n in lengths])[:, None] if want_last else torch.zeros((len(chains), 0), dtype=torch.long)
     logits = forward_logits(model, state, ids, positions, causal_chain_visibility(lengths, width), last)
     state.commit([list(range(n)) for n in lengths])
+    if gaps is not None:
+        state.skip_positions([s for _, s in gaps])
     return None if logits is None else logits[:, 0]
 
 

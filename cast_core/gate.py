@@ -28,6 +28,14 @@ probe_budget`` (at least twice the previous ``s``, at most ``max_skip``)
 keeps the time lost to probing near ``probe_budget``; a probe that pays
 reopens the gate.
 
+A probe must not cost more the longer the gate stayed closed: the drafter
+would otherwise catch up on every skipped token (at batch size ``B``, ``s``
+skipped steps put ``B * s`` tokens through it). A probe's drafter feeds at
+most ``probe_context`` of a row's most recent tokens, plus the row's first
+``SINK_TOKENS`` when its cache is still empty (models lean on their first
+tokens as attention sinks); the rest is skipped over as a gap in its cache
+(``KVState.skip_positions``). Drafts may get worse for it, never wrong.
+
 ``rho^B`` also serves as the scale of CAST's thresholds (``threshold_scale``):
 a node is worth adding when its marginal tokens per marginal cost beat the
 speedup already achieved, not merely 1 (the optimum of ``(1 + U) / C`` has
@@ -38,6 +46,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+
+#: first tokens of a row a probe feeds the drafter when its cache is empty
+SINK_TOKENS = 4
 
 
 @dataclass
@@ -58,6 +70,7 @@ class DraftGate:
     max_skip: int = 256
     weight: float = 0.25
     probe_budget: float = 0.03
+    probe_context: int = 16
     _by_batch: dict[int, _BatchGate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +82,8 @@ class DraftGate:
             raise ValueError(f"weight must be in (0, 1]; got {self.weight}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1]; got {self.probe_budget}")
+        if self.probe_context < 1:
+            raise ValueError(f"probe_context must be >= 1; got {self.probe_context}")
 
     def _at(self, batch_size: int) -> _BatchGate:
         """The record of ``batch_size``; a new one starts from the nearest judged batch size within a factor 2."""
@@ -97,6 +112,29 @@ class DraftGate:
         """``max(1, rho^B)``: what a marginal node must beat, in tokens per target step."""
         rho = self.speedup(batch_size)
         return 1.0 if rho is None else max(1.0, rho)
+
+    def is_closed(self, batch_size: int) -> bool:
+        """Whether drafted steps at ``batch_size`` fell below ``min_speedup`` (a drafted step now is a probe)."""
+        rho = self.speedup(batch_size)
+        return rho is not None and rho < self.min_speedup
+
+    def probe_window(self, chains: list[list[int]], cached: list[int]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """What a probe feeds of each row's catch-up chain, and the gap it leaves.
+
+        ``cached[b]``: tokens row ``b`` has in the drafter's cache. A chain
+        longer than ``probe_context`` keeps its last ``probe_context`` tokens,
+        preceded by its first ``SINK_TOKENS`` when ``cached[b] == 0``. Returns
+        the fed chains and, per row, ``(head, skipped)``: the ``skipped``
+        tokens after the first ``head`` fed ones are left out.
+        """
+        fed: list[list[int]] = []
+        gaps: list[tuple[int, int]] = []
+        for chain, n_cached in zip(chains, cached):
+            head = SINK_TOKENS if n_cached == 0 else 0
+            skipped = max(0, len(chain) - head - self.probe_context)
+            fed.append(chain[:head] + chain[head + skipped :] if skipped else chain)
+            gaps.append((head, skipped) if skipped else (0, 0))
+        return fed, gaps
 
     def should_draft(self, batch_size: int) -> bool:
         """Whether this step at ``batch_size`` drafts (a skipped step counts down to the next probe)."""

@@ -178,7 +178,8 @@ class KVState:
     Attributes:
         cache: the transformers ``Cache`` handed to the model.
         valid: ``[B, base]`` bool, committed slots each row may attend to.
-        next_pos: ``[B]`` number of committed tokens per row (next position id).
+        next_pos: ``[B]`` position id of each row's next token: its committed
+            tokens plus the positions it skipped (``skip_positions``).
     """
 
     #: compact when slots that no row needs exceed this fraction of the committed length
@@ -285,6 +286,18 @@ class KVState:
             TailStash([k[b] for k in keys], [v[b] for v in values], tokens[b].tolist(), parents[b].tolist())
             for b in range(self.batch_size)
         ]
+
+    def skip_positions(self, counts: Sequence[int]) -> None:
+        """Advance ``next_pos[b]`` by ``counts[b]`` without adding slots.
+
+        The skipped positions become a gap: the row's later tokens keep their
+        true positions (RoPE distances stay right) and never attend to the
+        tokens that would have sat there. A drafter may skip context this way;
+        its drafts only get worse, never wrong, since the target verifies them.
+        """
+        if len(counts) != self.batch_size or any(c < 0 for c in counts):
+            raise ValueError(f"counts must be {self.batch_size} non-negative numbers; got {list(counts)}")
+        self.next_pos = self.next_pos + torch.tensor(list(counts), dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
     def append_committed(self, picks: Sequence[tuple[TailStash, list[int]] | None]) -> list[int]:

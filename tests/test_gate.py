@@ -53,7 +53,18 @@ def test_a_dear_probe_buys_a_long_skip_and_plain_steps_are_timed() -> None:
     assert gate.plain_seconds(8) == pytest.approx(0.75 * 0.3 + 0.25 * 0.5) and gate.plain_seconds(1) is None
 
 
-@pytest.mark.parametrize("field,value", [("min_speedup", 0.0), ("max_skip", 0), ("weight", 1.5), ("probe_budget", 0.0)])
+def test_a_probe_window_keeps_recent_tokens_and_sinks_of_an_empty_cache() -> None:
+    gate = DraftGate(probe_context=3)
+    chains = [list(range(10)), list(range(10)), [7, 8], []]
+    fed, gaps = gate.probe_window(chains, cached=[5, 0, 0, 0])
+    assert fed == [[7, 8, 9], [0, 1, 2, 3, 7, 8, 9], [7, 8], []]
+    assert gaps == [(0, 7), (4, 3), (0, 0), (0, 0)]
+    assert not gate.is_closed(2)
+    gate.observe(2, 0.5, 2.0)
+    assert gate.is_closed(2) and not gate.is_closed(8)
+
+
+@pytest.mark.parametrize("field,value", [("min_speedup", 0.0), ("max_skip", 0), ("weight", 1.5), ("probe_budget", 0.0), ("probe_context", 0)])
 def test_bad_gate_settings_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         DraftGate(**{field: value})
@@ -84,13 +95,33 @@ def test_closed_gate_decodes_plainly_and_probes_catch_the_drafter_up(tokenizer, 
     """
     models, prompts, refs = exact_pair_case
     prompts, refs = prompts[:batch], refs[:batch]
-    cast = CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, max_skip=4)
+    cast = CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, max_skip=4, probe_context=64)
     engine = _engine(models, tokenizer, cast, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001), batch)
     gens = engine.generate(prompts, max_new_tokens=40)
     assert [g.token_ids for g in gens] == refs
     for g in gens:
         assert 0 < g.stats.drafted_steps < g.stats.steps
         assert g.stats.accepted_tokens >= g.stats.drafted_steps, "each probe accepts at least one drafted token"
+
+
+def test_a_probe_feeds_the_drafter_a_window_of_the_skipped_tokens(tokenizer, exact_pair_case) -> None:
+    """Behind a closed gate, however long the skip, a probe's catch-up forward is at most 4 + probe_context tokens.
+
+    Only the first drafted step (the gate has judged nothing yet) feeds whole prompts;
+    with ``top_k=2`` a tree layer feeds at most 2 nodes.
+    """
+    models, prompts, refs = exact_pair_case
+    cast = CastConfig(top_k=2, c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, max_skip=16, probe_context=3)
+    engine = _engine(models, tokenizer, cast, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001), 4)
+    widths: list[int] = []
+    hook = models[1].model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        gens = engine.generate(prompts, max_new_tokens=40)
+    finally:
+        hook.remove()
+    assert [g.token_ids for g in gens] == refs
+    assert all(0 < g.stats.drafted_steps < g.stats.steps for g in gens)
+    assert widths[0] == max(len(p) for p in prompts) and max(widths[1:]) <= 4 + 3, widths
 
 
 def test_dear_drafter_falls_back_to_plain_decoding_and_a_cheap_one_always_drafts(tokenizer, exact_pair_case) -> None:

@@ -201,3 +201,28 @@ def test_stashed_tail_commits_an_accepted_path_exactly(model: torch.nn.Module) -
     for b in range(3):
         expected = full_logits(model, prompts[b] + pending[b])
         torch.testing.assert_close(logits[b], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_chain_fed_with_a_gap_matches_a_forward_at_the_true_positions(model: torch.nn.Module) -> None:
+    """``feed_chain(gaps=...)``: left-out tokens are unseen, later tokens keep their true positions; decoding goes on."""
+    from cast_core.forward import feed_chain
+
+    gen = torch.Generator().manual_seed(12)
+    vocab = model.config.vocab_size
+    chains = [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in (9, 5, 12)]
+    gaps = [(2, 30), (0, 0), (0, 7)]  # row 0: 2 sink tokens, then 30 positions skipped; row 2: a leading gap of 7
+    state = KVState(model.config.num_hidden_layers, 3)
+    logits = feed_chain(model, state, chains, want_last=True, gaps=gaps)
+    assert state.next_pos.tolist() == [9 + 30, 5, 12 + 7]
+    more = feed_chain(model, state, [[4], [5], [6]], want_last=True)
+
+    def expected(chain: list[int], head: int, skipped: int) -> torch.Tensor:
+        positions = [i if i < head else i + skipped for i in range(len(chain))]
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([chain]), position_ids=torch.tensor([positions])).logits[0, -1]
+
+    for b, (chain, (head, skipped)) in enumerate(zip(chains, gaps)):
+        torch.testing.assert_close(logits[b], expected(chain, head, skipped), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(more[b], expected(chain + [4 + b], head, skipped), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="counts"):
+        state.skip_positions([1, -1, 0])
