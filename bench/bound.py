@@ -5,6 +5,11 @@ Per batch size ``B``, from the cost profile at context ``ctx`` (in plain target 
     c_D    = f_D(B, ctx, 1) / f_T(B, ctx, 1)     one drafter forward
     c_V(n) = f_T(B, ctx, n) / f_T(B, ctx, 1)     verifying n tokens per row
 
+``c_D`` may instead come from a benchmark run (``drafter_cost``): its
+drafting seconds per drafter forward over vanilla's step seconds at the same
+batch size -- what the engine paid, catch-up and planning included, rather
+than what the profiler timed in isolation.
+
 A step that drafts ``d`` layers runs at least ``d`` drafter forwards (the
 catch-up, which yields layer 1, and one per further layer) and verifies at
 least ``d + 1`` tokens per row; it gains at most ``1 + d`` tokens. Hence::
@@ -56,11 +61,16 @@ def extend_acceptance(q: list[float], depth: int) -> np.ndarray:
     return out
 
 
-def speedup_bound(profile: CostProfile, batch_size: int, context: int, acceptance: list[float] | None = None) -> Bound:
-    """``S_perfect`` and (given ``acceptance`` = q) ``S_chain`` at ``batch_size``."""
+def speedup_bound(
+    profile: CostProfile, batch_size: int, context: int, acceptance: list[float] | None = None, drafter_cost: float | None = None
+) -> Bound:
+    """``S_perfect`` and (given ``acceptance`` = q) ``S_chain`` at ``batch_size`` (``drafter_cost``: a measured ``c_D``)."""
     target = np.asarray(profile.latency_curve("target", batch_size, context, MAX_DEPTH + 1), dtype=np.float64)
-    drafter = np.asarray(profile.latency_curve("drafter", batch_size, context, 1), dtype=np.float64)
-    c_d = drafter[1] / target[1]
+    if drafter_cost is None:
+        drafter = np.asarray(profile.latency_curve("drafter", batch_size, context, 1), dtype=np.float64)
+        c_d = drafter[1] / target[1]
+    else:
+        c_d = drafter_cost
     depths = np.arange(1, MAX_DEPTH + 1)
     cost = depths * c_d + target[depths + 1] / target[1]
     perfect = (1 + depths) / cost

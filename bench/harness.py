@@ -136,6 +136,7 @@ class CellResult(BaseModel):
     acceptance_by_depth: list[float] = Field(default_factory=list, description="[i] = share of drafted row-steps that accepted more than i drafted tokens.")
     batch_steps: int = Field(description="Target forwards of all groups together.")
     draft_ms_per_step: float = Field(description="Drafting (planning included) per batch step.")
+    draft_ms_per_drafter_forward: float | None = Field(None, description="Drafting time per drafter forward (the engine's methods; None when the drafter never ran).")
     verify_ms_per_step: float = Field(description="Verifying per batch step.")
     plan_ms_per_step: float = Field(description="Policy decisions per batch step.")
     plan_share: float = Field(description="plan / (draft + verify) time: planning's share of step time.")
@@ -310,6 +311,7 @@ def summarize_cell(
         acceptance_by_depth=[n / max(total.drafted_row_steps, 1) for n in total.accepted_at_least],
         batch_steps=total.batch_steps,
         draft_ms_per_step=1e3 * total.draft_s / batch_steps,
+        draft_ms_per_drafter_forward=1e3 * total.draft_s / total.drafter_forwards if total.drafter_forwards else None,
         verify_ms_per_step=1e3 * total.verify_s / batch_steps,
         plan_ms_per_step=1e3 * total.plan_s / batch_steps,
         plan_share=total.plan_s / step_s if step_s > 0 else 0.0,

@@ -124,6 +124,7 @@ class RunStats:
         gained_tokens: tokens gained over all row-steps (accepted drafts + one bonus per step).
         drafted_nodes: drafted nodes over all row-steps (before reranking).
         drafted_row_steps: row-steps the drafter ran for (CAST's speedup gate skips some).
+        drafter_forwards: drafter forwards of the batch (the engine's methods).
         accepted_at_least: ``[i]`` = row-steps that accepted more than ``i`` drafted tokens.
         verified_tokens: tokens the target scored over all row-steps (tree roots included).
         draft_s, verify_s, plan_s: the engine's split of the step time (drafting with
@@ -137,6 +138,7 @@ class RunStats:
     gained_tokens: int = 0
     drafted_nodes: int = 0
     drafted_row_steps: int = 0
+    drafter_forwards: int = 0
     accepted_at_least: list[int] = field(default_factory=list)
     verified_tokens: int = 0
     draft_s: float = 0.0
@@ -266,6 +268,7 @@ class EngineMethod(Method):
             gained_tokens=sum(g.stats.accepted_tokens + g.stats.steps for g in generations),
             drafted_nodes=sum(g.stats.drafted_nodes for g in generations),
             drafted_row_steps=sum(g.stats.drafted_steps for g in generations),
+            drafter_forwards=longest.drafter_forwards,
             accepted_at_least=add_counts(*(g.stats.accepted_at_least for g in generations)),
             verified_tokens=sum(g.stats.verified_tokens for g in generations),
             draft_s=longest.draft_s,

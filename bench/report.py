@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.bound import speedup_bound  # noqa: E402
-from bench.harness import RESULTS_DIR, BenchResult, load_result  # noqa: E402
+from bench.harness import RESULTS_DIR, BenchResult, CellResult, load_result  # noqa: E402
 from bench.serving import ServingResult, load_serving, serving_table  # noqa: E402
 from bench.sweep import SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
 from cast_core import CastConfig  # noqa: E402
@@ -168,19 +168,30 @@ def measured_profile(result: BenchResult) -> CostProfile | None:
     return None
 
 
+def measured_drafter_cost(result: BenchResult, cast: CellResult) -> float | None:
+    """``c_D`` as CAST paid it in this run: its drafting ms per drafter forward over vanilla's ms per step."""
+    vanilla = [c for c in result.cells if c.method == "vanilla" and c.dataset == cast.dataset and c.batch_size == cast.batch_size]
+    if cast.draft_ms_per_drafter_forward is None or not vanilla or vanilla[0].verify_ms_per_step <= 0:
+        return None
+    return cast.draft_ms_per_drafter_forward / vanilla[0].verify_ms_per_step
+
+
 def bounds_table(result: BenchResult, profile: CostProfile) -> str:
     """Per (dataset, B): the speedup ceilings of ``bench.bound`` next to what CAST measured."""
     lines = [
-        "| dataset | B | drafter forward / target step | ceiling, every draft accepted (depth) "
+        "| dataset | B | drafter forward / target step (profile; this run) | ceiling, every draft accepted (depth) "
         "| ceiling, CAST's measured acceptance (depth) | CAST measured | CAST accepted / step | CAST steps drafted |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dataset in _datasets(result):
         for c in sorted((c for c in result.cells if c.dataset == dataset and c.method == "cast"), key=lambda c: c.batch_size):
-            b = speedup_bound(profile, c.batch_size, BOUND_CONTEXT, c.acceptance_by_depth or None)
+            measured = measured_drafter_cost(result, c)
+            b = speedup_bound(profile, c.batch_size, BOUND_CONTEXT, c.acceptance_by_depth or None, measured)
+            profiled = speedup_bound(profile, c.batch_size, BOUND_CONTEXT).drafter_cost
             chain = "n/a" if b.chain is None else f"{b.chain:.2f}x ({b.chain_depth})"
             lines.append(
-                f"| {dataset} | {c.batch_size} | {b.drafter_cost:.2f} | {b.perfect:.2f}x ({b.perfect_depth}) | {chain} "
+                f"| {dataset} | {c.batch_size} | {profiled:.2f}; {'n/a' if measured is None else f'{measured:.2f}'} "
+                f"| {b.perfect:.2f}x ({b.perfect_depth}) | {chain} "
                 f"| {c.speedup_vs_vanilla.median:.2f}x | {c.mean_accepted_length:.2f} | {100 * c.drafted_step_share:.0f}% |"
             )
     return "\n".join(lines)
@@ -290,10 +301,13 @@ def markdown(
             "",
             "### How fast can it be here? Speedup ceilings",
             "",
-            f"From the cost profile (context {BOUND_CONTEXT}) and CAST's acceptance by depth in this run "
+            f"From the cost profile's verify costs (context {BOUND_CONTEXT}), the drafter forward's cost as CAST paid it "
+            "in this run (drafting ms per drafter forward over vanilla's ms per step; the profile's isolated figure "
+            "beside it, used where the drafter never ran) and CAST's acceptance by depth in this run "
             "(`bench/bound.py`): a step drafting `d` layers runs at least `d` drafter forwards and verifies `d + 1` "
             "tokens per row, and gains at most `1 + d` tokens. A target above the first ceiling cannot be met by any "
-            "drafter as costly as this one, however accurate; above the second, not with this drafter's acceptance. "
+            "drafter as costly as this one, however accurate; above the second, not with this drafter's acceptance "
+            "(measured on CAST's trees, which accept more per depth than a chain of that cost could). "
             "Neither counts prefill or framework time.",
             "",
             bounds_table(result, profile),

@@ -39,6 +39,8 @@ class StepStats:
         batch_size: rows in the step.
         nodes_drafted: drafted nodes per row before reranking.
         tokens_verified: tree nodes per row sent to the target, root included.
+        drafter_forwards: drafter forwards of the step (the catch-up, then one
+            per grown layer; 0 when the speedup gate skipped the drafter).
         accepted: per row, drafted tokens accepted (bonus not counted).
         draft_s, verify_s, plan_s: seconds drafting (planning included),
             verifying, and in policy decisions.
@@ -47,6 +49,7 @@ class StepStats:
     batch_size: int
     nodes_drafted: int
     tokens_verified: list[int]
+    drafter_forwards: int
     accepted: list[int]
     draft_s: float
     verify_s: float
@@ -139,10 +142,10 @@ class SpecDecoder:
             result = self.drafter.draft(
                 self.drafter_state, [s.pending for s in self.rows], self.policy, ctx, [s.plan for s in self.rows]
             )
-            tree, drafted = result.tree, result.nodes_drafted
+            tree, drafted, forwards = result.tree, result.nodes_drafted, result.layers
             plan_s += result.plan_s
         else:
-            tree, drafted = DraftTree.roots(torch.tensor([s.pending[-1] for s in self.rows])), 0
+            tree, drafted, forwards = DraftTree.roots(torch.tensor([s.pending[-1] for s in self.rows])), 0, 0
         t1 = time.perf_counter()
         paths = self.verifier.verify(
             self.target_state, tree, [s.params for s in self.rows], [s.generator for s in self.rows]
@@ -154,6 +157,7 @@ class SpecDecoder:
             batch_size=len(self.rows),
             nodes_drafted=drafted,
             tokens_verified=tree.sizes(),
+            drafter_forwards=forwards,
             accepted=[p.accepted_drafts for p in paths],
             draft_s=t1 - t0,
             verify_s=t2 - t1,

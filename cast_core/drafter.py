@@ -40,7 +40,7 @@ class DraftResult:
     Attributes:
         tree: the trees to verify (root included).
         nodes_drafted: nodes the drafter produced per row (before reranking).
-        layers: drafted layers.
+        layers: drafted layers = drafter forwards (the catch-up yields layer 1, each further layer one more).
         plan_s: seconds spent in policy decisions.
     """
 

@@ -40,6 +40,7 @@ class GenerationStats:
         steps: verifier forwards the sequence took part in.
         drafted_steps: steps the drafter ran for (the speedup gate skips the others).
         drafted_nodes: drafted nodes over all steps (before reranking).
+        drafter_forwards: drafter forwards of the steps it took part in.
         verified_tokens: tree nodes sent to the verifier, roots included.
         accepted_tokens: drafted tokens accepted.
         accepted_at_least: ``accepted_at_least[i]`` = steps that accepted more
@@ -50,6 +51,7 @@ class GenerationStats:
     steps: int = 0
     drafted_steps: int = 0
     drafted_nodes: int = 0
+    drafter_forwards: int = 0
     verified_tokens: int = 0
     accepted_tokens: int = 0
     accepted_at_least: list[int] = field(default_factory=list)
@@ -66,6 +68,7 @@ class GenerationStats:
         self.steps += 1
         self.drafted_steps += int(step.nodes_drafted > 0)
         self.drafted_nodes += step.nodes_drafted
+        self.drafter_forwards += step.drafter_forwards
         self.verified_tokens += step.tokens_verified[row]
         self.accepted_tokens += step.accepted[row]
         depth = step.accepted[row]
@@ -81,6 +84,7 @@ class GenerationStats:
             "steps": self.steps,
             "drafted_steps": self.drafted_steps,
             "drafted_nodes": self.drafted_nodes,
+            "drafter_forwards": self.drafter_forwards,
             "verified_tokens": self.verified_tokens,
             "accepted_tokens": self.accepted_tokens,
             "mean_accepted_length": self.mean_accepted_length,

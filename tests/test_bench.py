@@ -203,8 +203,10 @@ def test_cells_record_acceptance_by_depth_and_drafted_share(result) -> None:
         assert all(0 <= q <= 1 for q in c.acceptance_by_depth) and 0 <= c.drafted_step_share <= 1
         if c.method == "static":
             assert c.drafted_step_share == 1.0 and c.acceptance_by_depth
+            # a fixed depth: the catch-up, then one forward per further layer
+            assert c.draft_ms_per_drafter_forward == pytest.approx(c.draft_ms_per_step / STATIC.depth, rel=1e-6)
         if c.method in ("vanilla", "hf_generate"):
-            assert c.drafted_step_share == 0.0 and not c.acceptance_by_depth
+            assert c.drafted_step_share == 0.0 and not c.acceptance_by_depth and c.draft_ms_per_drafter_forward is None
 
 
 def test_speedup_bounds_follow_the_formula() -> None:
@@ -219,3 +221,5 @@ def test_speedup_bounds_follow_the_formula() -> None:
     assert bound.perfect == pytest.approx(expected, rel=1e-6)
     assert bound.chain is not None and 1.0 < bound.chain < bound.perfect
     assert extend_acceptance([0.8, 0.4], 4).tolist() == pytest.approx([0.8, 0.4, 0.2, 0.1])
+    dearer = speedup_bound(profile, 1, 128, [0.8, 0.6, 0.45], drafter_cost=2 * c_d)
+    assert dearer.drafter_cost == 2 * c_d and dearer.perfect < bound.perfect and dearer.chain < bound.chain
