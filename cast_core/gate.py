@@ -14,15 +14,18 @@ with what each drafted step actually achieved::
                                  profile; with neither, the step's predicted
                                  cost from its cost context
     rho   = (1 + a) / C          a = drafted tokens accepted
-    rho^B = EMA of rho over drafted steps at B (weight ``weight``)
+    rho^B = running mean of rho over the first 1 / weight drafted steps
+            at B, then an EMA (weight ``weight``)
 
 A batch size seen for the first time starts from the record of the nearest
 one judged within a factor 2 (sequences finishing one by one walk a batch
 through every size below it; each would otherwise pay a probe).
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
-lets the drafter run while ``rho^B >= min_speedup`` (and while nothing was
-observed yet). Closed, it skips ``s`` steps, then probes with one drafted
+lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
+drafted steps were judged there: the first trees, planned before any
+acceptance was seen, are the least tuned, and one of them alone must not
+shut drafting off for hundreds of steps. Closed, it skips ``s`` steps, then probes with one drafted
 step. A failing probe costs ``C - 1`` plain steps, so ``s = (C - 1) /
 probe_budget`` (at least twice the previous ``s``, at most ``max_skip``)
 keeps the time lost to probing near ``probe_budget``; a probe that pays
@@ -57,6 +60,7 @@ class _BatchGate:
     """Gate state of one batch size."""
 
     speedup: float | None = None
+    judged: int = 0
     plain_s: float | None = None
     skip_left: int = 0
     backoff: int = 0
@@ -71,6 +75,7 @@ class DraftGate:
     weight: float = 0.25
     probe_budget: float = 0.03
     probe_context: int = 16
+    min_judged: int = 3
     _by_batch: dict[int, _BatchGate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,8 @@ class DraftGate:
             raise ValueError(f"weight must be in (0, 1]; got {self.weight}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1]; got {self.probe_budget}")
+        if self.min_judged < 1:
+            raise ValueError(f"min_judged must be >= 1; got {self.min_judged}")
         if self.probe_context < 1:
             raise ValueError(f"probe_context must be >= 1; got {self.probe_context}")
 
@@ -92,13 +99,20 @@ class DraftGate:
             gate = _BatchGate()
             if near:
                 nearest = self._by_batch[min(near, key=lambda b: (abs(b - batch_size), b))]
-                gate.speedup, gate.backoff = nearest.speedup, nearest.backoff
-                gate.skip_left = nearest.backoff if nearest.speedup is not None and nearest.speedup < self.min_speedup else 0
+                gate.speedup, gate.judged, gate.backoff = nearest.speedup, nearest.judged, nearest.backoff
+                gate.skip_left = nearest.backoff if self._closed(nearest) else 0
             self._by_batch[batch_size] = gate
         return self._by_batch[batch_size]
 
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.weight) * old + self.weight * new
+    def _ema(self, old: float | None, new: float, count: int = 0) -> float:
+        """Moving average; the ``count``-th value (1-based) weighs ``max(weight, 1 / count)``."""
+        if old is None:
+            return new
+        weight = max(self.weight, 1.0 / count) if count else self.weight
+        return (1 - weight) * old + weight * new
+
+    def _closed(self, gate: _BatchGate) -> bool:
+        return gate.speedup is not None and gate.judged >= self.min_judged and gate.speedup < self.min_speedup
 
     def speedup(self, batch_size: int) -> float | None:
         """``rho^B``: the smoothed speedup of drafted steps at ``batch_size`` (None before any)."""
@@ -115,8 +129,7 @@ class DraftGate:
 
     def is_closed(self, batch_size: int) -> bool:
         """Whether drafted steps at ``batch_size`` fell below ``min_speedup`` (a drafted step now is a probe)."""
-        rho = self.speedup(batch_size)
-        return rho is not None and rho < self.min_speedup
+        return self._closed(self._at(batch_size))
 
     def probe_window(self, chains: list[list[int]], cached: list[int]) -> tuple[list[list[int]], list[tuple[int, int]]]:
         """What a probe feeds of each row's catch-up chain, and the gap it leaves.
@@ -155,8 +168,9 @@ class DraftGate:
         if speedup < 0 or cost <= 0:
             raise ValueError(f"speedup must be >= 0 and cost > 0; got {speedup}, {cost}")
         gate = self._at(batch_size)
-        gate.speedup = self._ema(gate.speedup, speedup)
-        if gate.speedup >= self.min_speedup:
+        gate.judged += 1
+        gate.speedup = self._ema(gate.speedup, speedup, gate.judged)
+        if not self._closed(gate):
             gate.backoff = 0
         elif gate.skip_left == 0:
             wanted = math.ceil(max(0.0, cost - 1.0) / self.probe_budget)

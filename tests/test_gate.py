@@ -15,23 +15,36 @@ from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair
 
 
 def test_open_until_a_step_falls_short_then_probes_with_doubling_backoff() -> None:
-    gate = DraftGate(min_speedup=1.0, max_skip=8, weight=1.0, probe_budget=1.0)
+    gate = DraftGate(min_speedup=1.0, max_skip=8, weight=1.0, probe_budget=1.0, min_judged=3)
     assert gate.should_draft(4) and gate.speedup(4) is None and gate.threshold_scale(4) == 1.0
     decisions = []
-    for _ in range(24):
+    for _ in range(26):
         if gate.should_draft(4):
             decisions.append("D")
             gate.observe(4, 0.7, 1.5)  # every drafted step is slower than plain decoding
         else:
             decisions.append(".")
-    # skip 2, probe, skip 4, probe, skip 8, probe, skip 8 (capped) ...
-    assert "".join(decisions) == "D..D....D........D......"
+    # 3 judged before it may close, then skip 2, probe, skip 4, probe, skip 8, probe, skip 8 (capped) ...
+    assert "".join(decisions) == "DDD..D....D........D......"
     assert gate.should_draft(1), "batch sizes more than a factor 2 away keep their own record"
     assert not gate.should_draft(3), "a new batch size within a factor 2 starts from the nearest record (closed)"
 
 
+def test_the_first_steps_at_a_batch_size_are_averaged_before_the_gate_may_close() -> None:
+    """One poor first tree (planned before any acceptance was seen) does not shut drafting off."""
+    gate = DraftGate(min_speedup=1.0, weight=0.25, min_judged=3)
+    for rho in (0.4, 1.5, 1.4):
+        assert gate.should_draft(1)
+        gate.observe(1, rho, 3.0)
+    assert gate.speedup(1) == pytest.approx(1.1) and not gate.is_closed(1)  # the plain mean of the first 1 / weight
+    gate.observe(1, 0.2, 3.0)  # (3 * 1.1 + 0.2) / 4
+    assert gate.speedup(1) == pytest.approx(0.875) and gate.is_closed(1) and not gate.should_draft(1)
+    gate.observe(1, 2.0, 3.0)  # now an EMA: 0.75 * 0.875 + 0.25 * 2.0
+    assert gate.speedup(1) == pytest.approx(1.15625)
+
+
 def test_a_probe_that_pays_reopens_and_scales_thresholds() -> None:
-    gate = DraftGate(min_speedup=1.0, max_skip=32, weight=0.5, probe_budget=1.0)
+    gate = DraftGate(min_speedup=1.0, max_skip=32, weight=0.5, probe_budget=1.0, min_judged=1)
     gate.observe(2, 0.5, 1.2)
     assert not gate.should_draft(2) and not gate.should_draft(2) and gate.should_draft(2)
     gate.observe(2, 2.5, 1.2)  # EMA: 0.5 * 0.5 + 0.5 * 2.5 = 1.5
@@ -42,7 +55,7 @@ def test_a_probe_that_pays_reopens_and_scales_thresholds() -> None:
 
 def test_a_dear_probe_buys_a_long_skip_and_plain_steps_are_timed() -> None:
     """A failing probe that cost C plain steps is followed by (C - 1) / probe_budget plain steps."""
-    gate = DraftGate(probe_budget=0.03, max_skip=256)
+    gate = DraftGate(probe_budget=0.03, max_skip=256, min_judged=1)
     gate.observe(8, 0.6, 4.0)
     skipped = 0
     while not gate.should_draft(8):
@@ -54,7 +67,7 @@ def test_a_dear_probe_buys_a_long_skip_and_plain_steps_are_timed() -> None:
 
 
 def test_a_probe_window_keeps_recent_tokens_and_sinks_of_an_empty_cache() -> None:
-    gate = DraftGate(probe_context=3)
+    gate = DraftGate(probe_context=3, min_judged=1)
     chains = [list(range(10)), list(range(10)), [7, 8], []]
     fed, gaps = gate.probe_window(chains, cached=[5, 0, 0, 0])
     assert fed == [[7, 8, 9], [0, 1, 2, 3, 7, 8, 9], [7, 8], []]
@@ -64,7 +77,7 @@ def test_a_probe_window_keeps_recent_tokens_and_sinks_of_an_empty_cache() -> Non
     assert gate.is_closed(2) and not gate.is_closed(8)
 
 
-@pytest.mark.parametrize("field,value", [("min_speedup", 0.0), ("max_skip", 0), ("weight", 1.5), ("probe_budget", 0.0), ("probe_context", 0)])
+@pytest.mark.parametrize("field,value", [("min_speedup", 0.0), ("max_skip", 0), ("weight", 1.5), ("probe_budget", 0.0), ("probe_context", 0), ("min_judged", 0)])
 def test_bad_gate_settings_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         DraftGate(**{field: value})
