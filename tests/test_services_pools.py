@@ -36,7 +36,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         drafter_deployment=two,
         verifier_deployment=two,
         default_max_tokens=NEW,
-        cast={"min_speedup": 1e-3},  # trees every step: these tests watch the planner's sizing, not the speedup gate
+        cast={"min_speedup": 1e-3, "c2": 1.0},  # trees every step, deep ones alone: these tests watch the planner's sizing, not the speedup gate
     )
     with served_app(config, grpc=False) as (http_port, _):
         yield f"http://127.0.0.1:{http_port}", reference_engine(target, drafter)
