@@ -75,7 +75,7 @@ class DraftGate:
     weight: float = 0.25
     probe_budget: float = 0.03
     probe_context: int = 16
-    min_judged: int = 3
+    min_judged: int = 8
     _by_batch: dict[int, _BatchGate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

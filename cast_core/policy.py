@@ -109,7 +109,7 @@ class CastConfig(BaseModel):
     max_skip: int = Field(256, ge=1, le=4096, description="Speedup gate: most plain steps between two probing drafted steps while the gate is closed.")
     probe_budget: float = Field(0.03, gt=0, le=1, description="Speedup gate: share of time a closed gate may lose to failing probes (sets the plain steps between probes from a probe's cost).")
     probe_context: int = Field(16, ge=1, le=4096, description="Speedup gate: a probe's drafter catches up on at most this many of a row's most recent tokens (plus the first 4 when its cache is empty); older skipped tokens stay out of the drafter's cache, so a probe costs the same however long the gate was closed.")
-    min_judged: int = Field(3, ge=1, le=64, description="Speedup gate: drafted steps judged at a batch size before the gate may close there (the first trees are planned before any acceptance was seen).")
+    min_judged: int = Field(8, ge=1, le=64, description="Speedup gate: drafted steps judged at a batch size before the gate may close there (one step's speedup is noisy: a tree that accepts nothing scores about 0.5 where the average is 1.5).")
     gate_weight: float = Field(0.25, gt=0, le=1, description="Speedup gate: weight of the newest step in the moving average of achieved speedup.")
     adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
 

@@ -108,7 +108,7 @@ def test_closed_gate_decodes_plainly_and_probes_catch_the_drafter_up(tokenizer, 
     """
     models, prompts, refs = exact_pair_case
     prompts, refs = prompts[:batch], refs[:batch]
-    cast = CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, max_skip=4, probe_context=64)
+    cast = CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, min_judged=1, max_skip=4, probe_context=64)
     engine = _engine(models, tokenizer, cast, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001), batch)
     gens = engine.generate(prompts, max_new_tokens=40)
     assert [g.token_ids for g in gens] == refs
@@ -124,7 +124,7 @@ def test_a_probe_feeds_the_drafter_a_window_of_the_skipped_tokens(tokenizer, exa
     with ``top_k=2`` a tree layer feeds at most 2 nodes.
     """
     models, prompts, refs = exact_pair_case
-    cast = CastConfig(top_k=2, c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, max_skip=16, probe_context=3)
+    cast = CastConfig(top_k=2, c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, min_judged=1, max_skip=16, probe_context=3)
     engine = _engine(models, tokenizer, cast, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001), 4)
     widths: list[int] = []
     hook = models[1].model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
@@ -166,7 +166,7 @@ def test_with_a_measured_profile_the_gate_judges_wall_time(tokenizer, exact_pair
 
     hook = models[1].model.register_forward_pre_hook(lambda *_: time.sleep(0.06))
     try:
-        slow = _engine(models, tokenizer, CastConfig(), measured, 2)
+        slow = _engine(models, tokenizer, CastConfig(min_judged=2), measured, 2)
         gens = slow.generate(prompts[:2], max_new_tokens=40)
     finally:
         hook.remove()
