@@ -169,9 +169,13 @@ def measured_profile(result: BenchResult) -> CostProfile | None:
 
 
 def measured_drafter_cost(result: BenchResult, cast: CellResult) -> float | None:
-    """``c_D`` as CAST paid it in this run: its drafting ms per drafter forward over vanilla's ms per step."""
+    """``c_D`` as CAST paid it in this run: its drafting ms per drafter forward over vanilla's ms per step.
+
+    None unless the drafter ran for at least half the steps: a gate's probes alone are
+    mostly catch-up forwards over skipped tokens, not a drafting step's layers.
+    """
     vanilla = [c for c in result.cells if c.method == "vanilla" and c.dataset == cast.dataset and c.batch_size == cast.batch_size]
-    if cast.draft_ms_per_drafter_forward is None or not vanilla or vanilla[0].verify_ms_per_step <= 0:
+    if cast.draft_ms_per_drafter_forward is None or cast.drafted_step_share < 0.5 or not vanilla or vanilla[0].verify_ms_per_step <= 0:
         return None
     return cast.draft_ms_per_drafter_forward / vanilla[0].verify_ms_per_step
 
@@ -303,7 +307,7 @@ def markdown(
             "",
             f"From the cost profile's verify costs (context {BOUND_CONTEXT}), the drafter forward's cost as CAST paid it "
             "in this run (drafting ms per drafter forward over vanilla's ms per step; the profile's isolated figure "
-            "beside it, used where the drafter never ran) and CAST's acceptance by depth in this run "
+            "beside it, used where the drafter ran for fewer than half the steps) and CAST's acceptance by depth in this run "
             "(`bench/bound.py`): a step drafting `d` layers runs at least `d` drafter forwards and verifies `d + 1` "
             "tokens per row, and gains at most `1 + d` tokens. A target above the first ceiling cannot be met by any "
             "drafter as costly as this one, however accurate; above the second, not with this drafter's acceptance "
