@@ -351,16 +351,17 @@ def run_serving_benchmark(config: ServingBenchConfig, prompts: list[tuple[str, s
         config.target, config.drafter, policy=config.policy, dtype=config.dtype, device=config.device, max_batch_size=max(config.concurrency)
     )
     machine = machine_info(config.dtype, config.device)
-    served = _start(config, threads)
     try:
+        served = _start(config, threads)
         levels: list[LevelResult] = []
         steps = 0
         for c in config.concurrency:
             level, steps = _measure_level(engine, served, config, encoded, c, steps)
             levels.append(level)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    finally:  # also when Serve failed to start: never leave this process's Ray running
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
     return ServingResult(config=config, machine=machine, levels=levels)
 
 
