@@ -61,16 +61,19 @@ def extend_acceptance(q: list[float], depth: int) -> np.ndarray:
     return out
 
 
+def profiled_drafter_cost(profile: CostProfile, batch_size: int, context: int) -> float:
+    """``c_D`` from the profile: one drafter forward over one plain target step."""
+    drafter = profile.latency_curve("drafter", batch_size, context, 1)
+    target = profile.latency_curve("target", batch_size, context, 1)
+    return float(drafter[1] / target[1])
+
+
 def speedup_bound(
     profile: CostProfile, batch_size: int, context: int, acceptance: list[float] | None = None, drafter_cost: float | None = None
 ) -> Bound:
     """``S_perfect`` and (given ``acceptance`` = q) ``S_chain`` at ``batch_size`` (``drafter_cost``: a measured ``c_D``)."""
     target = np.asarray(profile.latency_curve("target", batch_size, context, MAX_DEPTH + 1), dtype=np.float64)
-    if drafter_cost is None:
-        drafter = np.asarray(profile.latency_curve("drafter", batch_size, context, 1), dtype=np.float64)
-        c_d = drafter[1] / target[1]
-    else:
-        c_d = drafter_cost
+    c_d = profiled_drafter_cost(profile, batch_size, context) if drafter_cost is None else drafter_cost
     depths = np.arange(1, MAX_DEPTH + 1)
     cost = depths * c_d + target[depths + 1] / target[1]
     perfect = (1 + depths) / cost

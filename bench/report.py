@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.bound import speedup_bound  # noqa: E402
+from bench.bound import profiled_drafter_cost, speedup_bound  # noqa: E402
 from bench.harness import RESULTS_DIR, BenchResult, CellResult, load_result  # noqa: E402
 from bench.serving import ServingResult, load_serving, serving_table  # noqa: E402
 from bench.sweep import SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
@@ -191,7 +191,7 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
         for c in sorted((c for c in result.cells if c.dataset == dataset and c.method == "cast"), key=lambda c: c.batch_size):
             measured = measured_drafter_cost(result, c)
             b = speedup_bound(profile, c.batch_size, BOUND_CONTEXT, c.acceptance_by_depth or None, measured)
-            profiled = speedup_bound(profile, c.batch_size, BOUND_CONTEXT).drafter_cost
+            profiled = profiled_drafter_cost(profile, c.batch_size, BOUND_CONTEXT)
             chain = "n/a" if b.chain is None else f"{b.chain:.2f}x ({b.chain_depth})"
             lines.append(
                 f"| {dataset} | {c.batch_size} | {profiled:.2f}; {'n/a' if measured is None else f'{measured:.2f}'} "

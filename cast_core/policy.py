@@ -326,8 +326,14 @@ class CastPolicy(TreePolicy):
         self.config = config or CastConfig()
         self.top_k = self.config.top_k
         self.max_depth = self.config.max_depth
+        c = self.config
         self._gate = DraftGate(
-            self.config.min_speedup, self.config.max_skip, self.config.gate_weight, self.config.probe_budget, self.config.probe_context, self.config.min_judged
+            min_speedup=c.min_speedup,
+            max_skip=c.max_skip,
+            weight=c.gate_weight,
+            probe_budget=c.probe_budget,
+            probe_context=c.probe_context,
+            min_judged=c.min_judged,
         )
 
     @property
