@@ -22,6 +22,25 @@ measured on CAST's own trees (a tree accepts at least as often as its best
 chain); beyond the deepest measured depth, each further depth keeps the last
 measured conditional rate ``q_i / q_{i-1}``. Neither bound counts prefill or
 framework time, so measured end-to-end speedups sit below both.
+
+``S_chain`` charges chain costs for tree acceptance, so it is an estimate. A
+strict ceiling for trees of this drafter comes from where the target's greedy
+tokens rank among the drafter's guesses (``bench.ranks``): a best-first tree
+accepting ``d`` drafts from output position ``i`` holds at least ``R_d(i) =
+r_i + ... + r_{i+d-1}`` drafted nodes (every rank at most ``top_k``, ``d`` at
+most ``max_depth``). With hindsight, a step at ``i`` drafts exactly that
+path's tree and gains ``1 + d`` tokens for at least ``d * c_D + c_V(R_d(i) +
+1)``; ``d = 0`` is a plain step (cost 1). The least time to produce the whole
+output ``y`` is the dynamic program::
+
+    T(i) = min_d [ cost(d, i) + T(i + d + 1) ],   T(i) = 0 for i >= |y|
+    S_oracle(B) = sum |y| / sum T(0)
+
+over the outputs measured at ``B``, each row priced at batch size ``B``'s
+costs as if it chose its tree alone (a batch pays for its largest tree, so
+this only flatters). ``c_D`` is the profile's single-token drafter forward,
+the least a drafter forward costs. No best-first tree policy of this drafter,
+however well it guesses, beats ``S_oracle``.
 """
 
 from __future__ import annotations
@@ -83,3 +102,29 @@ def speedup_bound(
         ratio = gained / cost
         chain, chain_depth = float(ratio.max()), int(depths[ratio.argmax()])
     return Bound(batch_size, float(c_d), float(perfect.max()), int(depths[perfect.argmax()]), chain, chain_depth)
+
+
+def oracle_tree_bound(
+    ranks: list[list[int]], profile: CostProfile, batch_size: int, context: int, top_k: int, max_depth: int
+) -> float | None:
+    """``S_oracle(B)`` from the drafter ranks of the target's outputs (see module docstring); None without outputs."""
+    if not any(ranks):
+        return None
+    c_d = profiled_drafter_cost(profile, batch_size, context)
+    horizon = max_depth * top_k + 1
+    target = np.asarray(profile.latency_curve("target", batch_size, context, horizon), dtype=np.float64)
+    verify = target / target[1]  # verify[n] = c_V(n)
+    tokens = time = 0.0
+    for seq in ranks:
+        n = len(seq)
+        best = np.zeros(n + 1)  # best[i] = T(i); T(n) = 0
+        for i in range(n - 1, -1, -1):
+            cost, nodes = 1.0 + best[i + 1], 0  # d = 0: a plain step
+            for d in range(1, min(max_depth, n - i) + 1):
+                if seq[i + d - 1] > top_k:
+                    break
+                nodes += seq[i + d - 1]
+                cost = min(cost, d * c_d + verify[nodes + 1] + best[min(i + d + 1, n)])
+            best[i] = cost
+        tokens, time = tokens + n, time + best[0]
+    return tokens / time

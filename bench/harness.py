@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from bench.datasets import DATASET_NAMES, Prompt
 from bench.methods import METHOD_NAMES, MethodRun, ModelPair, RunStats, add_counts, build_methods
+from bench.ranks import teacher_forced_ranks
 from cast_core import CastConfig, StaticConfig
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 
@@ -143,6 +144,10 @@ class CellResult(BaseModel):
     model_forward_share: float = Field(description="Time inside the two models' forwards / wall time.")
     match_rate: float = Field(description="Share of prompts whose output equals vanilla's (token-identical).")
     mismatches: list[Mismatch] = Field(default_factory=list, description="First differences against vanilla.")
+    drafter_ranks: list[list[int]] = Field(
+        default_factory=list,
+        description="Vanilla cells: per output, the drafter's teacher-forced rank of each token (capped at top_k + 1; bench.ranks).",
+    )
 
 
 class BenchResult(BaseModel):
@@ -271,6 +276,7 @@ def summarize_cell(
     runs: list[MethodRun],
     vanilla: list[MethodRun],
     mismatches: list[Mismatch],
+    drafter_ranks: list[list[int]] | None = None,
 ) -> CellResult:
     """Aggregate one method's runs over the groups of one (dataset, batch size)."""
     group_results: list[GroupResult] = []
@@ -318,6 +324,7 @@ def summarize_cell(
         model_forward_share=(total.target_forward_s + total.drafter_forward_s) / wall,
         match_rate=sum(g.matched for g in group_results) / sum(len(g) for g in groups),
         mismatches=mismatches,
+        drafter_ranks=drafter_ranks or [],
     )
 
 
@@ -397,7 +404,15 @@ def run_benchmark(
                 for p, out, ref in zip(group, run.token_ids, ref_run.token_ids)
                 if out != ref
             ]
-            cells.append(summarize_cell(dataset, m.name, b, groups, runs[m.name], runs["vanilla"], mismatches))
+            ranks = None
+            if m.name == "vanilla":
+                bar.set_description(f"{dataset} B={b} drafter ranks of vanilla's outputs")
+                ranks = [
+                    teacher_forced_ranks(pair.drafter, encode[p.id], out, config.cast.top_k)
+                    for group, run in zip(groups, runs["vanilla"])
+                    for p, out in zip(group, run.token_ids)
+                ]
+            cells.append(summarize_cell(dataset, m.name, b, groups, runs[m.name], runs["vanilla"], mismatches, ranks))
         if on_block is not None:
             on_block(snapshot(complete=False))
     bar.close()

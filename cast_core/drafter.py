@@ -83,9 +83,9 @@ class Drafter:
         committed from the stash rather than fed again.
 
         With a speedup gate (``policy.gate``), the active rows first report
-        the speedup their last drafted step achieved (``DraftedStep.speedup``:
-        tokens it committed times a plain step's seconds, over the wall time
-        from its drafting to this call); if the gate then says drafting does
+        how their last step went (a plain step's wall time; a drafted step's
+        tokens committed and cost in plain steps, ``DraftedStep.judge``: the
+        wall time from its drafting to this call); if the gate then says drafting does
         not pay at this batch size, no forward runs: every tree is its root
         alone and the pending tokens wait in each row's backlog for the next
         drafted step.
@@ -113,7 +113,7 @@ class Drafter:
         for plan in live:
             plan.backlog = []
         gaps = None
-        if gate is not None and gate.is_closed(ctx.batch_size):  # a probe: its catch-up must stay cheap
+        if gate is not None and gate.is_probing(ctx.batch_size):  # a probe: its catch-up must stay cheap
             chains, gaps = gate.probe_window(chains, state.next_pos.tolist())
         try:
             result, layer_costs, catch_up_s = self._grow(state, chains, gaps, roots, active, policy, ctx, plans, live)
@@ -241,7 +241,8 @@ def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[Ro
 
 def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]], now: float) -> None:
     """Tell ``gate`` how the rows' last steps went, per batch size: the mean wall time of plain
-    (skipped) steps, then the mean ``(rho, C)`` of drafted ones (``DraftedStep.judge``).
+    (skipped) steps, then the mean tokens committed per row of drafted ones with their cost
+    and basis (``DraftedStep.judge``).
 
     ``pending`` holds each row's tokens committed by that step (accepted drafts + bonus).
     """
@@ -256,8 +257,8 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
     for batch_size, seconds in plain.items():
         gate.observe_plain(batch_size, float(np.mean(seconds)))
     for batch_size, steps in drafted.items():
-        judged = [step.judge(n, now, gate.plain_seconds(batch_size)) for step, n in steps]
-        gate.observe(batch_size, float(np.mean([r for r, _ in judged])), float(np.mean([c for _, c in judged])))
+        cost, basis = np.mean([step.judge(now, gate.plain_seconds(batch_size)) for step, _ in steps], axis=0).tolist()
+        gate.observe(batch_size, float(np.mean([n for _, n in steps])), cost, basis if basis > 0 else None)
 
 
 def _assemble(

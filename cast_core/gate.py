@@ -5,21 +5,50 @@ has run, but the drafter's catch-up forward (which yields the tree's first
 layer) is spent before any of them is asked. Where no tree can pay for that
 forward -- large batches on compute-bound hardware -- speculation is slower
 than plain decoding however the tree is pruned. The gate closes that hole
-with what each drafted step actually achieved::
+with what drafted steps actually achieved::
 
-    C     = wall / t_plain^B     the step's cost in plain steps: its wall time
-                                 (drafting to the next drafting call) over a
-                                 plain step's at batch size B -- measured on
+    C     = wall / t_plain^B     a drafted step's cost in plain steps: its wall
+                                 time (drafting to the next drafting call) over
+                                 a plain step's at batch size B -- measured on
                                  the skipped steps, else read from a measured
                                  profile; with neither, the step's predicted
                                  cost from its cost context
-    rho   = (1 + a) / C          a = drafted tokens accepted
-    rho^B = running mean of rho over the first 1 / weight drafted steps
-            at B, then an EMA (weight ``weight``)
+    n     = 1 + a                tokens it committed per row (a = accepted drafts)
+    T, K <- d T + n, d K + C     with d = exp(-C / window)
+    rho^B = T / K                tokens per plain step's worth of drafting time
+
+``rho^B`` is the throughput of drafting at ``B`` over the last ``window``
+plain steps' worth of drafted time, relative to plain decoding (one token per
+plain step). A ratio of sums, not a mean of per-step ratios: a large tree
+that accepts nothing costs its whole wall time once, where averaging ratios
+would let one cheap miss or one dear miss count as much as a run of good
+steps. Before the first decay takes hold, the sums are plain sums over the
+steps judged so far.
+
+``rho^B`` is only as good as the plain step it divides by. Before a skipped
+step at ``B`` has been timed, that is the profile's (or the predicted cost's),
+measured on another day, perhaps under another load: 12 % slower than
+profiled makes a 1.12x drafted step read 1.0x. So the record keeps its basis
+``t_basis`` (the plain seconds its costs were judged against), and once
+``MIN_PLAIN_SAMPLES`` plain steps at ``B`` are timed, each rescales it to
+``t_plain^B``, the median of the last ``PLAIN_SAMPLES`` (one plain step's
+time is noisy too)::
+
+    K <- K * t_basis / t_plain^B
+
+A gate closed on a stale basis reopens as soon as the rescaled record clears
+``min_speedup``: closing costs the few plain steps that timed it.
 
 A batch size seen for the first time starts from the record of the nearest
 one judged within a factor 2 (sequences finishing one by one walk a batch
-through every size below it; each would otherwise pay a probe).
+through every size below it; each would otherwise pay a probe), worth a
+quarter of a window (``INHERITED_SHARE``), so that its own steps soon
+outweigh it, and with its own probe schedule: a neighbour's long skip is no
+reason to skip long here. A larger batch makes every drafted step dearer
+relative to a plain one, so a batch size above its neighbour starts with a
+probe (whose catch-up is windowed, below) unless the neighbour's record
+clears ``min_speedup`` by ``UPWARD_MARGIN``: rows new to the drafter would
+otherwise feed it their whole prompts before anything says drafting pays.
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
@@ -48,22 +77,41 @@ speedup already achieved, not merely 1 (the optimum of ``(1 + U) / C`` has
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 
 #: first tokens of a row a probe feeds the drafter when its cache is empty
 SINK_TOKENS = 4
 
+#: weight of a neighbour's record in a new batch size's, in windows
+INHERITED_SHARE = 0.25
+
+#: a smaller neighbour's speedup over ``min_speedup`` that lets a new batch size skip its first probe
+UPWARD_MARGIN = 1.25
+
+#: plain step times whose median is ``t_plain^B``; how many before it rescales the record
+PLAIN_SAMPLES, MIN_PLAIN_SAMPLES = 5, 3
+
 
 @dataclass
 class _BatchGate:
     """Gate state of one batch size."""
 
-    speedup: float | None = None
+    tokens: float = 0.0
+    cost: float = 0.0
     judged: int = 0
-    plain_s: float | None = None
+    plain_times: deque[float] = field(default_factory=lambda: deque(maxlen=PLAIN_SAMPLES))
+    basis_s: float | None = None
     skip_left: int = 0
     backoff: int = 0
+    probe_first: bool = False
+
+    @property
+    def plain_s(self) -> float | None:
+        """``t_plain^B``: median of the recent plain step times (None before ``MIN_PLAIN_SAMPLES``)."""
+        return statistics.median(self.plain_times) if len(self.plain_times) >= MIN_PLAIN_SAMPLES else None
 
 
 @dataclass
@@ -72,7 +120,7 @@ class DraftGate:
 
     min_speedup: float = 1.0
     max_skip: int = 256
-    weight: float = 0.25
+    window: float = 32.0
     probe_budget: float = 0.03
     probe_context: int = 16
     min_judged: int = 8
@@ -83,8 +131,8 @@ class DraftGate:
             raise ValueError(f"min_speedup must be > 0; got {self.min_speedup}")
         if self.max_skip < 1:
             raise ValueError(f"max_skip must be >= 1; got {self.max_skip}")
-        if not 0 < self.weight <= 1:
-            raise ValueError(f"weight must be in (0, 1]; got {self.weight}")
+        if self.window <= 0:
+            raise ValueError(f"window must be > 0; got {self.window}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1]; got {self.probe_budget}")
         if self.min_judged < 1:
@@ -95,31 +143,32 @@ class DraftGate:
     def _at(self, batch_size: int) -> _BatchGate:
         """The record of ``batch_size``; a new one starts from the nearest judged batch size within a factor 2."""
         if batch_size not in self._by_batch:
-            near = [b for b, g in self._by_batch.items() if g.speedup is not None and b <= 2 * batch_size and batch_size <= 2 * b]
+            near = [b for b, g in self._by_batch.items() if g.judged and b <= 2 * batch_size and batch_size <= 2 * b]
             gate = _BatchGate()
             if near:
                 nearest = self._by_batch[min(near, key=lambda b: (abs(b - batch_size), b))]
-                gate.speedup, gate.judged, gate.backoff = nearest.speedup, nearest.judged, nearest.backoff
-                gate.skip_left = nearest.backoff if self._closed(nearest) else 0
+                # rho is a ratio, comparable across batch sizes; its basis (plain seconds at another size) is not
+                scale = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
+                gate.tokens, gate.cost, gate.judged = nearest.tokens * scale, nearest.cost * scale, nearest.judged
+                gate.skip_left = gate.backoff = 2 if self._closed(nearest) else 0
+                upward = batch_size > min(near, key=lambda b: (abs(b - batch_size), b))
+                gate.probe_first = upward and nearest.tokens < UPWARD_MARGIN * self.min_speedup * nearest.cost
             self._by_batch[batch_size] = gate
         return self._by_batch[batch_size]
 
-    def _ema(self, old: float | None, new: float, count: int = 0) -> float:
-        """Moving average; the ``count``-th value (1-based) weighs ``max(weight, 1 / count)``."""
-        if old is None:
-            return new
-        weight = max(self.weight, 1.0 / count) if count else self.weight
-        return (1 - weight) * old + weight * new
+    @staticmethod
+    def _rho(gate: _BatchGate) -> float | None:
+        return gate.tokens / gate.cost if gate.judged else None
 
     def _closed(self, gate: _BatchGate) -> bool:
-        return gate.speedup is not None and gate.judged >= self.min_judged and gate.speedup < self.min_speedup
+        return gate.judged >= self.min_judged and gate.tokens < self.min_speedup * gate.cost
 
     def speedup(self, batch_size: int) -> float | None:
-        """``rho^B``: the smoothed speedup of drafted steps at ``batch_size`` (None before any)."""
-        return self._at(batch_size).speedup
+        """``rho^B = T / K``: the windowed speedup of drafted steps at ``batch_size`` (None before any)."""
+        return self._rho(self._at(batch_size))
 
     def plain_seconds(self, batch_size: int) -> float | None:
-        """Smoothed wall time of a plain (skipped) step at ``batch_size`` (None before any)."""
+        """``t_plain^B``: median wall time of recent plain (skipped) steps at ``batch_size`` (None before ``MIN_PLAIN_SAMPLES``)."""
         return self._at(batch_size).plain_s
 
     def threshold_scale(self, batch_size: int) -> float:
@@ -128,8 +177,13 @@ class DraftGate:
         return 1.0 if rho is None else max(1.0, rho)
 
     def is_closed(self, batch_size: int) -> bool:
-        """Whether drafted steps at ``batch_size`` fell below ``min_speedup`` (a drafted step now is a probe)."""
+        """Whether drafted steps at ``batch_size`` fell below ``min_speedup``."""
         return self._closed(self._at(batch_size))
+
+    def is_probing(self, batch_size: int) -> bool:
+        """Whether a drafted step at ``batch_size`` now is a probe (closed, or a new size's first step): windowed catch-up."""
+        gate = self._at(batch_size)
+        return gate.probe_first or self._closed(gate)
 
     def probe_window(self, chains: list[list[int]], cached: list[int]) -> tuple[list[list[int]], list[tuple[int, int]]]:
         """What a probe feeds of each row's catch-up chain, and the gap it leaves.
@@ -158,18 +212,35 @@ class DraftGate:
         return True
 
     def observe_plain(self, batch_size: int, seconds: float) -> None:
-        """Record the wall time of one plain step at ``batch_size``."""
-        if seconds > 0:
-            gate = self._at(batch_size)
-            gate.plain_s = self._ema(gate.plain_s, seconds)
+        """Record the wall time of one plain step at ``batch_size``; rescale the record to ``t_plain^B``.
 
-    def observe(self, batch_size: int, speedup: float, cost: float) -> None:
-        """Record one drafted step at ``batch_size`` (``rho``, and ``C`` in plain steps); open or close the gate."""
-        if speedup < 0 or cost <= 0:
-            raise ValueError(f"speedup must be >= 0 and cost > 0; got {speedup}, {cost}")
+        ``K <- K * t_basis / t_plain^B`` once ``MIN_PLAIN_SAMPLES`` are timed; a gate this reopens stops skipping.
+        """
+        if seconds <= 0:
+            return
         gate = self._at(batch_size)
+        gate.plain_times.append(seconds)
+        plain = gate.plain_s
+        if gate.judged and gate.basis_s is not None and plain is not None:
+            gate.cost *= gate.basis_s / plain
+            gate.basis_s = plain
+            if not self._closed(gate):
+                gate.skip_left = gate.backoff = 0
+
+    def observe(self, batch_size: int, tokens: float, cost: float, basis_s: float | None = None) -> None:
+        """Record one drafted step at ``batch_size``; open or close the gate.
+
+        ``tokens``: ``n``, tokens it committed per row; ``cost``: its ``C`` in plain steps;
+        ``basis_s``: the plain step seconds ``C`` was judged against (None: unknown, never rescaled).
+        ``T, K <- d T + n, d K + C`` with ``d = exp(-C / window)``.
+        """
+        if tokens < 0 or cost <= 0:
+            raise ValueError(f"tokens must be >= 0 and cost > 0; got {tokens}, {cost}")
+        gate = self._at(batch_size)
+        decay = math.exp(-cost / self.window)
+        gate.tokens, gate.cost = decay * gate.tokens + tokens, decay * gate.cost + cost
         gate.judged += 1
-        gate.speedup = self._ema(gate.speedup, speedup, gate.judged)
+        gate.basis_s, gate.probe_first = basis_s, False
         if not self._closed(gate):
             gate.backoff = 0
         elif gate.skip_left == 0:

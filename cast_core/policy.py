@@ -110,7 +110,7 @@ class CastConfig(BaseModel):
     probe_budget: float = Field(0.03, gt=0, le=1, description="Speedup gate: share of time a closed gate may lose to failing probes (sets the plain steps between probes from a probe's cost).")
     probe_context: int = Field(16, ge=1, le=4096, description="Speedup gate: a probe's drafter catches up on at most this many of a row's most recent tokens (plus the first 4 when its cache is empty); older skipped tokens stay out of the drafter's cache, so a probe costs the same however long the gate was closed.")
     min_judged: int = Field(8, ge=1, le=64, description="Speedup gate: drafted steps judged at a batch size before the gate may close there (one step's speedup is noisy: a tree that accepts nothing scores about 0.5 where the average is 1.5).")
-    gate_weight: float = Field(0.25, gt=0, le=1, description="Speedup gate: weight of the newest step in the moving average of achieved speedup.")
+    gate_window: float = Field(32.0, gt=0, le=4096, description="Speedup gate: plain steps' worth of drafted time the achieved speedup is measured over (older steps decay as exp(-age / window)).")
     adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
 
 
@@ -195,15 +195,17 @@ class DraftedStep:
     plain_step_s: float
     predicted_cost: float
 
-    def judge(self, tokens: int, now: float, plain_s: float | None) -> tuple[float, float]:
-        """``(rho, C)`` of the step that committed ``tokens``, ``now`` being the next drafting call.
+    def judge(self, now: float, plain_s: float | None) -> tuple[float, float]:
+        """``(C, basis)`` of the step, ``now`` being the next drafting call.
 
         ``C = wall / plain`` with ``plain`` the measured plain step (``plain_s``), else the
-        profile's (``plain_step_s``); with neither, ``C = predicted_cost``. ``rho = tokens / C``.
+        profile's (``plain_step_s``), and ``basis = plain``; with neither, ``C = predicted_cost``
+        and ``basis = 0`` (no plain step to rescale from).
         """
         wall, plain = now - self.started, plain_s or self.plain_step_s
-        cost = wall / plain if plain > 0 and wall > 0 else self.predicted_cost
-        return tokens / cost, cost
+        if plain > 0 and wall > 0:
+            return wall / plain, plain
+        return self.predicted_cost, 0.0
 
 
 @dataclass
@@ -330,7 +332,7 @@ class CastPolicy(TreePolicy):
         self._gate = DraftGate(
             min_speedup=c.min_speedup,
             max_skip=c.max_skip,
-            weight=c.gate_weight,
+            window=c.gate_window,
             probe_budget=c.probe_budget,
             probe_context=c.probe_context,
             min_judged=c.min_judged,

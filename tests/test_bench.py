@@ -84,6 +84,10 @@ def test_result_schema_and_cells(result) -> None:
         assert c.verified_tokens_per_step >= 1
         if c.method == "vanilla":
             assert c.speedup_vs_vanilla.median == pytest.approx(1.0)
+            assert len(c.drafter_ranks) == sum(len(g.prompt_ids) for g in c.groups) and all(1 <= r <= CAST.top_k + 1 for seq in c.drafter_ranks for r in seq)
+            assert sum(len(seq) for seq in c.drafter_ranks) == sum(g.tokens for g in c.groups)
+        else:
+            assert c.drafter_ranks == []
         if c.method in ("vanilla", "hf_generate"):
             assert c.mean_accepted_length == pytest.approx(1.0)
             assert c.drafted_nodes_per_step == 0
@@ -223,3 +227,54 @@ def test_speedup_bounds_follow_the_formula() -> None:
     assert extend_acceptance([0.8, 0.4], 4).tolist() == pytest.approx([0.8, 0.4, 0.2, 0.1])
     dearer = speedup_bound(profile, 1, 128, [0.8, 0.6, 0.45], drafter_cost=2 * c_d)
     assert dearer.drafter_cost == 2 * c_d and dearer.perfect < bound.perfect and dearer.chain < bound.chain
+
+
+def _brute_force_time(ranks: list[int], c_d: float, verify, top_k: int, max_depth: int) -> float:
+    """Least time to produce ``ranks``' output, trying every split into steps (the DP's reference)."""
+    if not ranks:
+        return 0.0
+    best = 1.0 + _brute_force_time(ranks[1:], c_d, verify, top_k, max_depth)
+    for d in range(1, min(max_depth, len(ranks)) + 1):
+        if max(ranks[:d]) > top_k:
+            break
+        best = min(best, d * c_d + verify(sum(ranks[:d]) + 1) + _brute_force_time(ranks[d + 1 :], c_d, verify, top_k, max_depth))
+    return best
+
+
+def test_oracle_tree_bound_is_the_cheapest_schedule_of_best_first_trees() -> None:
+    """S_oracle = sum |y| / sum T(0): a tree accepting d drafts holds the sum of their ranks in nodes."""
+    from bench.bound import oracle_tree_bound, speedup_bound
+
+    profile = CostProfile.synthetic(0.1, 0.01, 0.03, 0.0, token_counts=(1, 2, 4, 8, 16, 32, 64))
+    c_d = 0.03 / 0.11
+
+    def verify(n: int) -> float:
+        return (0.1 + 0.01 * n) / 0.11
+
+    five = oracle_tree_bound([[1, 1, 1, 1, 1]], profile, 1, 128, top_k=4, max_depth=4)
+    assert five == pytest.approx(5 / (4 * c_d + verify(5)))  # one step: 4 drafts accepted + the bonus token
+    outputs = [[1, 1, 2, 1, 1, 5, 1, 3, 1, 1, 1], [2, 7, 1, 1, 4, 1, 2, 2]]
+    expected = sum(map(len, outputs)) / sum(_brute_force_time(seq, c_d, verify, 4, 3) for seq in outputs)
+    assert oracle_tree_bound(outputs, profile, 1, 128, top_k=4, max_depth=3) == pytest.approx(expected)
+    assert oracle_tree_bound([[9] * 20], profile, 1, 128, top_k=4, max_depth=4) == pytest.approx(1.0), "no tree holds a rank-9 token"
+    assert oracle_tree_bound([[], []], profile, 1, 128, top_k=4, max_depth=4) is None
+    chain = oracle_tree_bound([[1] * 400], profile, 1, 128, top_k=4, max_depth=48)
+    assert chain <= speedup_bound(profile, 1, 128).perfect + 1e-9  # every draft accepted is the best case
+
+
+def test_teacher_forced_ranks_match_incremental_decoding() -> None:
+    """The target ranks each of its own greedy tokens first; a noisy drafter as its step-by-step logits do."""
+    from bench.ranks import teacher_forced_ranks
+
+    target, drafter = tiny_pair("llama", torch.float32)
+    prompt = [5, 17, 33, 8]
+    output = reference_greedy(target, prompt, 12, TINY_EOS)
+    assert teacher_forced_ranks(target, prompt, output, cap=4) == [1] * len(output)
+    ranks = teacher_forced_ranks(drafter, prompt, output, cap=3)
+    with torch.no_grad():
+        for i, token in enumerate(output):
+            logits = drafter(input_ids=torch.tensor([prompt + output[:i]])).logits[0, -1]
+            assert ranks[i] == min(1 + int((logits > logits[token]).sum()), 4)
+    assert teacher_forced_ranks(drafter, prompt, [], cap=3) == []
+    with pytest.raises(ValueError, match="cap"):
+        teacher_forced_ranks(drafter, prompt, output, cap=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -15,55 +16,116 @@ from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair
 
 
 def test_open_until_a_step_falls_short_then_probes_with_doubling_backoff() -> None:
-    gate = DraftGate(min_speedup=1.0, max_skip=8, weight=1.0, probe_budget=1.0, min_judged=3)
+    gate = DraftGate(min_speedup=1.0, max_skip=8, window=math.inf, probe_budget=1.0, min_judged=3)
     assert gate.should_draft(4) and gate.speedup(4) is None and gate.threshold_scale(4) == 1.0
     decisions = []
     for _ in range(26):
         if gate.should_draft(4):
             decisions.append("D")
-            gate.observe(4, 0.7, 1.5)  # every drafted step is slower than plain decoding
+            gate.observe(4, 1.05, 1.5)  # every drafted step is slower than plain decoding: 0.7x
         else:
             decisions.append(".")
     # 3 judged before it may close, then skip 2, probe, skip 4, probe, skip 8, probe, skip 8 (capped) ...
     assert "".join(decisions) == "DDD..D....D........D......"
+    assert gate.speedup(4) == pytest.approx(0.7)
     assert gate.should_draft(1), "batch sizes more than a factor 2 away keep their own record"
     assert not gate.should_draft(3), "a new batch size within a factor 2 starts from the nearest record (closed)"
 
 
-def test_the_first_steps_at_a_batch_size_are_averaged_before_the_gate_may_close() -> None:
-    """One poor first tree (planned before any acceptance was seen) does not shut drafting off."""
-    gate = DraftGate(min_speedup=1.0, weight=0.25, min_judged=3)
-    for rho in (0.4, 1.5, 1.4):
+def test_the_record_is_tokens_over_drafted_time_in_a_window() -> None:
+    """``rho^B = T / K``: a ratio of sums (a dear miss costs its whole time), older steps decaying by exp(-C / window)."""
+    gate = DraftGate(window=math.inf, min_judged=3)
+    for tokens in (1.2, 4.5, 4.2):  # 0.4x, 1.5x, 1.4x at 3 plain steps each
         assert gate.should_draft(1)
-        gate.observe(1, rho, 3.0)
-    assert gate.speedup(1) == pytest.approx(1.1) and not gate.is_closed(1)  # the plain mean of the first 1 / weight
-    gate.observe(1, 0.2, 3.0)  # (3 * 1.1 + 0.2) / 4
-    assert gate.speedup(1) == pytest.approx(0.875) and gate.is_closed(1) and not gate.should_draft(1)
-    gate.observe(1, 2.0, 3.0)  # now an EMA: 0.75 * 0.875 + 0.25 * 2.0
-    assert gate.speedup(1) == pytest.approx(1.15625)
+        gate.observe(1, tokens, 3.0)
+    assert gate.speedup(1) == pytest.approx(9.9 / 9) and not gate.is_closed(1)
+    gate.observe(1, 1.0, 8.0)  # a large tree that accepted nothing: 8 plain steps for one token
+    assert gate.speedup(1) == pytest.approx(10.9 / 17) and gate.is_closed(1) and not gate.should_draft(1)
+    windowed = DraftGate(window=4.0)
+    windowed.observe(1, 1.0, 4.0)
+    windowed.observe(1, 8.0, 4.0)  # the first step is one window old: weight exp(-1)
+    assert windowed.speedup(1) == pytest.approx((math.exp(-1) * 1 + 8) / (math.exp(-1) * 4 + 4))
 
 
 def test_a_probe_that_pays_reopens_and_scales_thresholds() -> None:
-    gate = DraftGate(min_speedup=1.0, max_skip=32, weight=0.5, probe_budget=1.0, min_judged=1)
-    gate.observe(2, 0.5, 1.2)
+    gate = DraftGate(min_speedup=1.0, max_skip=32, window=math.inf, probe_budget=1.0, min_judged=1)
+    gate.observe(2, 0.6, 1.2)
     assert not gate.should_draft(2) and not gate.should_draft(2) and gate.should_draft(2)
-    gate.observe(2, 2.5, 1.2)  # EMA: 0.5 * 0.5 + 0.5 * 2.5 = 1.5
-    assert gate.speedup(2) == pytest.approx(1.5)
+    gate.observe(2, 5.4, 1.2)  # (0.6 + 5.4) / 2.4
+    assert gate.speedup(2) == pytest.approx(2.5)
     assert all(gate.should_draft(2) for _ in range(5))
-    assert gate.threshold_scale(2) == pytest.approx(1.5)
+    assert gate.threshold_scale(2) == pytest.approx(2.5)
 
 
 def test_a_dear_probe_buys_a_long_skip_and_plain_steps_are_timed() -> None:
     """A failing probe that cost C plain steps is followed by (C - 1) / probe_budget plain steps."""
     gate = DraftGate(probe_budget=0.03, max_skip=256, min_judged=1)
-    gate.observe(8, 0.6, 4.0)
+    gate.observe(8, 2.4, 4.0)
     skipped = 0
     while not gate.should_draft(8):
         skipped += 1
     assert skipped == 100  # (4 - 1) / 0.03: the probe's 3 lost steps are 3 % of the 100 it buys
     gate.observe_plain(8, 0.3)
     gate.observe_plain(8, 0.5)
-    assert gate.plain_seconds(8) == pytest.approx(0.75 * 0.3 + 0.25 * 0.5) and gate.plain_seconds(1) is None
+    assert gate.plain_seconds(8) is None, "fewer than 3 timed plain steps say little"
+    gate.observe_plain(8, 0.4)
+    assert gate.plain_seconds(8) == pytest.approx(0.4) and gate.plain_seconds(1) is None  # the median
+
+
+def test_a_new_batch_size_weighs_its_neighbours_record_a_quarter_window_and_probes_soon() -> None:
+    gate = DraftGate(window=32.0, min_judged=1, max_skip=256)
+    gate.observe(2, 16.0, 32.0)  # 0.5x over a whole window: closed for (32 - 1) / 0.03 steps, capped at 256
+    assert gate.is_closed(2)
+    assert not gate.should_draft(3) and not gate.should_draft(3) and gate.should_draft(3), "its own probe after 2 steps"
+    assert gate.speedup(3) == pytest.approx(0.5)
+    gate.observe(3, 6.0, 2.0)  # one good step of its own outweighs the inherited quarter window (T=4, K=8)
+    decay = math.exp(-2.0 / 32.0)
+    assert gate.speedup(3) == pytest.approx((decay * 4 + 6) / (decay * 8 + 2)) and not gate.is_closed(3)
+    assert gate.is_closed(2), "the neighbour keeps its own record"
+
+
+def test_timed_plain_steps_rescale_the_record_and_reopen_a_gate_closed_on_a_stale_basis() -> None:
+    """Drafted steps judged against a profiled 0.20 s plain step, on a machine where it takes 0.25 s."""
+    gate = DraftGate(window=math.inf, min_judged=2, probe_budget=0.1)
+    for _ in range(2):
+        gate.observe(1, 2.3, 2.5, basis_s=0.20)  # 2.3 tokens per 0.5 s drafted step, over 0.20 s: 0.92x
+    assert gate.is_closed(1) and not gate.should_draft(1)
+    gate.observe_plain(1, 0.25)
+    gate.observe_plain(1, 0.40)  # an outlier among the first timings: no rescale before 3 of them
+    assert gate.speedup(1) == pytest.approx(0.92) and gate.is_closed(1)
+    gate.observe_plain(1, 0.25)  # median 0.25: the record was 1.15x all along
+    assert gate.speedup(1) == pytest.approx(1.15) and not gate.is_closed(1)
+    assert gate.should_draft(1), "the reopened gate stops skipping at once"
+    gate.observe(1, 2.2, 2.0, basis_s=0.25)
+    for _ in range(3):
+        gate.observe_plain(1, 0.35)  # the last 5: 0.40 0.25 0.35 0.35 0.35, median 0.35
+    assert gate.plain_seconds(1) == pytest.approx(0.35)
+    assert gate.speedup(1) == pytest.approx(6.8 / (6.0 * 0.25 / 0.35)), "the record follows the plain step it divides by"
+
+
+def test_a_record_without_a_basis_or_a_truly_slow_one_is_not_rescaled_open() -> None:
+    gate = DraftGate(min_judged=1, probe_budget=0.1)
+    gate.observe(2, 1.6, 2.0)  # basis unknown (no profile): never rescaled
+    for _ in range(3):
+        gate.observe_plain(2, 0.5)
+    assert gate.speedup(2) == pytest.approx(0.8) and gate.is_closed(2)
+    gate.observe(8, 1.5, 3.0, basis_s=0.3)
+    for _ in range(3):
+        gate.observe_plain(8, 0.33)  # 0.55x against the timed step: still closed, still skipping
+    assert gate.speedup(8) == pytest.approx(0.55) and gate.is_closed(8) and not gate.should_draft(8)
+
+
+def test_a_larger_batch_size_probes_first_unless_its_neighbour_clears_the_margin() -> None:
+    """Upward, a neighbour at 1.1x (below 1.25x) leaves the new size's first drafted step a windowed probe."""
+    gate = DraftGate(min_judged=1)
+    gate.observe(2, 2.2, 2.0)
+    assert not gate.is_closed(4) and gate.is_probing(4) and gate.should_draft(4)
+    gate.observe(4, 3.0, 2.0)
+    assert not gate.is_probing(4), "judged once, it drafts as its record says"
+    assert not gate.is_probing(1), "downward a drafted step only gets cheaper: no probe"
+    sure = DraftGate(min_judged=1)
+    sure.observe(2, 3.0, 2.0)  # 1.5x clears the margin
+    assert not sure.is_probing(4) and not sure.is_probing(3)
 
 
 def test_a_probe_window_keeps_recent_tokens_and_sinks_of_an_empty_cache() -> None:
@@ -73,11 +135,11 @@ def test_a_probe_window_keeps_recent_tokens_and_sinks_of_an_empty_cache() -> Non
     assert fed == [[7, 8, 9], [0, 1, 2, 3, 7, 8, 9], [7, 8], []]
     assert gaps == [(0, 7), (4, 3), (0, 0), (0, 0)]
     assert not gate.is_closed(2)
-    gate.observe(2, 0.5, 2.0)
+    gate.observe(2, 1.0, 2.0)
     assert gate.is_closed(2) and not gate.is_closed(8)
 
 
-@pytest.mark.parametrize("field,value", [("min_speedup", 0.0), ("max_skip", 0), ("weight", 1.5), ("probe_budget", 0.0), ("probe_context", 0), ("min_judged", 0)])
+@pytest.mark.parametrize("field,value", [("min_speedup", 0.0), ("max_skip", 0), ("window", 0.0), ("probe_budget", 0.0), ("probe_context", 0), ("min_judged", 0)])
 def test_bad_gate_settings_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         DraftGate(**{field: value})
