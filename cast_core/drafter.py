@@ -113,7 +113,7 @@ class Drafter:
         for plan in live:
             plan.backlog = []
         gaps = None
-        if gate is not None and gate.is_probing(ctx.batch_size):  # a probe: its catch-up must stay cheap
+        if gate is not None and gate.windows_catch_up(ctx.batch_size):  # a probe, or drafting barely pays: keep catch-up cheap
             chains, gaps = gate.probe_window(chains, state.next_pos.tolist())
         try:
             result, layer_costs, catch_up_s = self._grow(state, chains, gaps, roots, active, policy, ctx, plans, live)

@@ -44,11 +44,7 @@ one judged within a factor 2 (sequences finishing one by one walk a batch
 through every size below it; each would otherwise pay a probe), worth a
 quarter of a window (``INHERITED_SHARE``), so that its own steps soon
 outweigh it, and with its own probe schedule: a neighbour's long skip is no
-reason to skip long here. A larger batch makes every drafted step dearer
-relative to a plain one, so a batch size above its neighbour starts with a
-probe (whose catch-up is windowed, below) unless the neighbour's record
-clears ``min_speedup`` by ``UPWARD_MARGIN``: rows new to the drafter would
-otherwise feed it their whole prompts before anything says drafting pays.
+reason to skip long here.
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
@@ -62,11 +58,17 @@ reopens the gate.
 
 A probe must not cost more the longer the gate stayed closed: the drafter
 would otherwise catch up on every skipped token (at batch size ``B``, ``s``
-skipped steps put ``B * s`` tokens through it). A probe's drafter feeds at
-most ``probe_context`` of a row's most recent tokens, plus the row's first
+skipped steps put ``B * s`` tokens through it). Nor should a row new to the
+drafter feed it its whole prompt (at B=8 on this project's CPU, 8 code
+prompts take the 0.5B drafter about 10 s) where drafting barely pays. So
+unless ``rho^B`` clears ``min_speedup`` by ``CATCH_UP_MARGIN`` (or nothing
+is known at ``B`` yet), a drafted step's drafter feeds at most
+``probe_context`` of a row's most recent tokens, plus the row's first
 ``SINK_TOKENS`` when its cache is still empty (models lean on their first
 tokens as attention sinks); the rest is skipped over as a gap in its cache
-(``KVState.skip_positions``). Drafts may get worse for it, never wrong.
+(``KVState.skip_positions``). Only long catch-ups (a prompt, a backlog) are
+cut: a step's own new tokens are fewer. Drafts may get worse for it, never
+wrong.
 
 ``rho^B`` also serves as the scale of CAST's thresholds (``threshold_scale``):
 a node is worth adding when its marginal tokens per marginal cost beat the
@@ -88,8 +90,8 @@ SINK_TOKENS = 4
 #: weight of a neighbour's record in a new batch size's, in windows
 INHERITED_SHARE = 0.25
 
-#: a smaller neighbour's speedup over ``min_speedup`` that lets a new batch size skip its first probe
-UPWARD_MARGIN = 1.25
+#: factor over ``min_speedup`` that ``rho^B`` must reach before long catch-ups are fed whole
+CATCH_UP_MARGIN = 1.25
 
 #: plain step times whose median is ``t_plain^B``; how many before it rescales the record
 PLAIN_SAMPLES, MIN_PLAIN_SAMPLES = 5, 3
@@ -106,7 +108,6 @@ class _BatchGate:
     basis_s: float | None = None
     skip_left: int = 0
     backoff: int = 0
-    probe_first: bool = False
 
     @property
     def plain_s(self) -> float | None:
@@ -151,8 +152,6 @@ class DraftGate:
                 scale = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
                 gate.tokens, gate.cost, gate.judged = nearest.tokens * scale, nearest.cost * scale, nearest.judged
                 gate.skip_left = gate.backoff = 2 if self._closed(nearest) else 0
-                upward = batch_size > min(near, key=lambda b: (abs(b - batch_size), b))
-                gate.probe_first = upward and nearest.tokens < UPWARD_MARGIN * self.min_speedup * nearest.cost
             self._by_batch[batch_size] = gate
         return self._by_batch[batch_size]
 
@@ -180,13 +179,16 @@ class DraftGate:
         """Whether drafted steps at ``batch_size`` fell below ``min_speedup``."""
         return self._closed(self._at(batch_size))
 
-    def is_probing(self, batch_size: int) -> bool:
-        """Whether a drafted step at ``batch_size`` now is a probe (closed, or a new size's first step): windowed catch-up."""
-        gate = self._at(batch_size)
-        return gate.probe_first or self._closed(gate)
+    def windows_catch_up(self, batch_size: int) -> bool:
+        """Whether a drafted step at ``batch_size`` feeds long catch-ups through ``probe_window``.
+
+        True unless ``rho^B >= CATCH_UP_MARGIN * min_speedup`` or nothing is known at ``batch_size``.
+        """
+        rho = self.speedup(batch_size)
+        return rho is not None and rho < CATCH_UP_MARGIN * self.min_speedup
 
     def probe_window(self, chains: list[list[int]], cached: list[int]) -> tuple[list[list[int]], list[tuple[int, int]]]:
-        """What a probe feeds of each row's catch-up chain, and the gap it leaves.
+        """What a windowed step (``windows_catch_up``) feeds of each row's catch-up chain, and the gap it leaves.
 
         ``cached[b]``: tokens row ``b`` has in the drafter's cache. A chain
         longer than ``probe_context`` keeps its last ``probe_context`` tokens,
@@ -240,7 +242,7 @@ class DraftGate:
         decay = math.exp(-cost / self.window)
         gate.tokens, gate.cost = decay * gate.tokens + tokens, decay * gate.cost + cost
         gate.judged += 1
-        gate.basis_s, gate.probe_first = basis_s, False
+        gate.basis_s = basis_s
         if not self._closed(gate):
             gate.backoff = 0
         elif gate.skip_left == 0:

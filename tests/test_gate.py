@@ -115,17 +115,17 @@ def test_a_record_without_a_basis_or_a_truly_slow_one_is_not_rescaled_open() -> 
     assert gate.speedup(8) == pytest.approx(0.55) and gate.is_closed(8) and not gate.should_draft(8)
 
 
-def test_a_larger_batch_size_probes_first_unless_its_neighbour_clears_the_margin() -> None:
-    """Upward, a neighbour at 1.1x (below 1.25x) leaves the new size's first drafted step a windowed probe."""
+def test_long_catch_ups_are_windowed_unless_drafting_clearly_pays() -> None:
+    """A prompt or a backlog is fed whole only where nothing is known yet or rho^B >= 1.25 min_speedup."""
     gate = DraftGate(min_judged=1)
-    gate.observe(2, 2.2, 2.0)
-    assert not gate.is_closed(4) and gate.is_probing(4) and gate.should_draft(4)
-    gate.observe(4, 3.0, 2.0)
-    assert not gate.is_probing(4), "judged once, it drafts as its record says"
-    assert not gate.is_probing(1), "downward a drafted step only gets cheaper: no probe"
-    sure = DraftGate(min_judged=1)
-    sure.observe(2, 3.0, 2.0)  # 1.5x clears the margin
-    assert not sure.is_probing(4) and not sure.is_probing(3)
+    assert not gate.windows_catch_up(2), "nothing known: the first step feeds whole prompts"
+    gate.observe(2, 2.2, 2.0)  # 1.1x: pays, barely
+    assert not gate.is_closed(2) and gate.windows_catch_up(2) and gate.should_draft(2)
+    assert gate.windows_catch_up(4), "a new batch size inherits the record, and with it the window"
+    gate.observe(2, 4.0, 2.0)  # (2.2 + 4) / 4 = 1.55x
+    assert not gate.windows_catch_up(2)
+    gate.observe(8, 1.0, 2.0)
+    assert gate.is_closed(8) and gate.windows_catch_up(8), "a closed gate's probes are windowed"
 
 
 def test_a_probe_window_keeps_recent_tokens_and_sinks_of_an_empty_cache() -> None:
