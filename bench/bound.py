@@ -105,12 +105,21 @@ def speedup_bound(
 
 
 def oracle_tree_bound(
-    ranks: list[list[int]], profile: CostProfile, batch_size: int, context: int, top_k: int, max_depth: int
+    ranks: list[list[int]],
+    profile: CostProfile,
+    batch_size: int,
+    context: int,
+    top_k: int,
+    max_depth: int,
+    drafter_cost: float | None = None,
 ) -> float | None:
-    """``S_oracle(B)`` from the drafter ranks of the target's outputs (see module docstring); None without outputs."""
+    """``S_oracle(B)`` from the drafter ranks of the target's outputs (see module docstring); None without outputs.
+
+    ``drafter_cost``: a measured ``c_D`` to price drafter forwards with instead of the profile's.
+    """
     if not any(ranks):
         return None
-    c_d = profiled_drafter_cost(profile, batch_size, context)
+    c_d = profiled_drafter_cost(profile, batch_size, context) if drafter_cost is None else drafter_cost
     horizon = max_depth * top_k + 1
     target = np.asarray(profile.latency_curve("target", batch_size, context, horizon), dtype=np.float64)
     verify = target / target[1]  # verify[n] = c_V(n)

@@ -195,7 +195,8 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
             b = speedup_bound(profile, c.batch_size, BOUND_CONTEXT, c.acceptance_by_depth or None, measured)
             profiled = profiled_drafter_cost(profile, c.batch_size, BOUND_CONTEXT)
             vanilla = result.cell(dataset, "vanilla", c.batch_size)
-            oracle = oracle_tree_bound(vanilla.drafter_ranks if vanilla else [], profile, c.batch_size, BOUND_CONTEXT, cast.top_k, cast.max_depth)
+            ranks = vanilla.drafter_ranks if vanilla else []
+            oracle = oracle_tree_bound(ranks, profile, c.batch_size, BOUND_CONTEXT, cast.top_k, cast.max_depth, measured)
             chain = "n/a" if b.chain is None else f"{b.chain:.2f}x ({b.chain_depth})"
             lines.append(
                 f"| {dataset} | {c.batch_size} | {profiled:.2f}; {'n/a' if measured is None else f'{measured:.2f}'} "
@@ -318,8 +319,8 @@ def markdown(
             "of vanilla's output tokens among the drafter's guesses (teacher-forced, `bench/ranks.py`), a best-first tree "
             f"(at most top_k = {result.config.cast.top_k} children a node, depth {result.config.cast.max_depth}) that accepts "
             "`d` drafts holds at least the sum of their ranks in nodes; a dynamic program over each output picks, with "
-            "hindsight, the cheapest tree at every step, priced with the profile's single-token drafter forward. No tree "
-            "policy of this drafter beats it. The third uses CAST's acceptance by depth in this run (measured on CAST's trees, "
+            "hindsight, the cheapest tree at every step, priced like the first ceiling. No tree policy of this drafter "
+            "whose forwards cost that much beats it (with the profile's single-token forward, none at all). The third uses CAST's acceptance by depth in this run (measured on CAST's trees, "
             "which accept more per depth than a chain of that cost could), so it is an estimate. "
             "None counts prefill or framework time.",
             "",
