@@ -60,7 +60,7 @@ A probe must not cost more the longer the gate stayed closed: the drafter
 would otherwise catch up on every skipped token (at batch size ``B``, ``s``
 skipped steps put ``B * s`` tokens through it). Nor should a row new to the
 drafter feed it its whole prompt (at B=8 on this project's CPU, 8 code
-prompts take the 0.5B drafter about 10 s) where drafting barely pays. So
+prompts took the 0.5B drafter 13 s of a 78 s run) where drafting barely pays. So
 unless ``rho^B`` clears ``min_speedup`` by ``CATCH_UP_MARGIN`` (or nothing
 is known at ``B`` yet), a drafted step's drafter feeds at most
 ``probe_context`` of a row's most recent tokens, plus the row's first
