@@ -39,8 +39,9 @@ output ``y`` is the dynamic program::
 over the outputs measured at ``B``, each row priced at batch size ``B``'s
 costs as if it chose its tree alone (a batch pays for its largest tree, so
 this only flatters). ``c_D`` is the profile's single-token drafter forward,
-the least a drafter forward costs. No best-first tree policy of this drafter,
-however well it guesses, beats ``S_oracle``.
+the least a drafter forward costs, unless a measured one is given. No
+best-first tree policy of this drafter, however well it guesses, beats
+``S_oracle`` with forwards that cost ``c_D``.
 """
 
 from __future__ import annotations

@@ -174,10 +174,10 @@ def measured_drafter_cost(result: BenchResult, cast: CellResult) -> float | None
     None unless the drafter ran for at least half the steps: a gate's probes alone are
     mostly catch-up forwards over skipped tokens, not a drafting step's layers.
     """
-    vanilla = [c for c in result.cells if c.method == "vanilla" and c.dataset == cast.dataset and c.batch_size == cast.batch_size]
-    if cast.draft_ms_per_drafter_forward is None or cast.drafted_step_share < 0.5 or not vanilla or vanilla[0].verify_ms_per_step <= 0:
+    vanilla = result.cell(cast.dataset, "vanilla", cast.batch_size)
+    if cast.draft_ms_per_drafter_forward is None or cast.drafted_step_share < 0.5 or vanilla is None or vanilla.verify_ms_per_step <= 0:
         return None
-    return cast.draft_ms_per_drafter_forward / vanilla[0].verify_ms_per_step
+    return cast.draft_ms_per_drafter_forward / vanilla.verify_ms_per_step
 
 
 def bounds_table(result: BenchResult, profile: CostProfile) -> str:
