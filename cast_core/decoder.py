@@ -88,8 +88,8 @@ class SpecDecoder:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def admit(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> LiveSequence:
-        """Prefill a new sequence in the target and add it as the last row.
+    def admit(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int | None = None) -> LiveSequence:
+        """Prefill a new sequence that may generate ``max_new_tokens`` (None: unbounded) and add it as the last row.
 
         The drafter's row starts empty with the prompt as its backlog: it is
         fed at the row's first drafted step, and never where the speedup gate
@@ -100,7 +100,7 @@ class SpecDecoder:
             prompt_ids=list(prompt_ids),
             params=params,
             generator=make_generator(params.seed),
-            plan=self.policy.new_row_plan(),
+            plan=self.policy.new_row_plan(max_new_tokens),
             pending=[prompt_ids[-1]],
         )
         state = self.verifier.new_state(1)

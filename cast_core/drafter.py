@@ -5,8 +5,9 @@ Per step and batch (one forward per layer, every row in it):
 1. *Catch-up*: commit each row's pending tokens (tokens committed since the
    last step, ending with the root): the accepted drafts the last tree fed
    come from its stashed cache entries, the rest (at least the root) is fed
-   as a causal chain -- at a speedup gate's probe, only its most recent
-   tokens (``DraftGate.probe_window``). The logits at the root give layer 1: the root's
+   as a causal chain -- of a long one (a prompt, a backlog) only its most
+   recent tokens where the speedup gate finds feeding it whole does not pay
+   (``DraftGate.catch_up``). The logits at the root give layer 1: the root's
    ``top_k`` children, ``v = p_D(child)``.
 2. For layer ``i``: the policy keeps ``n_i`` candidates (best ``v`` first)
    and decides whether to grow. Growing feeds the kept nodes (tree mask over
@@ -20,6 +21,7 @@ Per step and batch (one forward per layer, every row in it):
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -113,8 +115,9 @@ class Drafter:
         for plan in live:
             plan.backlog = []
         gaps = None
-        if gate is not None and gate.windows_catch_up(ctx.batch_size):  # a probe, or drafting barely pays: keep catch-up cheap
-            chains, gaps = gate.probe_window(chains, state.next_pos.tolist())
+        if gate is not None:  # a prompt or a backlog is fed whole only where drafting repays it
+            left = [math.inf if plan.tokens_left is None else plan.tokens_left for plan in plans]
+            chains, gaps = gate.catch_up(ctx.batch_size, chains, state.next_pos.tolist(), left, ctx.drafter_cost)
         try:
             result, layer_costs, catch_up_s = self._grow(state, chains, gaps, roots, active, policy, ctx, plans, live)
         except BaseException:
@@ -123,7 +126,7 @@ class Drafter:
         result.plan_s += plan_s
         if ctx is not None:
             # a backlog is a one-off debt of skipped steps, not the cost of drafting: charge the fresh chain only
-            catch_up = ctx.drafter[min(max(len(c) for c in fresh), len(ctx.drafter) - 1)]
+            catch_up = ctx.drafter_cost(max(len(c) for c in fresh))
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
             # nor is the wall time of feeding it: the step's clock skips the catch-up's excess over a fresh chain's
             excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if had_backlog and ctx.step_s > 0 else 0.0
@@ -242,7 +245,7 @@ def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[Ro
 def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]], now: float) -> None:
     """Tell ``gate`` how the rows' last steps went, per batch size: the mean wall time of plain
     (skipped) steps, then the mean tokens committed per row of drafted ones with their cost
-    and basis (``DraftedStep.judge``).
+    and basis (``DraftedStep.judge``). Each judged step's tokens count against its row's ``tokens_left``.
 
     ``pending`` holds each row's tokens committed by that step (accepted drafts + bonus).
     """
@@ -250,6 +253,8 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
     drafted: dict[int, list[tuple[DraftedStep, int]]] = {}
     for plan, tokens in zip(plans, pending):
         step, plan.last_step = plan.last_step, None
+        if step is not None and plan.tokens_left is not None:
+            plan.tokens_left = max(0, plan.tokens_left - len(tokens))
         if isinstance(step, PlainStep):
             plain.setdefault(step.batch_size, []).append(now - step.started)
         elif isinstance(step, DraftedStep):

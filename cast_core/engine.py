@@ -290,7 +290,7 @@ class Engine:
                     top_k=request.top_k,
                     seed=None if request.seed is None else request.seed + i,
                 )
-                decoder.admit(i, encoded[i], params)
+                decoder.admit(i, encoded[i], params, request.max_new_tokens)
                 trackers[i] = OutputTracker(self.tokenizer, self.eos_token_ids, request.max_new_tokens, tuple(request.stop))
                 stats[i] = GenerationStats()
             new_tokens, step = decoder.step()

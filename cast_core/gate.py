@@ -43,8 +43,10 @@ A batch size seen for the first time starts from the record of the nearest
 one judged within a factor 2 (sequences finishing one by one walk a batch
 through every size below it; each would otherwise pay a probe), worth a
 quarter of a window (``INHERITED_SHARE``), so that its own steps soon
-outweigh it, and with its own probe schedule: a neighbour's long skip is no
-reason to skip long here.
+outweigh it. A closed neighbour also hands on its skip countdown and
+backoff: on this project's CPU a batch of 8 MT-bench rows finishing one by
+one paid a failing probe at 8, 7, 6, ... (0.95x vanilla), where one
+schedule carried down the sizes probes as rarely as the closed gate at 8.
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
@@ -59,16 +61,32 @@ reopens the gate.
 A probe must not cost more the longer the gate stayed closed: the drafter
 would otherwise catch up on every skipped token (at batch size ``B``, ``s``
 skipped steps put ``B * s`` tokens through it). Nor should a row new to the
-drafter feed it its whole prompt (at B=8 on this project's CPU, 8 code
-prompts took the 0.5B drafter 13 s of a 78 s run) where drafting barely pays. So
-unless ``rho^B`` clears ``min_speedup`` by ``CATCH_UP_MARGIN`` (or nothing
-is known at ``B`` yet), a drafted step's drafter feeds at most
-``probe_context`` of a row's most recent tokens, plus the row's first
-``SINK_TOKENS`` when its cache is still empty (models lean on their first
-tokens as attention sinks); the rest is skipped over as a gap in its cache
-(``KVState.skip_positions``). Only long catch-ups (a prompt, a backlog) are
-cut: a step's own new tokens are fewer. Drafts may get worse for it, never
-wrong.
+drafter always feed it its whole prompt: at B=8 on this project's CPU, 8
+code prompts took the 0.5B drafter 13 s of a 78 s run for 3 drafted steps.
+A long catch-up (a backlog, a prompt) fed whole is an investment. Windowed,
+a drafted step feeds at most ``probe_context`` of a row's most recent
+tokens, plus the row's first ``SINK_TOKENS`` when its cache is still empty
+(models lean on their first tokens as attention sinks); the rest is skipped
+over as a gap in its cache (``KVState.skip_positions``): drafts may get
+worse for it, never wrong. Fed whole, the catch-up forward (padded to its
+longest chain ``L``, where the window's longest is ``L_w``) costs
+
+    dC = C_D(B, L) - C_D(B, L_w)         plain steps more (profile, ``catch_up_cost``)
+
+and buys drafts from the whole context for the ``N`` tokens the cut rows
+have left (their mean; ``RowPlan.tokens_left``). Drafting at ``rho^B``
+spends ``N / rho^B`` plain steps' worth of time on them instead of ``N``, so
+an open gate feeds whole iff
+
+    (1 - 1 / rho^B) * N >= dC
+
+taking a window to buy nothing, which leans towards feeding whole. A closed
+gate's probes are windowed (drafting does not go on to repay a whole feed
+unless the probe reopens the gate); with nothing known at ``B`` yet, the
+first drafted step feeds whole. The same 8 code prompts (up to 265 tokens)
+cost ``dC`` = 37 plain steps at B=8, where 128 tokens at 1.05x buy 6; 4 of
+up to 157 tokens cost 13 at B=4, where 128 tokens at 1.18x buy 19. Only long
+catch-ups are cut: a step's own new tokens are fewer than a window.
 
 ``rho^B`` also serves as the scale of CAST's thresholds (``threshold_scale``):
 a node is worth adding when its marginal tokens per marginal cost beat the
@@ -81,6 +99,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -89,9 +108,6 @@ SINK_TOKENS = 4
 
 #: weight of a neighbour's record in a new batch size's, in windows
 INHERITED_SHARE = 0.25
-
-#: factor over ``min_speedup`` that ``rho^B`` must reach before long catch-ups are fed whole
-CATCH_UP_MARGIN = 1.25
 
 #: plain step times whose median is ``t_plain^B``; how many before it rescales the record
 PLAIN_SAMPLES, MIN_PLAIN_SAMPLES = 5, 3
@@ -151,7 +167,8 @@ class DraftGate:
                 # rho is a ratio, comparable across batch sizes; its basis (plain seconds at another size) is not
                 scale = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
                 gate.tokens, gate.cost, gate.judged = nearest.tokens * scale, nearest.cost * scale, nearest.judged
-                gate.skip_left = gate.backoff = 2 if self._closed(nearest) else 0
+                if self._closed(nearest):
+                    gate.skip_left, gate.backoff = nearest.skip_left, nearest.backoff
             self._by_batch[batch_size] = gate
         return self._by_batch[batch_size]
 
@@ -179,13 +196,46 @@ class DraftGate:
         """Whether drafted steps at ``batch_size`` fell below ``min_speedup``."""
         return self._closed(self._at(batch_size))
 
-    def windows_catch_up(self, batch_size: int) -> bool:
+    def windows_catch_up(self, batch_size: int, tokens_left: float, extra_cost: float) -> bool:
         """Whether a drafted step at ``batch_size`` feeds long catch-ups through ``probe_window``.
 
-        True unless ``rho^B >= CATCH_UP_MARGIN * min_speedup`` or nothing is known at ``batch_size``.
+        ``tokens_left``: ``N``, mean tokens the cut rows have left (``math.inf``: unbounded);
+        ``extra_cost``: ``dC``, plain steps feeding them whole costs over the window.
+        False (feed whole) iff nothing is known at ``batch_size``, or the gate is open there and
+        ``(1 - 1 / rho^B) * N >= dC``.
         """
-        rho = self.speedup(batch_size)
-        return rho is not None and rho < CATCH_UP_MARGIN * self.min_speedup
+        gate = self._at(batch_size)
+        rho = self._rho(gate)
+        if rho is None:
+            return False
+        if self._closed(gate):
+            return True
+        gain = (1.0 - 1.0 / rho) * tokens_left if rho > 1.0 else 0.0
+        return gain < extra_cost
+
+    def catch_up(
+        self,
+        batch_size: int,
+        chains: list[list[int]],
+        cached: list[int],
+        tokens_left: list[float],
+        catch_up_cost: Callable[[int], float],
+    ) -> tuple[list[list[int]], list[tuple[int, int]] | None]:
+        """What a drafted step at ``batch_size`` feeds of each row's catch-up chain: the chains whole
+        (gaps None), or ``probe_window``'s cut where ``windows_catch_up`` says feeding them whole does not pay.
+
+        ``cached[b]``: tokens row ``b`` has in the drafter's cache; ``tokens_left[b]``: tokens it may still
+        commit (``math.inf``: unbounded); ``catch_up_cost(n)``: ``C_D(B, n)``, a catch-up forward of ``n``
+        tokens per row in plain steps.
+        """
+        fed, gaps = self.probe_window(chains, cached)
+        cut = [left for left, (_, skipped) in zip(tokens_left, gaps) if skipped]
+        if not cut:
+            return chains, None
+        extra = catch_up_cost(max(map(len, chains))) - catch_up_cost(max(map(len, fed)))
+        if self.windows_catch_up(batch_size, sum(cut) / len(cut), extra):
+            return fed, gaps
+        return chains, None
 
     def probe_window(self, chains: list[list[int]], cached: list[int]) -> tuple[list[list[int]], list[tuple[int, int]]]:
         """What a windowed step (``windows_catch_up``) feeds of each row's catch-up chain, and the gap it leaves.

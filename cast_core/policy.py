@@ -144,6 +144,15 @@ class CostContext:
         step = target[1]
         return CostContext(drafter=drafter / step, target=target / step, batch_size=batch_size, context=context, step_s=profile.plain_step_seconds(step))
 
+    def drafter_cost(self, tokens: int) -> float:
+        """``C_D(B, n) = f_D(B, ctx, n) / f_T(B, ctx, 1)`` for any ``n >= 0``: the curve, extended past its end
+        with its last segment's slope (as the profile extrapolates past its largest measured token count)."""
+        last = len(self.drafter) - 1
+        if tokens <= last:
+            return float(self.drafter[max(tokens, 0)])
+        slope = self.drafter[last] - self.drafter[last - 1] if last > 0 else 0.0
+        return float(self.drafter[last] + slope * (tokens - last))
+
 
 @dataclass
 class DepthHistory:
@@ -219,12 +228,16 @@ class RowPlan:
         last_step: the sequence's last step (drafted or skipped), until the gate has judged it.
         stash: the drafter's cache entries of the nodes it fed for the last
             tree, reused for the drafts the verifier accepts from it.
+        tokens_left: new tokens the sequence may still commit (its budget less
+            the tokens of its judged steps; None: unbounded); the speedup gate
+            weighs feeding a long catch-up whole against it.
     """
 
     depth: DepthHistory
     backlog: list[int] = field(default_factory=list)
     last_step: DraftedStep | PlainStep | None = None
     stash: TailStash | None = None
+    tokens_left: int | None = None
 
 
 class TreePolicy(ABC):
@@ -256,9 +269,9 @@ class TreePolicy(ABC):
         """The speedup gate deciding whether to draft at all (None: always draft)."""
         return None
 
-    def new_row_plan(self) -> RowPlan:
-        """Fresh planning memory for a new sequence."""
-        return RowPlan(DepthHistory(4))
+    def new_row_plan(self, tokens_left: int | None = None) -> RowPlan:
+        """Fresh planning memory for a new sequence that may commit ``tokens_left`` new tokens (None: unbounded)."""
+        return RowPlan(DepthHistory(4), tokens_left=tokens_left)
 
     @abstractmethod
     def layer_width(self, layer: int, confidences: np.ndarray, ctx: CostContext | None) -> int:
@@ -346,8 +359,8 @@ class CastPolicy(TreePolicy):
     def gate(self) -> DraftGate:
         return self._gate
 
-    def new_row_plan(self) -> RowPlan:
-        return RowPlan(DepthHistory(self.config.r))
+    def new_row_plan(self, tokens_left: int | None = None) -> RowPlan:
+        return RowPlan(DepthHistory(self.config.r), tokens_left=tokens_left)
 
     def _threshold(self, base: float, ctx: CostContext) -> float:
         """``base``, times ``max(1, rho^B)`` with adaptive thresholds."""

@@ -151,13 +151,16 @@ class DrafterSessions:
     def sessions(self) -> list[str]:
         return [r.session_id for r in self._rows.rows]
 
-    def open(self, session_id: str, token_ids: list[int]) -> None:
-        """Add a session; ``token_ids[:-1]`` wait as its backlog (fed at its first drafted step, never
-        while the speedup gate keeps the drafter idle); the last token is the first step's pending root."""
+    def open(self, session_id: str, token_ids: list[int], tokens_left: int | None = None) -> None:
+        """Add a session that may still generate ``tokens_left`` tokens (None: unbounded); ``token_ids[:-1]``
+        wait as its backlog (fed at its first drafted step, never while the speedup gate keeps the drafter
+        idle, through a window where feeding them whole does not pay); the last token is the first step's pending root."""
         if not token_ids:
             raise ValueError("token_ids: must not be empty")
+        if tokens_left is not None and tokens_left < 0:
+            raise ValueError(f"tokens_left: must be >= 0; got {tokens_left}")
         self._rows.add(session_id, self.drafter.new_state(1))
-        plan = self.policy.new_row_plan()
+        plan = self.policy.new_row_plan(tokens_left)
         plan.backlog = list(token_ids[:-1])
         self._plans[session_id] = plan
 

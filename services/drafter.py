@@ -76,9 +76,10 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
         for sid in [s for s in self._context if s not in live]:
             del self._context[sid]
 
-    async def open(self, session_id: str, token_ids: list[int]) -> SessionInfo:
-        """Prefill a session (all of ``token_ids`` but the last, the first step's root)."""
-        await self.open_session(session_id, token_ids)
+    async def open(self, session_id: str, token_ids: list[int], tokens_left: int | None = None) -> SessionInfo:
+        """Open a session (all of ``token_ids`` but the last, the first step's root, wait as its catch-up)
+        that may still generate ``tokens_left`` tokens (None: unbounded; the speedup gate weighs the catch-up against it)."""
+        await self.open_session(session_id, token_ids, tokens_left)
         self._context[session_id] = len(token_ids) - 1  # cached; the root arrives as the first pending token
         return self.info
 

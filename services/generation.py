@@ -286,7 +286,7 @@ class SessionRunner:
                 started = time.perf_counter()
                 try:
                     if info is None:
-                        info = await self._open(drafter, verifier, sid, committed, request)
+                        info = await self._open(drafter, verifier, sid, committed, request, request.max_tokens - len(tracker.token_ids))
                         pending = [committed[-1]]
                     step = await self._step(drafter, verifier, sid, pending, info, request.speculate)
                 except (*LOST_SESSION, RayServeException) as err:
@@ -320,11 +320,11 @@ class SessionRunner:
             self._close(drafter, verifier, sid, request.speculate)
 
     async def _open(
-        self, drafter: DeploymentHandle, verifier: DeploymentHandle, sid: str, tokens: list[int], request: PreparedRequest
+        self, drafter: DeploymentHandle, verifier: DeploymentHandle, sid: str, tokens: list[int], request: PreparedRequest, tokens_left: int
     ) -> SessionInfo:
         calls = [verifier.open.remote(sid, tokens, request.sampling)]
         if request.speculate:
-            calls.append(drafter.open.remote(sid, tokens))
+            calls.append(drafter.open.remote(sid, tokens, tokens_left))
         infos = await asyncio.gather(*calls)
         return infos[0]
 

@@ -10,7 +10,12 @@ import torch
 
 from cast_core import CastConfig, Engine
 from cast_core.cost import CostProfile
+from cast_core.decoder import SpecDecoder
+from cast_core.drafter import Drafter
 from cast_core.gate import DraftGate
+from cast_core.policy import CastPolicy
+from cast_core.sampling import SamplingParams
+from cast_core.verifier import Verifier
 
 from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair
 
@@ -72,16 +77,22 @@ def test_a_dear_probe_buys_a_long_skip_and_plain_steps_are_timed() -> None:
     assert gate.plain_seconds(8) == pytest.approx(0.4) and gate.plain_seconds(1) is None  # the median
 
 
-def test_a_new_batch_size_weighs_its_neighbours_record_a_quarter_window_and_probes_soon() -> None:
-    gate = DraftGate(window=32.0, min_judged=1, max_skip=256)
-    gate.observe(2, 16.0, 32.0)  # 0.5x over a whole window: closed for (32 - 1) / 0.03 steps, capped at 256
-    assert gate.is_closed(2)
-    assert not gate.should_draft(3) and not gate.should_draft(3) and gate.should_draft(3), "its own probe after 2 steps"
+def test_a_new_batch_size_weighs_its_neighbours_record_a_quarter_window_and_takes_over_its_skip() -> None:
+    gate = DraftGate(window=32.0, min_judged=1, max_skip=4)
+    gate.observe(2, 16.0, 32.0)  # 0.5x over a whole window: closed, skipping 4 (max_skip)
+    assert gate.is_closed(2) and not gate.should_draft(2), "the neighbour counts down one skip of its own"
+    skipped = 0
+    while not gate.should_draft(3):
+        skipped += 1
+    assert skipped == 3, "a batch shrinking from 2 to 3 rows goes on with the closed neighbour's countdown"
     assert gate.speedup(3) == pytest.approx(0.5)
     gate.observe(3, 6.0, 2.0)  # one good step of its own outweighs the inherited quarter window (T=4, K=8)
     decay = math.exp(-2.0 / 32.0)
     assert gate.speedup(3) == pytest.approx((decay * 4 + 6) / (decay * 8 + 2)) and not gate.is_closed(3)
     assert gate.is_closed(2), "the neighbour keeps its own record"
+    open_gate = DraftGate(min_judged=1)
+    open_gate.observe(4, 6.0, 4.0)
+    assert open_gate.should_draft(8) and open_gate.speedup(8) == pytest.approx(1.5), "an open neighbour: draft at once"
 
 
 def test_timed_plain_steps_rescale_the_record_and_reopen_a_gate_closed_on_a_stale_basis() -> None:
@@ -115,17 +126,31 @@ def test_a_record_without_a_basis_or_a_truly_slow_one_is_not_rescaled_open() -> 
     assert gate.speedup(8) == pytest.approx(0.55) and gate.is_closed(8) and not gate.should_draft(8)
 
 
-def test_long_catch_ups_are_windowed_unless_drafting_clearly_pays() -> None:
-    """A prompt or a backlog is fed whole only where nothing is known yet or rho^B >= 1.25 min_speedup."""
-    gate = DraftGate(min_judged=1)
-    assert not gate.windows_catch_up(2), "nothing known: the first step feeds whole prompts"
-    gate.observe(2, 2.2, 2.0)  # 1.1x: pays, barely
-    assert not gate.is_closed(2) and gate.windows_catch_up(2) and gate.should_draft(2)
-    assert gate.windows_catch_up(4), "a new batch size inherits the record, and with it the window"
-    gate.observe(2, 4.0, 2.0)  # (2.2 + 4) / 4 = 1.55x
-    assert not gate.windows_catch_up(2)
-    gate.observe(8, 1.0, 2.0)
-    assert gate.is_closed(8) and gate.windows_catch_up(8), "a closed gate's probes are windowed"
+def _cost_per_token(tokens: int) -> float:
+    """A catch-up forward of ``tokens`` per row costing 0.1 plain steps per token."""
+    return 0.1 * tokens
+
+
+def test_a_long_catch_up_is_fed_whole_only_where_drafting_repays_it() -> None:
+    """Whole iff nothing is known yet, or the gate is open and (1 - 1/rho) * N >= dC = C_D(L) - C_D(L_w)."""
+    gate = DraftGate(min_judged=2, probe_context=10)
+    prompts = [list(range(100)), list(range(30)), [7]]  # a cut of 100 -> 14 (4 sinks + 10) and 30 -> 14
+    whole = (prompts, None)
+    assert gate.catch_up(2, prompts, [0, 0, 0], [50.0, 10.0, 0.0], _cost_per_token) == whole, "nothing known: whole"
+    gate.observe(2, 2.4, 2.0)  # 1.2x: (1 - 1/1.2) * N buys N / 6 plain steps; dC = 0.1 * (100 - 14) = 8.6
+    assert gate.windows_catch_up(2, 51.0, 8.6) and not gate.windows_catch_up(2, 52.0, 8.6)
+    assert gate.catch_up(2, prompts, [0, 0, 0], [60.0, 30.0, 0.0], _cost_per_token)[1] is not None, "N = 45 buys 7.5 < 8.6"
+    assert gate.catch_up(2, prompts, [0, 0, 0], [70.0, 40.0, 0.0], _cost_per_token) == whole, "N = 55 buys 9.2 >= 8.6"
+    assert gate.catch_up(2, prompts, [0, 0, 0], [math.inf] * 3, _cost_per_token) == whole, "unbounded rows repay anything"
+    short = [list(range(14)), [7]]
+    assert gate.catch_up(2, short, [0, 0], [0.0, 0.0], _cost_per_token) == (short, None), "nothing to cut"
+    gate.observe(8, 1.0, 1.0)
+    gate.observe(8, 1.0, 1.0)
+    assert not gate.is_closed(8) and gate.windows_catch_up(8, math.inf, 0.1), "1x: a whole feed buys nothing"
+    closed = DraftGate(min_speedup=5.0, min_judged=2)
+    closed.observe(1, 9.0, 2.0)
+    closed.observe(1, 9.0, 2.0)  # 4.5x, under min_speedup 5: a probe does not go on to repay a whole feed
+    assert closed.is_closed(1) and closed.windows_catch_up(1, math.inf, 0.1)
 
 
 def test_a_probe_window_keeps_recent_tokens_and_sinks_of_an_empty_cache() -> None:
@@ -234,3 +259,19 @@ def test_with_a_measured_profile_the_gate_judges_wall_time(tokenizer, exact_pair
         hook.remove()
     assert [g.token_ids for g in gens] == refs[:2]
     assert all(g.stats.drafted_steps <= g.stats.steps // 2 for g in gens)
+
+
+def test_rows_count_their_judged_tokens_against_their_budget(exact_pair_case) -> None:
+    """``RowPlan.tokens_left``: the admission budget less the tokens of every step the gate has judged."""
+    (target, drafter), prompts, _ = exact_pair_case
+    policy = CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5))
+    decoder = SpecDecoder(Verifier(target), Drafter(drafter, target.config.vocab_size), policy, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001))
+    decoder.admit(0, prompts[0], SamplingParams(), max_new_tokens=30)
+    decoder.admit(1, prompts[1], SamplingParams())
+    committed: list[list[int]] = []
+    for _ in range(4):
+        tokens, _stats = decoder.step()
+        committed.append(tokens[0])
+    judged = sum(len(t) for t in committed[:-1])  # the last step is judged at the next drafting call
+    assert judged > 3 and decoder.rows[0].plan.tokens_left == 30 - judged
+    assert decoder.rows[1].plan.tokens_left is None, "no budget given: unbounded"

@@ -115,3 +115,10 @@ def test_a_failed_verify_leaves_every_session_usable(tiny_models_fp32) -> None:
             roots[s] = path.tokens[-1]
     for i, p in enumerate(prompts):
         assert out[f"s{i}"] == reference_greedy(target, p, 6, eos=None)
+
+
+def test_a_negative_budget_is_refused_naming_the_field(tiny_models_fp32) -> None:
+    _, drafter = make(tiny_models_fp32)
+    with pytest.raises(ValueError, match="tokens_left"):
+        drafter.open("s", [5, 6, 7], tokens_left=-1)
+    assert drafter.sessions() == []
