@@ -43,10 +43,12 @@ A batch size seen for the first time starts from the record of the nearest
 one judged within a factor 2 (sequences finishing one by one walk a batch
 through every size below it; each would otherwise pay a probe), worth a
 quarter of a window (``INHERITED_SHARE``), so that its own steps soon
-outweigh it. A closed neighbour also hands on its skip countdown and
-backoff: on this project's CPU a batch of 8 MT-bench rows finishing one by
-one paid a failing probe at 8, 7, 6, ... (0.95x vanilla), where one
-schedule carried down the sizes probes as rarely as the closed gate at 8.
+outweigh it. A closed neighbour within ``SHARED_SKIP`` of its size also
+hands on its skip countdown and backoff: on this project's CPU a batch of 8
+MT-bench rows finishing one by one paid a failing probe at 8, 7, 6, ...
+(0.95x vanilla), where one schedule carried down the sizes probes as rarely
+as the closed gate at 8. A closed neighbour further off (half or twice the
+size) is weaker evidence, and the new size probes after 2 steps.
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
@@ -109,6 +111,9 @@ SINK_TOKENS = 4
 #: weight of a neighbour's record in a new batch size's, in windows
 INHERITED_SHARE = 0.25
 
+#: smallest size ratio at which a new batch size takes over a closed neighbour's skip countdown
+SHARED_SKIP = 0.75
+
 #: plain step times whose median is ``t_plain^B``; how many before it rescales the record
 PLAIN_SAMPLES, MIN_PLAIN_SAMPLES = 5, 3
 
@@ -163,12 +168,14 @@ class DraftGate:
             near = [b for b, g in self._by_batch.items() if g.judged and b <= 2 * batch_size and batch_size <= 2 * b]
             gate = _BatchGate()
             if near:
-                nearest = self._by_batch[min(near, key=lambda b: (abs(b - batch_size), b))]
+                near_b = min(near, key=lambda b: (abs(b - batch_size), b))
+                nearest = self._by_batch[near_b]
                 # rho is a ratio, comparable across batch sizes; its basis (plain seconds at another size) is not
                 scale = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
                 gate.tokens, gate.cost, gate.judged = nearest.tokens * scale, nearest.cost * scale, nearest.judged
                 if self._closed(nearest):
-                    gate.skip_left, gate.backoff = nearest.skip_left, nearest.backoff
+                    shared = min(near_b, batch_size) >= SHARED_SKIP * max(near_b, batch_size)
+                    gate.skip_left, gate.backoff = (nearest.skip_left, nearest.backoff) if shared else (2, 2)
             self._by_batch[batch_size] = gate
         return self._by_batch[batch_size]
 

@@ -79,17 +79,18 @@ def test_a_dear_probe_buys_a_long_skip_and_plain_steps_are_timed() -> None:
 
 def test_a_new_batch_size_weighs_its_neighbours_record_a_quarter_window_and_takes_over_its_skip() -> None:
     gate = DraftGate(window=32.0, min_judged=1, max_skip=4)
-    gate.observe(2, 16.0, 32.0)  # 0.5x over a whole window: closed, skipping 4 (max_skip)
-    assert gate.is_closed(2) and not gate.should_draft(2), "the neighbour counts down one skip of its own"
+    gate.observe(8, 16.0, 32.0)  # 0.5x over a whole window: closed, skipping 4 (max_skip)
+    assert gate.is_closed(8) and not gate.should_draft(8), "the neighbour counts down one skip of its own"
     skipped = 0
-    while not gate.should_draft(3):
+    while not gate.should_draft(7):
         skipped += 1
-    assert skipped == 3, "a batch shrinking from 2 to 3 rows goes on with the closed neighbour's countdown"
-    assert gate.speedup(3) == pytest.approx(0.5)
-    gate.observe(3, 6.0, 2.0)  # one good step of its own outweighs the inherited quarter window (T=4, K=8)
+    assert skipped == 3, "a batch shrinking from 8 to 7 rows (within SHARED_SKIP) goes on with the closed neighbour's countdown"
+    assert gate.speedup(7) == pytest.approx(0.5)
+    assert [gate.should_draft(4) for _ in range(3)] == [False, False, True], "4/7 of the closed size: a probe after 2 steps"
+    gate.observe(7, 6.0, 2.0)  # one good step of its own outweighs the inherited quarter window (T=4, K=8)
     decay = math.exp(-2.0 / 32.0)
-    assert gate.speedup(3) == pytest.approx((decay * 4 + 6) / (decay * 8 + 2)) and not gate.is_closed(3)
-    assert gate.is_closed(2), "the neighbour keeps its own record"
+    assert gate.speedup(7) == pytest.approx((decay * 4 + 6) / (decay * 8 + 2)) and not gate.is_closed(7)
+    assert gate.is_closed(8), "the neighbour keeps its own record"
     open_gate = DraftGate(min_judged=1)
     open_gate.observe(4, 6.0, 4.0)
     assert open_gate.should_draft(8) and open_gate.speedup(8) == pytest.approx(1.5), "an open neighbour: draft at once"
