@@ -42,6 +42,16 @@ this only flatters). ``c_D`` is the profile's single-token drafter forward,
 the least a drafter forward costs, unless a measured one is given. No
 best-first tree policy of this drafter, however well it guesses, beats
 ``S_oracle`` with forwards that cost ``c_D``.
+
+Between the two sits what knowing *how often* the drafter is right buys,
+without knowing *when*: a greedy chain of one fixed depth ``d`` every step,
+replayed exactly on the same ranks (a step from ``i`` accepts the leading
+``r = 1`` drafts of ``r_i .. r_{i+d-1}``, then the bonus token)::
+
+    S_fixed(B) = max_d  sum |y| / sum_steps (d * c_D + c_V(d + 1))
+
+with ``d`` chosen once for the whole run, in hindsight. A policy must read
+the drafter's confidences to beat it.
 """
 
 from __future__ import annotations
@@ -138,3 +148,33 @@ def oracle_tree_bound(
             best[i] = cost
         tokens, time = tokens + n, time + best[0]
     return tokens / time
+
+
+def fixed_chain_bound(
+    ranks: list[list[int]],
+    profile: CostProfile,
+    batch_size: int,
+    context: int,
+    max_depth: int,
+    drafter_cost: float | None = None,
+) -> tuple[float, int] | None:
+    """``(S_fixed(B), d)``: the best fixed-depth greedy chain replayed on the ranks (module docstring); None without outputs."""
+    if not any(ranks):
+        return None
+    c_d = profiled_drafter_cost(profile, batch_size, context) if drafter_cost is None else drafter_cost
+    target = np.asarray(profile.latency_curve("target", batch_size, context, max_depth + 1), dtype=np.float64)
+    tokens = sum(len(seq) for seq in ranks)
+    best: tuple[float, int] = (0.0, 0)
+    for depth in range(1, max_depth + 1):
+        step_cost = depth * c_d + target[depth + 1] / target[1]
+        steps = 0
+        for seq in ranks:
+            i = 0
+            while i < len(seq):
+                accepted = 0
+                while accepted < depth and i + accepted < len(seq) and seq[i + accepted] == 1:
+                    accepted += 1
+                i += accepted + 1
+                steps += 1
+        best = max(best, (tokens / (steps * step_cost), depth))
+    return best

@@ -39,6 +39,14 @@ time is noisy too)::
 A gate closed on a stale basis reopens as soon as the rescaled record clears
 ``min_speedup``: closing costs the few plain steps that timed it.
 
+An open gate times no plain steps, so a record that reads about break-even
+against the profile's plain step could stay wrong: at MT-bench B=4 on this
+project's CPU, plain steps ran 7 % faster than profiled, and a gate reading
+1.0x drafted nearly every step at 0.93x vanilla. Near break-even a plain
+step costs about nothing, so while ``rho^B`` is within ``TIMING_MARGIN`` of
+``min_speedup`` on the profile's basis, the gate decodes plainly at ``B``
+until ``MIN_PLAIN_SAMPLES`` plain steps are timed, and judges on from there.
+
 A batch size seen for the first time starts from the record of the nearest
 one judged within a factor 2 (sequences finishing one by one walk a batch
 through every size below it; each would otherwise pay a probe), worth a
@@ -116,6 +124,9 @@ SHARED_SKIP = 0.75
 
 #: plain step times whose median is ``t_plain^B``; how many before it rescales the record
 PLAIN_SAMPLES, MIN_PLAIN_SAMPLES = 5, 3
+
+#: relative distance from ``min_speedup`` within which a record on the profile's basis times plain steps
+TIMING_MARGIN = 0.15
 
 
 @dataclass
@@ -263,12 +274,19 @@ class DraftGate:
         return fed, gaps
 
     def should_draft(self, batch_size: int) -> bool:
-        """Whether this step at ``batch_size`` drafts (a skipped step counts down to the next probe)."""
+        """Whether this step at ``batch_size`` drafts (a skipped step counts down to the next probe; near
+        break-even on the profile's basis, steps are plain until ``MIN_PLAIN_SAMPLES`` are timed)."""
         gate = self._at(batch_size)
         if gate.skip_left > 0:
             gate.skip_left -= 1
             return False
-        return True
+        return not self._needs_timing(gate)
+
+    def _needs_timing(self, gate: _BatchGate) -> bool:
+        """Whether ``gate`` judges on an untimed (profiled) plain step with ``rho^B`` within ``TIMING_MARGIN`` of ``min_speedup``."""
+        if not gate.judged or gate.basis_s is None or gate.plain_s is not None:
+            return False
+        return abs(gate.tokens / gate.cost / self.min_speedup - 1.0) < TIMING_MARGIN
 
     def observe_plain(self, batch_size: int, seconds: float) -> None:
         """Record the wall time of one plain step at ``batch_size``; rescale the record to ``t_plain^B``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,6 +228,26 @@ def test_speedup_bounds_follow_the_formula() -> None:
     assert extend_acceptance([0.8, 0.4], 4).tolist() == pytest.approx([0.8, 0.4, 0.2, 0.1])
     dearer = speedup_bound(profile, 1, 128, [0.8, 0.6, 0.45], drafter_cost=2 * c_d)
     assert dearer.drafter_cost == 2 * c_d and dearer.perfect < bound.perfect and dearer.chain < bound.chain
+
+
+def test_fixed_chain_bound_replays_one_depth_and_never_beats_hindsight() -> None:
+    """S_fixed: a greedy chain of one depth every step accepts the leading rank-1 drafts; best depth for the run."""
+    from bench.bound import fixed_chain_bound, oracle_tree_bound
+
+    profile = CostProfile.synthetic(0.1, 0.01, 0.03, 0.0, token_counts=(1, 2, 4, 8, 16, 32, 64))
+    c_d = 0.03 / 0.11
+
+    def verify(n: int) -> float:
+        return (0.1 + 0.01 * n) / 0.11
+
+    assert fixed_chain_bound([[1, 1, 1, 1, 1]], profile, 1, 128, max_depth=4) == (pytest.approx(5 / (4 * c_d + verify(5))), 4)
+    # depth 1: 0 -> 2 -> 4 (2 steps); depth 2: accepts 1 at 0 (rank 2 next), then 2 at 2 (2 steps, dearer)
+    assert fixed_chain_bound([[1, 2, 1, 1]], profile, 1, 128, max_depth=2) == (pytest.approx(4 / (2 * (c_d + verify(2)))), 1)
+    rng = np.random.default_rng(3)
+    outputs = [list(rng.choice([1, 1, 1, 1, 2, 3], size=60)) for _ in range(3)]
+    fixed, _ = fixed_chain_bound(outputs, profile, 1, 128, max_depth=6)
+    assert fixed <= oracle_tree_bound(outputs, profile, 1, 128, top_k=4, max_depth=6) + 1e-9
+    assert fixed_chain_bound([[]], profile, 1, 128, max_depth=4) is None
 
 
 def _brute_force_time(ranks: list[int], c_d: float, verify, top_k: int, max_depth: int) -> float:

@@ -115,6 +115,25 @@ def test_timed_plain_steps_rescale_the_record_and_reopen_a_gate_closed_on_a_stal
     assert gate.speedup(1) == pytest.approx(6.8 / (6.0 * 0.25 / 0.35)), "the record follows the plain step it divides by"
 
 
+def test_near_break_even_on_the_profiles_basis_plain_steps_are_timed_before_drafting_on() -> None:
+    """Profiled plain step 0.256 s, timed 0.239 s: a 1.05x record is really 0.98x, and only timing shows it."""
+    gate = DraftGate(min_judged=1, probe_budget=0.1)
+    gate.observe(4, 2.1, 2.0, basis_s=0.256)
+    assert not gate.is_closed(4)
+    decisions = []
+    for _ in range(3):
+        decisions.append(gate.should_draft(4))
+        gate.observe_plain(4, 0.239)
+    assert decisions == [False, False, False], "plain steps until 3 are timed"
+    assert gate.speedup(4) == pytest.approx(2.1 / (2.0 * 0.256 / 0.239)) and gate.is_closed(4)
+    clear = DraftGate(min_judged=1)
+    clear.observe(4, 3.0, 2.0, basis_s=0.256)  # 1.5x: far from break-even, no timing needed
+    assert clear.should_draft(4)
+    inherited = DraftGate(min_judged=1)
+    inherited.observe(2, 2.1, 2.0)  # no basis: nothing a timing could rescale
+    assert inherited.should_draft(2) and inherited.should_draft(3)
+
+
 def test_a_record_without_a_basis_or_a_truly_slow_one_is_not_rescaled_open() -> None:
     gate = DraftGate(min_judged=1, probe_budget=0.1)
     gate.observe(2, 1.6, 2.0)  # basis unknown (no profile): never rescaled
