@@ -98,14 +98,20 @@ def profiled_drafter_cost(profile: CostProfile, batch_size: int, context: int) -
     return float(drafter[1] / target[1])
 
 
+def _prices(profile: CostProfile, batch_size: int, context: int, horizon: int, drafter_cost: float | None) -> tuple[float, np.ndarray]:
+    """``(c_D, c_V)``: ``drafter_cost`` or the profile's ``c_D``, and ``c_V[n]`` for ``n = 0..horizon``."""
+    c_d = profiled_drafter_cost(profile, batch_size, context) if drafter_cost is None else drafter_cost
+    target = np.asarray(profile.latency_curve("target", batch_size, context, horizon), dtype=np.float64)
+    return c_d, target / target[1]
+
+
 def speedup_bound(
     profile: CostProfile, batch_size: int, context: int, acceptance: list[float] | None = None, drafter_cost: float | None = None
 ) -> Bound:
     """``S_perfect`` and (given ``acceptance`` = q) ``S_chain`` at ``batch_size`` (``drafter_cost``: a measured ``c_D``)."""
-    target = np.asarray(profile.latency_curve("target", batch_size, context, MAX_DEPTH + 1), dtype=np.float64)
-    c_d = profiled_drafter_cost(profile, batch_size, context) if drafter_cost is None else drafter_cost
+    c_d, verify = _prices(profile, batch_size, context, MAX_DEPTH + 1, drafter_cost)
     depths = np.arange(1, MAX_DEPTH + 1)
-    cost = depths * c_d + target[depths + 1] / target[1]
+    cost = depths * c_d + verify[depths + 1]
     perfect = (1 + depths) / cost
     chain, chain_depth = None, None
     if acceptance:
@@ -130,10 +136,7 @@ def oracle_tree_bound(
     """
     if not any(ranks):
         return None
-    c_d = profiled_drafter_cost(profile, batch_size, context) if drafter_cost is None else drafter_cost
-    horizon = max_depth * top_k + 1
-    target = np.asarray(profile.latency_curve("target", batch_size, context, horizon), dtype=np.float64)
-    verify = target / target[1]  # verify[n] = c_V(n)
+    c_d, verify = _prices(profile, batch_size, context, max_depth * top_k + 1, drafter_cost)
     tokens = time = 0.0
     for seq in ranks:
         n = len(seq)
@@ -161,12 +164,11 @@ def fixed_chain_bound(
     """``(S_fixed(B), d)``: the best fixed-depth greedy chain replayed on the ranks (module docstring); None without outputs."""
     if not any(ranks):
         return None
-    c_d = profiled_drafter_cost(profile, batch_size, context) if drafter_cost is None else drafter_cost
-    target = np.asarray(profile.latency_curve("target", batch_size, context, max_depth + 1), dtype=np.float64)
+    c_d, verify = _prices(profile, batch_size, context, max_depth + 1, drafter_cost)
     tokens = sum(len(seq) for seq in ranks)
     best: tuple[float, int] = (0.0, 0)
     for depth in range(1, max_depth + 1):
-        step_cost = depth * c_d + target[depth + 1] / target[1]
+        step_cost = depth * c_d + verify[depth + 1]
         steps = 0
         for seq in ranks:
             i = 0

@@ -284,9 +284,10 @@ class DraftGate:
 
     def _needs_timing(self, gate: _BatchGate) -> bool:
         """Whether ``gate`` judges on an untimed (profiled) plain step with ``rho^B`` within ``TIMING_MARGIN`` of ``min_speedup``."""
-        if not gate.judged or gate.basis_s is None or gate.plain_s is not None:
+        rho = self._rho(gate)
+        if rho is None or gate.basis_s is None or gate.plain_s is not None:
             return False
-        return abs(gate.tokens / gate.cost / self.min_speedup - 1.0) < TIMING_MARGIN
+        return abs(rho / self.min_speedup - 1.0) < TIMING_MARGIN
 
     def observe_plain(self, batch_size: int, seconds: float) -> None:
         """Record the wall time of one plain step at ``batch_size``; rescale the record to ``t_plain^B``.
