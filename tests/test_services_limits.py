@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -110,11 +111,66 @@ def long_prompt(engine: Engine, tokens: int) -> tuple[list[int], str]:
     pytest.skip(f"no prompt runs to {tokens} tokens")
 
 
+class FullVerifier:
+    """Keeps the one verifier replica at ``MAX_SESSIONS`` with ``fill-*`` sessions opened directly.
+
+    The streaming request under test holds one slot and may finish at any moment, freeing it;
+    ``rejects`` therefore tops the replica up before each try and retries a check that was
+    served only when that request's session is gone (a check served while every slot is
+    held is a real failure).
+    """
+
+    def __init__(self) -> None:
+        self.verifier = handle("Verifier")
+        self.fills: list[str] = []
+
+    def top_up(self) -> None:
+        for _ in range(MAX_SESSIONS - len(live_sessions("Verifier"))):
+            sid = f"fill-{len(self.fills)}"
+            self.verifier.options(session_id=sid).open.remote(sid, [5, 6, 7], SamplingParams()).result(timeout_s=60)
+            self.fills.append(sid)
+        assert len(live_sessions("Verifier")) == MAX_SESSIONS
+
+    def rejects(self, check: Callable[[], None]) -> None:
+        """Run ``check`` (which asserts the overload answer) against a full replica."""
+        for attempt in range(2):
+            self.top_up()
+            try:
+                return check()
+            except AssertionError:
+                running = [sid for sid in live_sessions("Verifier") if not sid.startswith("fill-")]
+                if running or attempt:
+                    raise
+
+    def close(self) -> None:
+        for sid in self.fills:
+            self.verifier.options(session_id=sid).close.remote(sid).result(timeout_s=60)
+
+
 def test_full_replica_is_a_declared_overload(served: Served, stub) -> None:
     from services.grpc_api import cast_pb2
 
+    def http_503() -> None:
+        reply = httpx.post(served.http + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 4}, timeout=60)
+        assert_error_body(reply, 503, "server_error", f"maximum of {MAX_SESSIONS} sessions")
+
+    def grpc_unavailable(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "maximum" in err.details(), err
+        else:
+            raise AssertionError("served while the verifier was full")
+
+    def streamed_503(path: str, body: dict) -> None:
+        with httpx.stream("POST", served.http + path, json={**body, "max_tokens": 4, "stream": True}, timeout=60) as s:
+            s.read()
+            assert_error_body(s, 503, "server_error", f"maximum of {MAX_SESSIONS} sessions")
+
     wait_no_sessions()
     prompt, expected = long_prompt(served.engine, 400)
+    request = cast_pb2.GenerateRequest(prompt="t5 t6", max_tokens=4)
+    full = FullVerifier()
     text = ""
     with httpx.stream("POST", served.http + "/v1/completions", json={"prompt": prompt, "max_tokens": 400, "stream": True}, timeout=180) as r:
         lines = r.iter_lines()
@@ -122,30 +178,16 @@ def test_full_replica_is_a_declared_overload(served: Served, stub) -> None:
             if line.startswith("data: {"):
                 text += json.loads(line[6:])["choices"][0]["text"]
                 break
-        verifier = handle("Verifier")
-        fill = MAX_SESSIONS - len(live_sessions("Verifier"))
-        for i in range(fill):
-            sid = f"fill-{i}"
-            verifier.options(session_id=sid).open.remote(sid, [5, 6, 7], SamplingParams()).result(timeout_s=60)
-        assert len(live_sessions("Verifier")) == MAX_SESSIONS
-        reply = httpx.post(served.http + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 4}, timeout=60)
-        assert_error_body(reply, 503, "server_error", f"maximum of {MAX_SESSIONS} sessions")
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Generate(cast_pb2.GenerateRequest(prompt="t5 t6", max_tokens=4), timeout=60)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "maximum" in err.value.details()
-        with pytest.raises(grpc.RpcError) as err:
-            list(stub.GenerateStream(cast_pb2.GenerateRequest(prompt="t5 t6", max_tokens=4), timeout=60))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        for path, body in (("/v1/completions", {"prompt": [5, 6]}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5"}]})):
-            with httpx.stream("POST", served.http + path, json={**body, "max_tokens": 4, "stream": True}, timeout=60) as s:
-                s.read()
-                assert_error_body(s, 503, "server_error", f"maximum of {MAX_SESSIONS} sessions")
+        full.rejects(http_503)
+        full.rejects(lambda: grpc_unavailable(lambda: stub.Generate(request, timeout=60)))
+        full.rejects(lambda: grpc_unavailable(lambda: list(stub.GenerateStream(request, timeout=60))))
+        full.rejects(lambda: streamed_503("/v1/completions", {"prompt": [5, 6]}))
+        full.rejects(lambda: streamed_503("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5"}]}))
         for line in lines:
             if line.startswith("data: {"):
                 text += json.loads(line[6:])["choices"][0]["text"]
     assert text == expected  # the running request lost nothing
-    for i in range(fill):
-        verifier.options(session_id=f"fill-{i}").close.remote(f"fill-{i}").result(timeout_s=60)
+    full.close()
     wait_no_sessions()
     assert_serves_normally(served)
 
