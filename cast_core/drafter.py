@@ -99,6 +99,7 @@ class Drafter:
         live = [plan for plan, a in zip(plans, active) if a]
         gate = policy.gate if ctx is not None else None
         t0 = time.perf_counter()
+        after_draft = any(isinstance(plan.last_step, DraftedStep) for plan in live)
         if gate is not None:
             _report_speedups(gate, live, [p for p in pending if p], t0)
         fresh = _reuse_stashed_path(state, pending, plans)
@@ -108,7 +109,7 @@ class Drafter:
             for plan, chain in zip(plans, fresh):
                 plan.backlog.extend(chain)
             for plan in live:
-                plan.last_step = PlainStep(ctx.batch_size, t0)
+                plan.last_step = PlainStep(ctx.batch_size, t0, timed=not after_draft)
             return DraftResult(tree=DraftTree.roots(roots), nodes_drafted=0, layers=0, plan_s=plan_s)
         chains = [plan.backlog + chain if chain else [] for plan, chain in zip(plans, fresh)]
         had_backlog = any(plan.backlog for plan in live)
@@ -243,8 +244,8 @@ def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[Ro
 
 
 def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]], now: float) -> None:
-    """Tell ``gate`` how the rows' last steps went, per batch size: the mean wall time of plain
-    (skipped) steps, then the mean tokens committed per row of drafted ones with their cost
+    """Tell ``gate`` how the rows' last steps went, per batch size: the mean wall time of timed plain
+    (skipped) steps (``PlainStep.timed``), then the mean tokens committed per row of drafted ones with their cost
     and basis (``DraftedStep.judge``). Each judged step's tokens count against its row's ``tokens_left``.
 
     ``pending`` holds each row's tokens committed by that step (accepted drafts + bonus).
@@ -255,7 +256,7 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
         step, plan.last_step = plan.last_step, None
         if step is not None and plan.tokens_left is not None:
             plan.tokens_left = max(0, plan.tokens_left - len(tokens))
-        if isinstance(step, PlainStep):
+        if isinstance(step, PlainStep) and step.timed:
             plain.setdefault(step.batch_size, []).append(now - step.started)
         elif isinstance(step, DraftedStep):
             drafted.setdefault(step.batch_size, []).append((step, len(tokens)))

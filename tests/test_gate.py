@@ -295,3 +295,22 @@ def test_rows_count_their_judged_tokens_against_their_budget(exact_pair_case) ->
     judged = sum(len(t) for t in committed[:-1])  # the last step is judged at the next drafting call
     assert judged > 3 and decoder.rows[0].plan.tokens_left == 30 - judged
     assert decoder.rows[1].plan.tokens_left is None, "no budget given: unbounded"
+
+
+def test_only_plain_steps_after_plain_steps_are_timed(exact_pair_case) -> None:
+    """The first plain step after a drafted one is not reported to the gate (``PlainStep.timed``).
+
+    A gate that never opens drafts a probe, then skips steps until the next: every plain
+    step of the skip but its first is timed.
+    """
+    (target, drafter), prompts, _ = exact_pair_case
+    policy = CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, min_judged=1, max_skip=4))
+    decoder = SpecDecoder(Verifier(target), Drafter(drafter, target.config.vocab_size), policy, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001))
+    decoder.admit(0, prompts[0], SamplingParams())
+    drafted: list[bool] = []
+    while drafted.count(True) < 2:  # a probe, its skip (at most max_skip steps), the next probe
+        drafted.append(decoder.step()[1].drafter_forwards > 0)
+    decoder.step()  # judges the second probe; the skip's plain steps were judged as they went
+    plain = drafted.count(False)
+    assert drafted[0] and drafted[-1] and 2 <= plain <= 4, drafted
+    assert len(policy.gate._at(1).plain_times) == plain - 1
