@@ -55,6 +55,7 @@ def run_bench(args: argparse.Namespace) -> int:
             methods=args.methods,
             batch_sizes=args.batch_sizes,
             prompts=args.prompts,
+            prompts_at=dict(args.prompts_at),
             max_new_tokens=args.max_new_tokens,
             warmup_tokens=args.warmup_tokens,
             cast=CastConfig(**_cast_overrides(args)),
@@ -140,6 +141,15 @@ def run_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_prompts(text: str) -> tuple[int, int]:
+    """``"B=N"`` -> ``(B, N)`` for ``--prompts-at``."""
+    try:
+        b, n = (int(x) for x in text.split("="))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B=N (batch size = prompts), got {text!r}") from None
+    return b, n
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``run`` / ``report`` / ``sweep`` / ``overhead`` / ``serving`` subcommands; no subcommand means ``run``."""
     sub = parser.add_subparsers(dest="bench_command")
@@ -151,6 +161,14 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
     run.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8])
     run.add_argument("--prompts", type=int, default=4, help="prompts per dataset and batch size (whole batches)")
+    run.add_argument(
+        "--prompts-at",
+        nargs="+",
+        default=[],
+        type=_batch_prompts,
+        metavar="B=N",
+        help="prompts at batch size B instead of --prompts, e.g. 8=16 for two groups of 8",
+    )
     run.add_argument("--max-new-tokens", type=int, default=128)
     run.add_argument("--warmup-tokens", type=int, default=8)
     _add_cast_args(run)

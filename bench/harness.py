@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from bench.datasets import DATASET_NAMES, Prompt
@@ -62,6 +62,10 @@ class BenchConfig(BaseModel):
     )
     batch_sizes: list[int] = Field([1, 2, 4, 8], min_length=1, description="Batch sizes (prompts decoded together).")
     prompts: int = Field(4, ge=1, description="Prompts per dataset and batch size, rounded up to whole batches.")
+    prompts_at: dict[int, int] = Field(
+        default_factory=dict,
+        description="Per batch size, prompts to use instead of `prompts` (e.g. {8: 16}: two groups of 8), rounded up to whole batches.",
+    )
     max_new_tokens: int = Field(128, ge=1, description="New tokens per prompt (greedy; EOS may end a prompt early).")
     warmup_tokens: int = Field(8, ge=1, description="New tokens of each method's untimed warm-up run per batch size.")
     cast: CastConfig = Field(default_factory=CastConfig, description="CAST policy thresholds and bounds.")
@@ -83,6 +87,19 @@ class BenchConfig(BaseModel):
         if any(b < 1 for b in v):
             raise ValueError("batch sizes must be >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _check_prompts_at(self) -> BenchConfig:
+        unknown = sorted(set(self.prompts_at) - set(self.batch_sizes))
+        if unknown:
+            raise ValueError(f"prompts_at: batch sizes {unknown} are not in batch_sizes {self.batch_sizes}")
+        if any(n < 1 for n in self.prompts_at.values()):
+            raise ValueError("prompts_at: prompt counts must be >= 1")
+        return self
+
+    def prompts_for(self, batch_size: int) -> int:
+        """Prompts to run at ``batch_size``: ``prompts_at[batch_size]`` if given, else ``prompts``."""
+        return self.prompts_at.get(batch_size, self.prompts)
 
 
 class Spread(BaseModel):
@@ -358,7 +375,7 @@ def run_benchmark(
     methods = build_methods(pair, config.methods, config.static, config.cast)
     encode = {p.id: pair.encode(p.text) for ps in prompts.values() for p in ps}
     plan = [
-        (dataset, b, make_groups(prompts[dataset], b, config.prompts), [m for m in methods if m.supports(b)])
+        (dataset, b, make_groups(prompts[dataset], b, config.prompts_for(b)), [m for m in methods if m.supports(b)])
         for dataset in config.datasets
         for b in config.batch_sizes
     ]

@@ -54,6 +54,7 @@ def result(pair, tmp_path_factory):
         datasets=["toy_a", "toy_b"],
         batch_sizes=[1, 2],
         prompts=2,
+        prompts_at={2: 4},
         max_new_tokens=8,
         warmup_tokens=2,
         cast=CAST,
@@ -76,9 +77,9 @@ def test_result_schema_and_cells(result) -> None:
     assert res.machine["dtype"] == "float32"
     expected = {(d, m, b) for d in ("toy_a", "toy_b") for m in METHOD_NAMES for b in (1, 2) if not (m == "hf_assisted" and b > 1)}
     assert {(c.dataset, c.method, c.batch_size) for c in res.cells} == expected
-    assert res.prompts == {"toy_a": ["toy_a/0", "toy_a/1"], "toy_b": ["toy_b/0", "toy_b/1"]}
+    assert res.prompts == {d: [f"{d}/{i}" for i in range(4)] for d in ("toy_a", "toy_b")}
     for c in res.cells:
-        assert len(c.groups) == (2 if c.batch_size == 1 else 1)
+        assert len(c.groups) == 2  # B=1: 2 prompts; B=2: prompts_at gives 4
         assert c.tokens_per_s.min <= c.tokens_per_s.median <= c.tokens_per_s.max
         assert c.tokens_per_s.min > 0 and c.speedup_vs_vanilla.min > 0
         assert 0 <= c.plan_share < 1 and 0 < c.model_forward_share <= 1
@@ -127,6 +128,7 @@ def test_report_renders_plots_and_readme_table(result, tmp_path) -> None:
     assert text.startswith("# Project\n\nintro\n\n## Benchmarks\n\n" + START) and text.endswith(END + "\n\n## After\nkept\n")
     assert "old" not in text and body in text
     assert "| cast | 1 |" in body and "| hf_assisted | 1 |" in body and "### Targets" in body
+    assert "--prompts 2 --prompts-at 2=4 " in body and "(4 at B=2)" in body
     generate_report("tiny", path.parent, readme)
     assert readme.read_text() == text  # regenerating is idempotent
     assert bench_main(["report", "--name", "tiny", "--results-dir", str(path.parent), "--no-readme"]) == 0
@@ -193,6 +195,18 @@ def test_groups_and_first_difference() -> None:
 def test_config_requires_vanilla() -> None:
     with pytest.raises(ValueError, match="vanilla"):
         BenchConfig(methods=["cast"])
+
+
+def test_prompts_at_overrides_prompts_per_batch_size() -> None:
+    config = BenchConfig(batch_sizes=[1, 8], prompts=2, prompts_at={8: 16})
+    assert (config.prompts_for(1), config.prompts_for(8)) == (2, 16)
+    with pytest.raises(ValueError, match=r"prompts_at: batch sizes \[4\]"):
+        BenchConfig(batch_sizes=[1, 8], prompts_at={4: 8})
+    with pytest.raises(ValueError, match="prompts_at: prompt counts"):
+        BenchConfig(batch_sizes=[8], prompts_at={8: 0})
+    with pytest.raises(SystemExit):
+        bench_main(["run", "--prompts-at", "8"])  # not B=N
+    assert bench_main(["run", "--batch-sizes", "1", "--prompts-at", "8=16"]) == 2  # rejected before loading models
 
 
 def test_overhead_breakdown(pair) -> None:
