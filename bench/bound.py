@@ -52,6 +52,23 @@ replayed exactly on the same ranks (a step from ``i`` accepts the leading
 
 with ``d`` chosen once for the whole run, in hindsight. A policy must read
 the drafter's confidences to beat it.
+
+What reading them buys, for chains: from position ``i`` a chain drafts while
+its path confidence ``v_d = p_i * ... * p_{i+d-1}`` (``p`` the drafter's
+teacher-forced top-1 probabilities, ``bench.ranks``) stays at least
+``theta``, and stops at the first ``d`` with ``v_d < theta`` or ``d = D``:
+the forward that reveals ``p_{i+d-1}`` has already drafted that token, so
+it is verified too. The step costs ``d * c_D + c_V(d + 1)`` and gains the
+leading ``r = 1`` drafts plus the bonus token::
+
+    S_conf(B) = max_{theta, D}  sum |y| / sum_steps (d * c_D + c_V(d + 1))
+
+over a grid of ``theta`` and every cap ``D <= max_depth``, chosen in
+hindsight (``theta = 0`` is the fixed chain of depth ``D``, so ``S_conf >=
+S_fixed``; each step's cost is at least the hindsight tree's for the same
+accepted drafts, so ``S_conf <= S_oracle``). Past a chain's first rejected
+draft, ``p`` is read on the true prefix where the drafter's own path has
+diverged; that only moves how long a failed chain runs on.
 """
 
 from __future__ import annotations
@@ -63,6 +80,8 @@ import numpy as np
 from cast_core.cost import CostProfile
 
 MAX_DEPTH = 48
+#: path-confidence thresholds ``theta`` that ``confidence_chain_bound`` tries
+CONFIDENCE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(20))
 
 
 @dataclass
@@ -173,10 +192,64 @@ def fixed_chain_bound(
         for seq in ranks:
             i = 0
             while i < len(seq):
-                accepted = 0
-                while accepted < depth and i + accepted < len(seq) and seq[i + accepted] == 1:
-                    accepted += 1
-                i += accepted + 1
+                i += _leading_ones(seq, i, depth) + 1
                 steps += 1
         best = max(best, (tokens / (steps * step_cost), depth))
+    return best
+
+
+def _leading_ones(seq: list[int], start: int, limit: int) -> int:
+    """How many of ``seq[start:start + limit]`` are rank 1 before the first that is not."""
+    n = 0
+    while n < limit and start + n < len(seq) and seq[start + n] == 1:
+        n += 1
+    return n
+
+
+def confidence_chain_bound(
+    ranks: list[list[int]],
+    confidences: list[list[float]],
+    profile: CostProfile,
+    batch_size: int,
+    context: int,
+    max_depth: int,
+    drafter_cost: float | None = None,
+) -> tuple[float, float, int] | None:
+    """``(S_conf(B), theta, D)``: the best confidence-stopped chain replayed on the outputs (module docstring).
+
+    None without outputs, or without confidences for them.
+
+    Raises:
+        ValueError: ``ranks`` and ``confidences`` of different shapes.
+    """
+    if not any(ranks) or not confidences:
+        return None
+    if [len(r) for r in ranks] != [len(c) for c in confidences]:
+        raise ValueError("ranks and confidences must hold one value per output token each")
+    c_d, verify = _prices(profile, batch_size, context, max_depth + 1, drafter_cost)
+    tokens = sum(len(seq) for seq in ranks)
+    best: tuple[float, float, int] = (0.0, 0.0, 0)
+    for theta in CONFIDENCE_THRESHOLDS:
+        # per output and start i: the drafted depth before the cap, d(i) = first d with v_d < theta
+        stops = []
+        for conf in confidences:
+            n, stop = len(conf), []
+            for i in range(n):
+                v, d = 1.0, 0
+                while i + d < n and d < max_depth:
+                    v *= conf[i + d]
+                    d += 1
+                    if v < theta:
+                        break
+                stop.append(d)
+            stops.append(stop)
+        for cap in range(1, max_depth + 1):
+            time = 0.0
+            for seq, stop in zip(ranks, stops):
+                i = 0
+                while i < len(seq):
+                    d = min(stop[i], cap)
+                    time += d * c_d + verify[d + 1]
+                    i += _leading_ones(seq, i, d) + 1
+            best = max(best, (tokens / time, theta, cap))
     return best

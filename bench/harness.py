@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from bench.datasets import DATASET_NAMES, Prompt
 from bench.methods import METHOD_NAMES, MethodRun, ModelPair, RunStats, add_counts, build_methods
-from bench.ranks import teacher_forced_ranks
+from bench.ranks import DrafterGuesses, teacher_forced_guesses
 from cast_core import CastConfig, StaticConfig
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 
@@ -164,6 +164,10 @@ class CellResult(BaseModel):
     drafter_ranks: list[list[int]] = Field(
         default_factory=list,
         description="Vanilla cells: per output, the drafter's teacher-forced rank of each token (capped at top_k + 1; bench.ranks).",
+    )
+    drafter_confidences: list[list[float]] = Field(
+        default_factory=list,
+        description="Vanilla cells: per output, the drafter's teacher-forced top-1 probability at each position (bench.ranks).",
     )
 
 
@@ -293,7 +297,7 @@ def summarize_cell(
     runs: list[MethodRun],
     vanilla: list[MethodRun],
     mismatches: list[Mismatch],
-    drafter_ranks: list[list[int]] | None = None,
+    guesses: list[DrafterGuesses] | None = None,
 ) -> CellResult:
     """Aggregate one method's runs over the groups of one (dataset, batch size)."""
     group_results: list[GroupResult] = []
@@ -341,7 +345,8 @@ def summarize_cell(
         model_forward_share=(total.target_forward_s + total.drafter_forward_s) / wall,
         match_rate=sum(g.matched for g in group_results) / sum(len(g) for g in groups),
         mismatches=mismatches,
-        drafter_ranks=drafter_ranks or [],
+        drafter_ranks=[g.ranks for g in guesses or []],
+        drafter_confidences=[g.confidences for g in guesses or []],
     )
 
 
@@ -421,15 +426,15 @@ def run_benchmark(
                 for p, out, ref in zip(group, run.token_ids, ref_run.token_ids)
                 if out != ref
             ]
-            ranks = None
+            guesses = None
             if m.name == "vanilla":
-                bar.set_description(f"{dataset} B={b} drafter ranks of vanilla's outputs")
-                ranks = [
-                    teacher_forced_ranks(pair.drafter, encode[p.id], out, config.cast.top_k)
+                bar.set_description(f"{dataset} B={b} drafter guesses at vanilla's outputs")
+                guesses = [
+                    teacher_forced_guesses(pair.drafter, encode[p.id], out, config.cast.top_k)
                     for group, run in zip(groups, runs["vanilla"])
                     for p, out in zip(group, run.token_ids)
                 ]
-            cells.append(summarize_cell(dataset, m.name, b, groups, runs[m.name], runs["vanilla"], mismatches, ranks))
+            cells.append(summarize_cell(dataset, m.name, b, groups, runs[m.name], runs["vanilla"], mismatches, guesses))
         if on_block is not None:
             on_block(snapshot(complete=False))
     bar.close()

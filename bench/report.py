@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.bound import fixed_chain_bound, oracle_tree_bound, profiled_drafter_cost, speedup_bound  # noqa: E402
+from bench.bound import confidence_chain_bound, fixed_chain_bound, oracle_tree_bound, profiled_drafter_cost, speedup_bound  # noqa: E402
 from bench.harness import RESULTS_DIR, BenchResult, CellResult, load_result  # noqa: E402
 from bench.serving import ServingResult, load_serving, serving_table  # noqa: E402
 from bench.sweep import SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
@@ -186,8 +186,9 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
     lines = [
         "| dataset | B | drafter forward / target step (profile; this run) | ceiling, every draft accepted (depth) "
         "| ceiling, any best-first tree of this drafter, sized with hindsight | one chain depth for the whole run (depth) "
+        "| chain stopped by the drafter's confidence (θ, cap) "
         "| ceiling, CAST's measured acceptance (depth) | CAST measured | CAST accepted / step | CAST steps drafted |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dataset in _datasets(result):
         for c in sorted((c for c in result.cells if c.dataset == dataset and c.method == "cast"), key=lambda c: c.batch_size):
@@ -198,11 +199,15 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
             ranks = vanilla.drafter_ranks if vanilla else []
             oracle = oracle_tree_bound(ranks, profile, c.batch_size, BOUND_CONTEXT, cast.top_k, cast.max_depth, measured)
             fixed = fixed_chain_bound(ranks, profile, c.batch_size, BOUND_CONTEXT, cast.max_depth, measured)
+            confident = confidence_chain_bound(
+                ranks, vanilla.drafter_confidences if vanilla else [], profile, c.batch_size, BOUND_CONTEXT, cast.max_depth, measured
+            )
             chain = "n/a" if b.chain is None else f"{b.chain:.2f}x ({b.chain_depth})"
             lines.append(
                 f"| {dataset} | {c.batch_size} | {profiled:.2f}; {'n/a' if measured is None else f'{measured:.2f}'} "
                 f"| {b.perfect:.2f}x ({b.perfect_depth}) | {'n/a' if oracle is None else f'{oracle:.2f}x'} "
-                f"| {'n/a' if fixed is None else f'{fixed[0]:.2f}x ({fixed[1]})'} | {chain} "
+                f"| {'n/a' if fixed is None else f'{fixed[0]:.2f}x ({fixed[1]})'} "
+                f"| {'n/a' if confident is None else f'{confident[0]:.2f}x ({confident[1]:g}, {confident[2]})'} | {chain} "
                 f"| {c.speedup_vs_vanilla.median:.2f}x | {c.mean_accepted_length:.2f} | {100 * c.drafted_step_share:.0f}% |"
             )
     return "\n".join(lines)
@@ -326,7 +331,10 @@ def markdown(
             "whose forwards cost that much beats it (with the profile's single-token forward, none at all). The third "
             "replays, on the same ranks and at the same prices, a greedy chain of one depth for every step (the best depth "
             "for the whole run, in hindsight): what knowing how often the drafter is right buys, without knowing when; a "
-            "policy must read the drafter's confidences to beat it. The fourth uses CAST's acceptance by depth in this run (measured on CAST's trees, "
+            "policy must read the drafter's confidences to beat it. The fourth reads them: a chain that stops once its path "
+            "confidence (the product of the drafter's top-1 probabilities, teacher-forced) falls below `θ`, at most `cap` "
+            "deep, the token that fell below included; `θ` and `cap` are the best pair in hindsight, so it is what a chain "
+            "policy reading confidences reaches at best, not a ceiling for trees. The fifth uses CAST's acceptance by depth in this run (measured on CAST's trees, "
             "which accept more per depth than a chain of that cost could), so it is an estimate. "
             "None counts prefill or framework time.",
             "",

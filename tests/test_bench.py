@@ -88,8 +88,10 @@ def test_result_schema_and_cells(result) -> None:
             assert c.speedup_vs_vanilla.median == pytest.approx(1.0)
             assert len(c.drafter_ranks) == sum(len(g.prompt_ids) for g in c.groups) and all(1 <= r <= CAST.top_k + 1 for seq in c.drafter_ranks for r in seq)
             assert sum(len(seq) for seq in c.drafter_ranks) == sum(g.tokens for g in c.groups)
+            assert [len(seq) for seq in c.drafter_confidences] == [len(seq) for seq in c.drafter_ranks]
+            assert all(0 < p <= 1 for seq in c.drafter_confidences for p in seq)
         else:
-            assert c.drafter_ranks == []
+            assert c.drafter_ranks == [] and c.drafter_confidences == []
         if c.method in ("vanilla", "hf_generate"):
             assert c.mean_accepted_length == pytest.approx(1.0)
             assert c.drafted_nodes_per_step == 0
@@ -264,6 +266,40 @@ def test_fixed_chain_bound_replays_one_depth_and_never_beats_hindsight() -> None
     assert fixed_chain_bound([[]], profile, 1, 128, max_depth=4) is None
 
 
+def test_confidence_chain_bound_stops_where_confidence_drops() -> None:
+    """S_conf: a chain drafting while its path confidence stays >= theta; the best (theta, cap) in hindsight."""
+    from bench.bound import confidence_chain_bound, fixed_chain_bound, oracle_tree_bound
+
+    profile = CostProfile.synthetic(0.1, 0.01, 0.03, 0.0, token_counts=(1, 2, 4, 8, 16, 32, 64))
+    c_d = 0.03 / 0.11
+
+    def verify(n: int) -> float:
+        return (0.1 + 0.01 * n) / 0.11
+
+    certain = confidence_chain_bound([[1] * 5], [[1.0] * 5], profile, 1, 128, max_depth=4)
+    assert certain[0] == pytest.approx(5 / (4 * c_d + verify(5)))  # one step: 4 drafts accepted + the bonus token
+    # runs of rank-1 tokens of lengths 4, 1, 2, each ended by a rank-2 token the drafter is unsure of: a chain with
+    # 0.0475 < theta <= 0.8145 and cap 5 stops on that token (drafted and verified), gaining the run + the bonus;
+    # the best pair in hindsight does at least that well
+    runs = [4, 1, 2]
+    ranks = [r for n in runs for r in [1] * n + [2]]
+    confidences = [c for n in runs for c in [0.95] * n + [0.05]]
+    stopping_on_doubt = len(ranks) / sum((n + 1) * c_d + verify(n + 2) for n in runs)
+    speedup, _, _ = confidence_chain_bound([ranks], [confidences], profile, 1, 128, max_depth=5)
+    assert speedup >= stopping_on_doubt - 1e-9
+    assert speedup > fixed_chain_bound([ranks], profile, 1, 128, max_depth=5)[0], "knowing when beats one depth"
+
+    rng = np.random.default_rng(5)
+    outputs = [list(rng.choice([1, 1, 1, 1, 2, 3], size=60)) for _ in range(3)]
+    confs = [list(rng.uniform(0.05, 1.0, size=60)) for _ in range(3)]
+    conf, _, _ = confidence_chain_bound(outputs, confs, profile, 1, 128, max_depth=6)
+    assert fixed_chain_bound(outputs, profile, 1, 128, max_depth=6)[0] - 1e-9 <= conf  # theta = 0 is a fixed chain
+    assert conf <= oracle_tree_bound(outputs, profile, 1, 128, top_k=4, max_depth=6) + 1e-9
+    assert confidence_chain_bound(outputs, [], profile, 1, 128, max_depth=6) is None
+    with pytest.raises(ValueError, match="one value per output token"):
+        confidence_chain_bound(outputs, [c[:-1] for c in confs], profile, 1, 128, max_depth=6)
+
+
 def _brute_force_time(ranks: list[int], c_d: float, verify, top_k: int, max_depth: int) -> float:
     """Least time to produce ``ranks``' output, trying every split into steps (the DP's reference)."""
     if not ranks:
@@ -297,19 +333,20 @@ def test_oracle_tree_bound_is_the_cheapest_schedule_of_best_first_trees() -> Non
     assert chain <= speedup_bound(profile, 1, 128).perfect + 1e-9  # every draft accepted is the best case
 
 
-def test_teacher_forced_ranks_match_incremental_decoding() -> None:
+def test_teacher_forced_guesses_match_incremental_decoding() -> None:
     """The target ranks each of its own greedy tokens first; a noisy drafter as its step-by-step logits do."""
-    from bench.ranks import teacher_forced_ranks
+    from bench.ranks import teacher_forced_guesses
 
     target, drafter = tiny_pair("llama", torch.float32)
     prompt = [5, 17, 33, 8]
     output = reference_greedy(target, prompt, 12, TINY_EOS)
-    assert teacher_forced_ranks(target, prompt, output, cap=4) == [1] * len(output)
-    ranks = teacher_forced_ranks(drafter, prompt, output, cap=3)
+    assert teacher_forced_guesses(target, prompt, output, cap=4).ranks == [1] * len(output)
+    guesses = teacher_forced_guesses(drafter, prompt, output, cap=3)
     with torch.no_grad():
         for i, token in enumerate(output):
             logits = drafter(input_ids=torch.tensor([prompt + output[:i]])).logits[0, -1]
-            assert ranks[i] == min(1 + int((logits > logits[token]).sum()), 4)
-    assert teacher_forced_ranks(drafter, prompt, [], cap=3) == []
+            assert guesses.ranks[i] == min(1 + int((logits > logits[token]).sum()), 4)
+            assert guesses.confidences[i] == pytest.approx(float(torch.softmax(logits, -1).max()), abs=1e-4)
+    assert teacher_forced_guesses(drafter, prompt, [], cap=3).ranks == []
     with pytest.raises(ValueError, match="cap"):
-        teacher_forced_ranks(drafter, prompt, output, cap=0)
+        teacher_forced_guesses(drafter, prompt, output, cap=0)
