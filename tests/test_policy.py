@@ -85,6 +85,19 @@ def test_depth_pruning_follows_cost() -> None:
     assert histories[0].alpha() < 1.0
 
 
+def test_scaled_depth_threshold_stops_growth_once_c2_rho_cost_exceeds_one() -> None:
+    """alpha * u <= 1 (u sums path confidences), so with thresholds scaled by rho^B no second layer grows once
+    C2 * rho^B * c_D > 1: with the defaults and a drafter forward of 0.59 plain steps, that is rho^B > 1.36."""
+    policy = CastPolicy()
+    ctx = CostContext(drafter=np.r_[0.0, np.full(10, 0.59)], target=np.arange(80.0), batch_size=1, context=0)
+    sure = np.array([[0.99]])
+    policy.gate.observe(1, tokens=2.6, cost=2.0)  # rho^1 = 1.3: threshold 1.25 * 1.3 * 0.59 = 0.96
+    assert policy.grow(1, sure, ctx, [DepthHistory(4)])
+    policy.gate.observe(1, tokens=20.0, cost=2.0)  # rho^1 well above 1.36
+    assert policy.gate.speedup(1) > 1 / (policy.config.c2 * 0.59)
+    assert not policy.grow(1, np.array([[1.0]]), ctx, [DepthHistory(4)])
+
+
 def test_reranking_reads_target_cost() -> None:
     conf = np.array([[0.9, 0.8, 0.5, 0.3, 0.1, 0.05]])
     policy = CastPolicy(CastConfig(c3=1.0))
