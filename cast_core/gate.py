@@ -40,8 +40,8 @@ A gate closed on a stale basis reopens as soon as the rescaled record clears
 ``min_speedup``: closing costs the few plain steps that timed it.
 
 An open gate times no plain steps, so a record that reads about break-even
-against the profile's plain step could stay wrong: at MT-bench B=4 on this
-project's CPU, plain steps ran 7 % faster than profiled, and a gate reading
+against the profile's plain step could stay wrong: at MT-bench B=4 on the
+2-core Intel Xeon, plain steps ran 7 % faster than profiled, and a gate reading
 1.0x drafted nearly every step at 0.93x vanilla. Near break-even a plain
 step costs about nothing, so while ``rho^B`` is within ``TIMING_MARGIN`` of
 ``min_speedup`` on the profile's basis, the gate decodes plainly at ``B``
@@ -52,7 +52,7 @@ one judged within a factor 2 (sequences finishing one by one walk a batch
 through every size below it; each would otherwise pay a probe), worth a
 quarter of a window (``INHERITED_SHARE``), so that its own steps soon
 outweigh it. A closed neighbour within ``SHARED_SKIP`` of its size also
-hands on its skip countdown and backoff: on this project's CPU a batch of 8
+hands on its skip countdown and backoff: on the 2-core Intel Xeon a batch of 8
 MT-bench rows finishing one by one paid a failing probe at 8, 7, 6, ...
 (0.95x vanilla), where one schedule carried down the sizes probes as rarely
 as the closed gate at 8. A closed neighbour further off (half or twice the
@@ -71,7 +71,7 @@ reopens the gate.
 A probe must not cost more the longer the gate stayed closed: the drafter
 would otherwise catch up on every skipped token (at batch size ``B``, ``s``
 skipped steps put ``B * s`` tokens through it). Nor should a row new to the
-drafter always feed it its whole prompt: at B=8 on this project's CPU, 8
+drafter always feed it its whole prompt: at B=8 on the 2-core Intel Xeon, 8
 code prompts took the 0.5B drafter 13 s of a 78 s run for 3 drafted steps.
 A long catch-up (a backlog, a prompt) fed whole is an investment. Windowed,
 a drafted step feeds at most ``probe_context`` of a row's most recent

@@ -183,7 +183,7 @@ class PlainStep:
         started: ``time.perf_counter()`` at its drafting call.
         timed: whether its wall time is reported to the gate. The first plain step after a
             drafted one is not: it ran 0.31-0.49 s against 0.26-0.36 s for later plain steps
-            (MT-bench, B = 4..8, this CPU), and with 3-5 timings a median landing on it reads
+            (MT-bench, B = 4..8, 2-core Intel Xeon), and with 3-5 timings a median landing on it reads
             ``rho^B`` about 5 % high right at break-even.
     """
 
