@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.bound import confidence_chain_bound, fixed_chain_bound, oracle_tree_bound, profiled_drafter_cost, speedup_bound  # noqa: E402
 from bench.harness import RESULTS_DIR, BenchResult, CellResult, load_result  # noqa: E402
 from bench.serving import ServingResult, load_serving, serving_table  # noqa: E402
-from bench.sweep import SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
+from bench.sweep import PARAMS, SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
 from cast_core import CastConfig  # noqa: E402
 from cast_core.cost import CostProfile, default_search_dirs  # noqa: E402
 
@@ -33,7 +33,6 @@ README: Path = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 BOUND_CONTEXT = 256  # context length the bounds read the cost profile at (prompt + half the output, roughly)
 SECTION = "## Benchmarks"
-THRESHOLDS = ("c1", "c2", "c3", "r")
 METHOD_STYLE = {
     "vanilla": ("tab:gray", "o"),
     "hf_generate": ("tab:brown", "v"),
@@ -242,7 +241,6 @@ def cells_table(result: BenchResult, dataset: str) -> str:
 def sweep_section(sweep: SweepResult) -> str:
     """How CAST's thresholds were chosen: every trial of the sweep, best first."""
     defaults = CastConfig()
-    keys = THRESHOLDS
     sc = sweep.config
     grids = "".join(f" --{k}-grid {' '.join(f'{v:g}' for v in getattr(sc, k))}" for k in sc.order)
     cell_names = [f"{c.dataset} B={c.batch_size}" for c in sweep.trials[0].cells] if sweep.trials else []
@@ -252,9 +250,9 @@ def sweep_section(sweep: SweepResult) -> str:
         f"{sweep.config.max_new_tokens} new tokens, batch sizes {', '.join(map(str, sweep.config.batch_sizes))}; "
         f"each parameter in turn ({' → '.join(sweep.config.order)}) takes the grid value with the best score "
         f"(geometric mean over cells of the speedup over vanilla, vanilla measured once per cell), the others held. "
-        f"Best: {', '.join(f'{k}={getattr(sweep.best, k)}' for k in keys)}; "
-        f"`CastConfig` defaults now: {', '.join(f'{k}={getattr(defaults, k)}' for k in keys)}"
-        f"{' (the sweep winner)' if all(getattr(sweep.best, k) == getattr(defaults, k) for k in keys) else ' (differ from the sweep winner)'}. "
+        f"Best: {', '.join(f'{k}={getattr(sweep.best, k)}' for k in PARAMS)}; "
+        f"`CastConfig` defaults now: {', '.join(f'{k}={getattr(defaults, k)}' for k in PARAMS)}"
+        f"{' (the sweep winner)' if all(getattr(sweep.best, k) == getattr(defaults, k) for k in PARAMS) else ' (differ from the sweep winner)'}. "
         f"Measured {str(sweep.machine.get('date'))[:10]} on {sweep.machine.get('cpu_model')}, "
         f"{sweep.elapsed_s / 60:.0f} min; from `bench/results/{SWEEP_FILE}`. Reproduce: `cast bench sweep "
         f"--batch-sizes {' '.join(map(str, sc.batch_sizes))} --prompts {sc.prompts} --max-new-tokens {sc.max_new_tokens} "
@@ -375,7 +373,7 @@ def _threshold_flags(cast: CastConfig) -> str:
     """``--c1/--c2/--c3/--r`` for the thresholds a run used where they differ from today's ``CastConfig`` defaults
     ('' when none do), so a run stays reproducible after a default changes."""
     defaults = CastConfig()
-    return "".join(f" --{k} {getattr(cast, k):g}" for k in THRESHOLDS if getattr(cast, k) != getattr(defaults, k))
+    return "".join(f" --{k} {getattr(cast, k):g}" for k in PARAMS if getattr(cast, k) != getattr(defaults, k))
 
 
 def _prompts_at_note(prompts_at: dict[int, int]) -> str:
