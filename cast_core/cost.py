@@ -17,14 +17,20 @@ interpolation on the three axes:
 * **batch B** -- linear between measured sizes; below the first size the first
   value; beyond the last size ``f(B_L) + (B - B_L) * s`` with the last segment's
   slope ``s = (f(B_L) - f(B_{L-1})) / (B_L - B_{L-1})`` clipped at 0 (never below
-  the last value) and made non-decreasing in n (running max) so extrapolated rows
-  stay monotone in n.
+  the last value).
 
-Raw timings are not monotone in n (GEMM tile effects: 24 tokens can be slower
-than 32), so every table is replaced by its running max over n when it is
-constructed or loaded: ``seconds[b][c][k] := max_{k' <= k} seconds[b][c][k']``.
-All interpolation weights are convex (or, beyond the grid, applied to
-non-negative slopes), so ``f`` is non-decreasing in n everywhere.
+Raw timings are not monotone in n: on a CPU a one-token forward at batch 1 runs
+a matrix-vector kernel that can be slower than two tokens' matrix-matrix one,
+and GEMM tiles make 24 tokens slower than 32 on some machines. A forward of n
+tokens can always be padded with tokens nobody reads up to a measured count
+``m > n`` (:meth:`CostTable.padded_tokens`; the verifier does it), so the cost
+the policy prices is the padded one::
+
+    f(B, ctx, n) = min( raw(B, ctx, n), min_{m in token_counts, m > n} raw(B, ctx, m) )
+
+where ``raw`` is the interpolation above of the stored (raw) ``seconds``. ``f`` is
+non-decreasing in n: below the last count it is a suffix minimum, beyond it the
+last segment of the padded row continues with a slope >= 0.
 
 Profiles are JSON files named by :func:`profile_slug` and found by
 :func:`find_profile` in ``$CAST_CACHE_DIR/profiles`` (default
@@ -137,37 +143,36 @@ def default_search_dirs() -> list[Path]:
 
 
 class _Grid:
-    """Precomputed lookup arrays of one :class:`CostTable` (plain Python lists for the scalar path).
+    """Precomputed lookup array of one :class:`CostTable`.
 
-    ``rows[b][c][k]`` for ``b < len(batch)`` is the monotone table; ``rows[len(batch)]``
-    is the batch-extrapolation slope ``s[c][k]`` (seconds per extra sequence), so every
-    batch lookup is a two-term combination ``wa * rows[ia] + wb * rows[ib]``.
+    ``array[b]`` for ``b < len(batch)`` is the raw table; ``array[len(batch)]`` is the
+    batch-extrapolation slope ``s[c][k]`` (seconds per extra sequence, >= 0), so every
+    batch lookup is a two-term combination ``wa * array[ia] + wb * array[ib]``.
     """
 
-    __slots__ = ("batch", "context", "tokens", "rows", "array", "_last_b")
+    __slots__ = ("batch", "context", "tokens", "array", "_last_b", "_tokens_array")
 
     def __init__(self, batch: list[int], context: list[int], tokens: list[int], seconds: np.ndarray) -> None:
         if len(batch) > 1:
-            slope = (seconds[-1] - seconds[-2]) / (batch[-1] - batch[-2])  # [ctx, n]
-            slope = np.maximum.accumulate(np.maximum(slope, 0.0), axis=-1)
+            slope = np.maximum((seconds[-1] - seconds[-2]) / (batch[-1] - batch[-2]), 0.0)  # [ctx, n]
         else:
             slope = np.zeros_like(seconds[0])
         self.batch = batch
         self.context = context
         self.tokens = tokens
         self.array = np.concatenate([seconds, slope[None]], axis=0)  # [batch + 1, ctx, n]
-        self.rows: list[list[list[float]]] = self.array.tolist()
         self._last_b = len(batch) - 1
+        self._tokens_array = np.asarray(tokens, dtype=np.float64)
 
     def __eq__(self, other: object) -> bool:
         """Grids are derived data: equal when built from equal tables (keeps pydantic model equality by value)."""
         if not isinstance(other, _Grid):
             return NotImplemented
-        mine = (self.batch, self.context, self.tokens, self.rows)
-        return mine == (other.batch, other.context, other.tokens, other.rows)
+        mine = (self.batch, self.context, self.tokens)
+        return mine == (other.batch, other.context, other.tokens) and np.array_equal(self.array, other.array)
 
     def batch_weights(self, b: float) -> tuple[int, float, int, float]:
-        """``(ia, wa, ib, wb)`` with ``f(b) = wa * rows[ia] + wb * rows[ib]``."""
+        """``(ia, wa, ib, wb)`` with ``f(b) = wa * array[ia] + wb * array[ib]``."""
         xs = self.batch
         last = self._last_b
         if b <= xs[0]:
@@ -189,49 +194,56 @@ class _Grid:
         j = bisect.bisect_right(xs, c) - 1
         return j, j + 1, (c - xs[j]) / (xs[j + 1] - xs[j])
 
-    def token_weights(self, n: float) -> tuple[int, int, float]:
-        """``(k0, k1, w)`` with ``f(n) = f[k0] + w * (f[k1] - f[k0])``; ``w > 1`` extrapolates the last segment."""
-        xs = self.tokens
-        if n <= xs[0]:
-            return 0, 0, 0.0
-        last = len(xs) - 1
-        if n >= xs[last]:
-            if last == 0:
-                return 0, 0, 0.0
-            return last - 1, last, (n - xs[last - 1]) / (xs[last] - xs[last - 1])
-        k = bisect.bisect_right(xs, n) - 1
-        return k, k + 1, (n - xs[k]) / (xs[k + 1] - xs[k])
-
-    def latency(self, batch: float, context: float, tokens: float) -> float:
-        """``f(batch, context, tokens)`` in seconds (module docstring); 0.0 for ``tokens <= 0``."""
-        if tokens <= 0:
-            return 0.0
-        ia, wa, ib, wb = self.batch_weights(batch)
-        j0, j1, wc = self.context_weights(context)
-        k0, k1, wn = self.token_weights(tokens)
-        ra0, ra1 = self.rows[ia][j0], self.rows[ia][j1]
-        rb0, rb1 = self.rows[ib][j0], self.rows[ib][j1]
-        vc = 1.0 - wc
-        y0 = vc * (wa * ra0[k0] + wb * rb0[k0]) + wc * (wa * ra1[k0] + wb * rb1[k0])
-        y1 = vc * (wa * ra0[k1] + wb * rb0[k1]) + wc * (wa * ra1[k1] + wb * rb1[k1])
-        return y0 + wn * (y1 - y0)
-
-    def latency_curve(self, batch: float, context: float, max_tokens: int) -> np.ndarray:
-        """``[f(batch, context, n) for n in 0..max_tokens]`` (``f(., ., 0) = 0``), same formula as :meth:`latency`."""
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    def raw_row(self, batch: float, context: float) -> np.ndarray:
+        """``[raw(batch, context, m) for m in tokens]``: the measured counts' row, interpolated in B and ctx."""
         ia, wa, ib, wb = self.batch_weights(batch)
         j0, j1, wc = self.context_weights(context)
         a = self.array
-        row = (1.0 - wc) * (wa * a[ia, j0] + wb * a[ib, j0]) + wc * (wa * a[ia, j1] + wb * a[ib, j1])  # [n]
-        n = np.arange(max_tokens + 1, dtype=np.float64)
-        curve = np.interp(n, self.tokens, row)  # clamps to row[0] / row[-1] outside the grid
+        return (1.0 - wc) * (wa * a[ia, j0] + wb * a[ib, j0]) + wc * (wa * a[ia, j1] + wb * a[ib, j1])
+
+    def _raw(self, row: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """``raw`` at token counts ``n``: linear in ``row`` between counts, the first value below them,
+        the last segment's slope beyond them."""
+        curve = np.interp(n, self._tokens_array, row)
         if len(self.tokens) > 1:
             beyond = n > self.tokens[-1]
             slope = (row[-1] - row[-2]) / (self.tokens[-1] - self.tokens[-2])
-            curve[beyond] = row[-1] + slope * (n[beyond] - self.tokens[-1])
-        curve[0] = 0.0
+            curve[beyond] = row[-1] + max(slope, 0.0) * (n[beyond] - self.tokens[-1])
         return curve
+
+    def padded_tokens(self, batch: float, context: float, tokens: int) -> int:
+        """The token count in ``{tokens} U {m in token_counts : m > tokens}`` with the least raw
+        cost (the smallest one on ties): what a forward of ``tokens`` new tokens is padded to."""
+        row = self.raw_row(batch, context)
+        larger = self._tokens_array > tokens
+        if not larger.any():
+            return tokens
+        own = float(self._raw(row, np.array([float(tokens)]))[0])
+        k = int(np.argmin(row[larger]))
+        best = float(row[larger][k])
+        return int(self._tokens_array[larger][k]) if best < own else tokens
+
+    def latency(self, batch: float, context: float, tokens: float) -> float:
+        """``f(batch, context, tokens)`` in seconds, padding included (module docstring); 0.0 for ``tokens <= 0``."""
+        if tokens <= 0:
+            return 0.0
+        row = self.raw_row(batch, context)
+        own = float(self._raw(row, np.array([float(tokens)]))[0])
+        larger = row[self._tokens_array > tokens]
+        return min(own, float(larger.min())) if larger.size else own
+
+    def latency_curve(self, batch: float, context: float, max_tokens: int) -> np.ndarray:
+        """``[f(batch, context, n) for n in 0..max_tokens]`` (``f(., ., 0) = 0``), same formula as :meth:`latency`:
+        the raw curve up to the last measured count, suffix-minimised, then continued past it."""
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        row = self.raw_row(batch, context)
+        span = max(max_tokens, self.tokens[-1])
+        curve = self._raw(row, np.arange(span + 1, dtype=np.float64))
+        last = self.tokens[-1]
+        curve[: last + 1] = np.minimum.accumulate(curve[: last + 1][::-1])[::-1]
+        curve[0] = 0.0
+        return curve[: max_tokens + 1]
 
 
 def _check_axis(values: list[int], name: str) -> list[int]:
@@ -247,7 +259,7 @@ def _check_axis(values: list[int], name: str) -> list[int]:
 
 class CostTable(BaseModel):
     """Measured forward latency of one model role: ``seconds[b][c][k]`` for
-    ``(batch_sizes[b], context_buckets[c], token_counts[k])``, monotone in k."""
+    ``(batch_sizes[b], context_buckets[c], token_counts[k])``, raw; lookups price padding (module docstring)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -265,7 +277,7 @@ class CostTable(BaseModel):
     )
     seconds: list[list[list[float]]] = Field(
         description="Forward wall time in seconds indexed [batch][context][tokens]; finite and > 0. "
-        "Replaced on construction by its running max over the tokens axis (non-decreasing in n)."
+        "Stored raw (not necessarily monotone in n); lookups take the cheapest padded count."
     )
 
     _grid: _Grid = PrivateAttr()
@@ -287,13 +299,13 @@ class CostTable(BaseModel):
 
     @field_validator("seconds")
     @classmethod
-    def _monotone_in_tokens(cls, v: list[list[list[float]]]) -> list[list[list[float]]]:
-        """Check every value is finite and > 0, then apply ``s[b][c][k] := max_{k' <= k} s[b][c][k']``."""
+    def _finite_positive(cls, v: list[list[list[float]]]) -> list[list[list[float]]]:
+        """Check every value is finite and > 0 (the raw timings are kept; padding is applied at lookup)."""
         for plane in v:
             for row in plane:
                 if not all(math.isfinite(x) and x > 0 for x in row):
                     raise ValueError(f"seconds must be finite and > 0, got {row}")
-        return [[list(itertools.accumulate(row, max)) for row in plane] for plane in v]
+        return v
 
     @model_validator(mode="after")
     def _check_shape_and_index(self) -> CostTable:
@@ -315,6 +327,11 @@ class CostTable(BaseModel):
     def latency_curve(self, batch: int, context: int, max_tokens: int) -> np.ndarray:
         """Array of length ``max_tokens + 1``: index n = :meth:`latency` for n tokens, index 0 = 0.0."""
         return self._grid.latency_curve(batch, context, max_tokens)
+
+    def padded_tokens(self, batch: int, context: int, tokens: int) -> int:
+        """Token count a forward of ``tokens`` new tokens per sequence should run at: the one of
+        ``{tokens} U {m in token_counts : m > tokens}`` with the least raw cost (fewest on ties)."""
+        return self._grid.padded_tokens(batch, context, tokens)
 
 
 class CostProfile(BaseModel):
@@ -385,7 +402,7 @@ class CostProfile(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> CostProfile:
-        """Read and validate a profile JSON file (tables are made monotone in n here)."""
+        """Read and validate a profile JSON file."""
         return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
     @classmethod

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cast_core.cost import CostProfile, device_name, dtype_name, resolve_profile
+from cast_core.cost import CostProfile, device_name, dtype_name, find_profile, resolve_profile
 from cast_core.decoder import SpecDecoder, StepStats
 from cast_core.drafter import Drafter
 from cast_core.models import check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
@@ -150,7 +150,7 @@ class Engine:
         if self.policy.drafts and drafter is None:
             raise ValueError(f"drafter: policy {self.policy.name!r} needs a drafter model")
         self.target, self.tokenizer, self.drafter_model = target, tokenizer, drafter
-        self.verifier = Verifier(target)
+        self.verifier = Verifier(target, cost_profile.target if cost_profile is not None and cost_profile.measured else None)
         self.drafter = Drafter(drafter, self.verifier.vocab_size) if drafter is not None and self.policy.drafts else None
         self.cost_profile = cost_profile
         self.max_batch_size = max_batch_size
@@ -177,7 +177,8 @@ class Engine:
 
         ``cost_profile``: a profile, a JSON path, or None to look one up for this
         device, model pair and dtype (a synthetic affine profile, with a warning,
-        if none was measured).
+        if none was measured). Policy ``none`` loads no drafter; it uses a measured
+        profile of the pair, where one is found, to pad its plain steps.
         """
         if policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}; got {policy!r}")
@@ -186,18 +187,20 @@ class Engine:
         target_model = load_model(target_path, dtype, device)
         drafter_model = None
         profile: CostProfile | None = None
+        if isinstance(cost_profile, CostProfile):
+            profile = cost_profile
+        elif cost_profile is not None:
+            profile = CostProfile.load(cost_profile)
         if policy != "none":
             if drafter is None:
                 raise ValueError(f"drafter: policy {policy!r} needs a drafter model")
             drafter_path = resolve_model(str(drafter))
             check_tokenizers_compatible(tokenizer, load_tokenizer(drafter_path))
             drafter_model = load_model(drafter_path, dtype, device)
-            if isinstance(cost_profile, CostProfile):
-                profile = cost_profile
-            elif cost_profile is not None:
-                profile = CostProfile.load(cost_profile)
-            else:
+            if profile is None:
                 profile = resolve_profile(device_name(device), target_path.name, drafter_path.name, dtype_name(dtype))
+        elif profile is None and drafter is not None:
+            profile = find_profile(device_name(device), target_path.name, str(drafter), dtype_name(dtype))
         return cls(
             target_model,
             tokenizer,

@@ -72,20 +72,35 @@ class DraftTree:
     def stack(trees: list["DraftTree"]) -> "DraftTree":
         """Pad single-row trees (or batches) of different sizes into one batch."""
         n = max(t.num_nodes for t in trees)
+        padded = [t.padded(n) for t in trees]
+        return DraftTree(
+            tokens=torch.cat([t.tokens for t in padded]),
+            parents=torch.cat([t.parents for t in padded]),
+            depth=torch.cat([t.depth for t in padded]),
+            confidence=torch.cat([t.confidence for t in padded]),
+            valid=torch.cat([t.valid for t in padded]),
+        )
+
+    def padded(self, num_nodes: int) -> "DraftTree":
+        """These trees with padding nodes appended up to ``num_nodes`` nodes per row (self if already there).
+
+        Padding nodes (token 0, parent 0, depth 0, confidence 0, invalid) see only
+        themselves and are never accepted, so verifying them changes no output.
+        """
+        extra = num_nodes - self.num_nodes
+        if extra <= 0:
+            return self
+        rows = self.batch_size
 
         def pad(x: torch.Tensor, value: float | int | bool) -> torch.Tensor:
-            extra = n - x.shape[1]
-            if extra == 0:
-                return x
-            filler = torch.full((x.shape[0], extra), value, dtype=x.dtype)
-            return torch.cat([x, filler], dim=1)
+            return torch.cat([x, torch.full((rows, extra), value, dtype=x.dtype)], dim=1)
 
         return DraftTree(
-            tokens=torch.cat([pad(t.tokens, 0) for t in trees]),
-            parents=torch.cat([pad(t.parents, 0) for t in trees]),
-            depth=torch.cat([pad(t.depth, 0) for t in trees]),
-            confidence=torch.cat([pad(t.confidence, 0.0) for t in trees]),
-            valid=torch.cat([pad(t.valid, False) for t in trees]),
+            tokens=pad(self.tokens, 0),
+            parents=pad(self.parents, 0),
+            depth=pad(self.depth, 0),
+            confidence=pad(self.confidence, 0.0),
+            valid=pad(self.valid, False),
         )
 
     def row(self, b: int) -> "DraftTree":

@@ -2,7 +2,11 @@
 
 Row ``b``'s tree (root + drafted nodes, padded) goes through the target with
 ``position_ids = next_pos[b] + depth`` and a mask of the committed prefix plus
-the tree's ancestor matrix. Acceptance (``cast_core.acceptance``) picks a path;
+the tree's ancestor matrix. Where the target's cost table says a forward of
+more tokens is cheaper (a one-token forward at batch 1 on a CPU runs a slow
+matrix-vector kernel), the trees are padded with invalid nodes up to that count
+(:meth:`~cast_core.cost.CostTable.padded_tokens`); they see only themselves,
+are never accepted and their cache entries are dropped. Acceptance (``cast_core.acceptance``) picks a path;
 the cache keeps exactly the root's and the accepted nodes' KV entries, and the
 bonus token becomes the next root.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from cast_core.acceptance import AcceptedPath, accept_greedy, accept_sampled
+from cast_core.cost import CostTable
 from cast_core.forward import forward_logits, prefill_prompts
 from cast_core.kv import KVState
 from cast_core.sampling import SamplingParams
@@ -21,8 +26,10 @@ from cast_core.tree import DraftTree
 class Verifier:
     """Runs the target model over draft trees."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, cost: CostTable | None = None) -> None:
+        """``cost``: the target's measured cost table, which decides padding (None: never pad)."""
         self.model = model
+        self.cost = cost
 
     @property
     def vocab_size(self) -> int:
@@ -49,6 +56,8 @@ class Verifier:
         Rows outside ``keep_rows`` (default: all rows) are idle: their forward
         output is ignored and they commit nothing (an empty path).
         """
+        if self.cost is not None:
+            tree = tree.padded(self.cost.padded_tokens(tree.batch_size, state.base, tree.num_nodes))
         try:
             logits = forward_logits(
                 self.model, state, tree.tokens, tree.position_ids(state.next_pos), tree.ancestors()

@@ -25,7 +25,7 @@ from cast_core.cost import (
     user_profiles_dir,
 )
 
-# Hand-made table: B in (1, 4), ctx in (100, 300), n in (1, 3, 7); monotone in n.
+# Hand-made table: B in (1, 4), ctx in (100, 300), n in (1, 3, 7); increasing in n (no padding).
 SECONDS = [
     [[1.0, 2.0, 4.0], [1.5, 3.0, 5.0]],  # B = 1
     [[2.0, 5.0, 6.0], [3.0, 6.0, 9.0]],  # B = 4
@@ -128,34 +128,53 @@ def test_batch_extrapolation_never_below_last_value() -> None:
     assert table.latency(50, 64, 2) == pytest.approx(2.5)
 
 
-def test_batch_extrapolation_stays_monotone_in_tokens() -> None:
-    # Raw per-sequence slopes over n are [1.0, 0.1] -> running max [1.0, 1.0].
+def test_batch_extrapolation_is_priced_with_padding() -> None:
+    # Raw per-sequence slopes over n are [1.0, 0.1]: at B = 3 the raw row is [3.0, 2.2], so one token
+    # is padded to two and costs 2.2.
     table = CostTable(
         model="m", batch_sizes=[1, 2], context_buckets=[64], token_counts=[1, 2], seconds=[[[1.0, 2.0]], [[2.0, 2.1]]]
     )
-    assert table.latency(3, 64, 1) == pytest.approx(3.0)
-    assert table.latency(3, 64, 2) == pytest.approx(3.1)
+    assert table.latency(3, 64, 1) == pytest.approx(2.2)
+    assert table.latency(3, 64, 2) == pytest.approx(2.2)
+    assert table.padded_tokens(3, 64, 1) == 2
+    assert table.padded_tokens(1, 64, 1) == 1
     curve = table.latency_curve(40, 64, 10)
     assert np.all(np.diff(curve) >= 0)
 
 
-# --- monotonicity and validation ------------------------------------------------------------
+# --- padding, monotonicity and validation ---------------------------------------------------
 
 
-def test_tables_are_made_monotone_in_tokens() -> None:
-    raw = [[[1.0, 3.0, 2.0, 2.5, 4.0]]]  # a tile effect: 4 tokens faster than 2
+def test_lookups_price_the_cheapest_padded_count() -> None:
+    raw = [[[3.0, 2.0, 2.5, 2.4, 4.0]]]  # one token slower than two; 4 tokens slower than 8
     table = CostTable(model="m", batch_sizes=[1], context_buckets=[64], token_counts=[1, 2, 4, 8, 16], seconds=raw)
-    assert table.seconds == [[[1.0, 3.0, 3.0, 3.0, 4.0]]]
+    assert table.seconds == raw  # stored raw
+    assert [table.padded_tokens(1, 64, n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [2, 2, 3, 8, 8, 8, 9, 16, 17]
+    assert table.latency(1, 64, 1) == pytest.approx(2.0)
+    assert table.latency(1, 64, 3) == pytest.approx(2.25)  # interpolated between 2 and 4 tokens
+    assert table.latency(1, 64, 5) == pytest.approx(2.4)  # raw 2.475, but 8 tokens cost 2.4
+    assert table.latency(1, 64, 2) == pytest.approx(2.0)
+    assert table.latency(1, 64, 12) == pytest.approx(3.2)  # between 8 and 16, nothing larger is cheaper
     values = [table.latency(1, 64, n) for n in range(0, 40)]
     assert values == sorted(values)
+    curve = table.latency_curve(1, 64, 39)
+    assert curve.tolist() == pytest.approx(values)
 
 
-def test_monotone_after_json_load(tmp_path: Path) -> None:
+def test_padding_ties_keep_the_smaller_count() -> None:
+    table = CostTable(model="m", batch_sizes=[1], context_buckets=[64], token_counts=[1, 2, 4], seconds=[[[2.0, 2.0, 2.0]]])
+    assert [table.padded_tokens(1, 64, n) for n in (1, 2, 3, 4)] == [1, 2, 3, 4]
+
+
+def test_raw_timings_survive_json_round_trip(tmp_path: Path) -> None:
     data = make_profile().model_dump()
     data["target"]["seconds"][0][0] = [5.0, 1.0, 2.0]  # raw timings as a file may hold them
     path = tmp_path / "p.json"
     path.write_text(json.dumps(data))
-    assert CostProfile.load(path).target.seconds[0][0] == [5.0, 5.0, 5.0]
+    loaded = CostProfile.load(path)
+    assert loaded.target.seconds[0][0] == [5.0, 1.0, 2.0]
+    assert loaded.latency("target", 1, 100, 1) == pytest.approx(1.0)
+    assert loaded.target.padded_tokens(1, 100, 1) == 3
 
 
 @pytest.mark.parametrize(

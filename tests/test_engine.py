@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cast_core import CastConfig, Engine, StaticConfig
-from cast_core.cost import CostProfile
+from cast_core.cost import CostProfile, CostTable
 
-from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair, tiny_tokenizer
+from conftest import TINY_EOS, TINY_VOCAB, random_prompts, reference_greedy, tiny_pair, tiny_tokenizer
 
 PROFILE = CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001)
 CAST = CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e-3)  # trees on every step (the gate has its own tests)
@@ -192,3 +192,67 @@ def test_drafter_feeds_only_what_its_last_tree_did_not(tokenizer) -> None:
     assert gen.stats.mean_accepted_length > 3
     assert len(catch_ups) == gen.stats.steps - 1
     assert sum(catch_ups) / len(catch_ups) <= 2.0 < gen.stats.mean_accepted_length
+
+
+def _profile_where_padding_pays() -> CostProfile:
+    """A measured-looking profile whose target runs 1 token slower than 2 and 4-7 tokens slower than 8."""
+    counts = [1, 2, 4, 8, 16, 32, 64]
+    target_row = [3.0, 1.0, 2.5, 2.0, 4.0, 8.0, 16.0]
+    drafter_row = [0.1 + 0.01 * n for n in counts]
+
+    def table(model: str, row: list[float]) -> CostTable:
+        batches, contexts = [1, 2, 4, 8], [16, 512]
+        return CostTable(
+            model=model,
+            batch_sizes=batches,
+            context_buckets=contexts,
+            token_counts=counts,
+            seconds=[[[x * (1 + 0.1 * b) for x in row] for _ in contexts] for b in batches],
+        )
+
+    return CostProfile(
+        device="test",
+        dtype="float32",
+        target=table("target", target_row),
+        drafter=table("drafter", drafter_row),
+        measured_at="2026-01-01T00:00:00+00:00",
+        torch_threads=1,
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("policy", ["none", "static", "cast"])
+def test_padded_verifier_forwards_keep_greedy_output(tokenizer, policy: str, batch: int) -> None:
+    """Where the profile says more tokens run faster, the verifier pads its trees with invalid nodes;
+    the output stays the target's own greedy output, and no forward runs at a width padding avoids."""
+    target, drafter = tiny_pair("qwen2", torch.float32)
+    profile = _profile_where_padding_pays()
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, TINY_VOCAB, (12,), generator=gen).tolist() for _ in range(4)]
+    refs = [reference_greedy(target, p, NEW_TOKENS, TINY_EOS) for p in prompts]
+    widths: list[int] = []
+    target.model.embed_tokens.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    engine = Engine(
+        target, tokenizer, drafter if policy != "none" else None, policy=policy, cost_profile=profile,
+        max_batch_size=batch, static_config=StaticConfig(top_k=3, depth=2, total_tokens=5), cast_config=CAST,
+    )
+    assert [g.token_ids for g in engine.generate(prompts, max_new_tokens=NEW_TOKENS)] == refs
+    decode_widths = {w for w in widths if w != 11}  # 11: the prompts' prefills (all but the last token)
+    assert not decode_widths & {1, 4, 5, 6, 7}
+    if policy == "none":
+        assert decode_widths == {2}
+    if policy == "static":  # root + 5 drafted nodes, padded to 8
+        assert decode_widths == {8}
+
+
+def test_vanilla_from_pretrained_pads_with_a_given_or_measured_profile(tmp_path) -> None:
+    target, _ = tiny_pair("qwen2", torch.float32)
+    target.save_pretrained(tmp_path / "target")
+    tiny_tokenizer().save_pretrained(tmp_path / "target")
+    profile = _profile_where_padding_pays()
+    path = profile.save(tmp_path / "profile.json")
+    engine = Engine.from_pretrained(target=tmp_path / "target", policy="none", dtype="float32", cost_profile=path)
+    assert engine.drafter is None and engine.verifier.cost == profile.target
+    # no profile measured for this pair: plain steps run unpadded, and nothing is fetched for the drafter
+    bare = Engine.from_pretrained(target=tmp_path / "target", drafter="not-fetched", policy="none", dtype="float32")
+    assert bare.verifier.cost is None

@@ -94,9 +94,10 @@ def test_measure_profile_tiny_grid(model: PreTrainedModel) -> None:
             for row in plane:
                 assert len(row) == 3
                 assert all(x > 0 for x in row)
-                assert row == sorted(row)
+        curve = table.latency_curve(1, 8, 8)
+        assert all(curve[1:] >= curve[:-1])  # priced with padding: never decreasing in n
     assert profile.notes["cache"].startswith("cast_core.kv.KVState")
-    assert profile.latency("target", 1, 8, 1) == profile.target.seconds[0][0][0]
+    assert profile.latency("target", 1, 8, 1) == min(profile.target.seconds[0][0])  # padded to the cheapest count
 
 
 def test_measure_profile_checks_dtype_and_repeats(model: PreTrainedModel) -> None:
