@@ -14,8 +14,9 @@ top of a ``ctx``-token KV cache, with
 The KV cache of one context bucket is built by a batch-1 prefill of random tokens
 and copied along the batch (KV *values* do not change the cost of dense kernels).
 After each timed forward ``discard_tail()`` restores the context, so every repeat
-sees exactly ``ctx`` cached tokens. Each point records the median of ``repeats`` timings after ``warmup``
-untimed runs (the cost a decoding step pays; some kernels, such as a CPU's one-token matrix-vector
+sees exactly ``ctx`` cached tokens. For one ``(B, ctx)`` the token counts are timed round-robin
+(``warmup`` untimed rounds, then ``repeats`` timed ones), so a slow spell of a shared machine
+hits every n alike, and each point records the median of its ``repeats`` timings (the cost a decoding step pays; some kernels, such as a CPU's one-token matrix-vector
 path, are fast only some of the time, which a minimum would hide); on CUDA the device is
 synchronised before the clock is read.
 
@@ -114,19 +115,20 @@ def _measure_table(
         prompt = torch.randint(vocab, (context,), generator=generator).tolist()
         for b, batch in enumerate(batch_sizes):
             state = batch_state(model, prompt, batch, device)
-            for k, tokens in enumerate(token_counts):
-                bar.set_postfix_str(f"{name} B={batch} ctx={context} n={tokens}", refresh=False)
-                ids = torch.randint(vocab, (batch, tokens), generator=generator).to(device)
-                timings = []
-                for i in range(warmup + repeats):
+            ids = [torch.randint(vocab, (batch, tokens), generator=generator).to(device) for tokens in token_counts]
+            timings: list[list[float]] = [[] for _ in token_counts]
+            for i in range(warmup + repeats):  # round-robin over n: a slow spell of the machine hits every n alike
+                for k, tokens in enumerate(token_counts):
+                    bar.set_postfix_str(f"{name} B={batch} ctx={context} n={tokens}", refresh=False)
                     sync()
                     start = time.perf_counter()
-                    forward_block(model, state, ids)
+                    forward_block(model, state, ids[k])
                     sync()
                     if i >= warmup:
-                        timings.append(time.perf_counter() - start)
+                        timings[k].append(time.perf_counter() - start)
                     state.discard_tail()
-                seconds[b][c][k] = statistics.median(timings)
+            for k in range(len(token_counts)):
+                seconds[b][c][k] = statistics.median(timings[k])
                 bar.update()
             del state
     return CostTable(
