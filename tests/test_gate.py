@@ -115,6 +115,21 @@ def test_timed_plain_steps_rescale_the_record_and_reopen_a_gate_closed_on_a_stal
     assert gate.speedup(1) == pytest.approx(6.8 / (6.0 * 0.25 / 0.35)), "the record follows the plain step it divides by"
 
 
+def test_a_rescale_reopens_a_closed_gate_only_past_a_margin_over_min_speedup() -> None:
+    """Closed at 0.97x; timings that lift the record to 1.02x (noise) keep the probe schedule, 1.1x reopens."""
+    gate = DraftGate(window=math.inf, min_judged=1, probe_budget=0.01)
+    gate.observe(8, 2.91, 3.0, basis_s=0.25)  # 0.97x
+    assert gate.is_closed(8) and not gate.should_draft(8)
+    for _ in range(3):
+        gate.observe_plain(8, 0.25 * 1.02 / 0.97)  # plain steps a little slower: 1.02x
+    assert gate.speedup(8) == pytest.approx(1.02) and not gate.is_closed(8)
+    assert not gate.should_draft(8), "within the margin the gate still waits for its probe"
+    for _ in range(3):
+        gate.observe_plain(8, 0.25 * 1.1 / 0.97)
+    assert gate.speedup(8) == pytest.approx(1.1)
+    assert gate.should_draft(8), "past the margin it reopens at once"
+
+
 def test_near_break_even_on_the_profiles_basis_plain_steps_are_timed_before_drafting_on() -> None:
     """Profiled plain step 0.256 s, timed 0.239 s: a 1.05x record is really 0.98x, and only timing shows it."""
     gate = DraftGate(min_judged=1, probe_budget=0.1)
