@@ -41,7 +41,7 @@ A gate closed on a stale basis reopens as soon as the rescaled record clears
 timed it. The margin is hysteresis against the median's own noise: it moves
 by a few percent from one plain step to the next, and at B=8 on the 2-core AMD
 EPYC, where drafting is at break-even, a record closed at 0.97-1.0 reopened on
-it three times in 128 steps, drafting 7-14 steps at about 0.95x each time.
+it three times in 128 steps, drafting 7-14 steps each time.
 Within the margin the closed gate keeps its probe schedule.
 
 An open gate times no plain steps, so a record that reads about break-even
