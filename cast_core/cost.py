@@ -211,26 +211,25 @@ class _Grid:
             curve[beyond] = row[-1] + max(slope, 0.0) * (n[beyond] - self.tokens[-1])
         return curve
 
-    def padded_tokens(self, batch: float, context: float, tokens: int) -> int:
-        """The token count in ``{tokens} U {m in token_counts : m > tokens}`` with the least raw
-        cost (the smallest one on ties): what a forward of ``tokens`` new tokens is padded to."""
+    def _cheapest(self, batch: float, context: float, tokens: float) -> tuple[float, float]:
+        """``(m, raw(m))`` for the ``m`` in ``{tokens} U {m in token_counts : m > tokens}`` with the least
+        raw cost, the smallest one on ties: the padded count and ``f(batch, context, tokens)``."""
         row = self.raw_row(batch, context)
+        best = (float(tokens), float(self._raw(row, np.array([float(tokens)]))[0]))
         larger = self._tokens_array > tokens
-        if not larger.any():
-            return tokens
-        own = float(self._raw(row, np.array([float(tokens)]))[0])
-        k = int(np.argmin(row[larger]))
-        best = float(row[larger][k])
-        return int(self._tokens_array[larger][k]) if best < own else tokens
+        if larger.any():
+            k = int(np.argmin(row[larger]))
+            if row[larger][k] < best[1]:
+                best = (float(self._tokens_array[larger][k]), float(row[larger][k]))
+        return best
+
+    def padded_tokens(self, batch: float, context: float, tokens: int) -> int:
+        """What a forward of ``tokens`` new tokens is padded to (:meth:`_cheapest`)."""
+        return int(self._cheapest(batch, context, tokens)[0])
 
     def latency(self, batch: float, context: float, tokens: float) -> float:
         """``f(batch, context, tokens)`` in seconds, padding included (module docstring); 0.0 for ``tokens <= 0``."""
-        if tokens <= 0:
-            return 0.0
-        row = self.raw_row(batch, context)
-        own = float(self._raw(row, np.array([float(tokens)]))[0])
-        larger = row[self._tokens_array > tokens]
-        return min(own, float(larger.min())) if larger.size else own
+        return self._cheapest(batch, context, tokens)[1] if tokens > 0 else 0.0
 
     def latency_curve(self, batch: float, context: float, max_tokens: int) -> np.ndarray:
         """``[f(batch, context, n) for n in 0..max_tokens]`` (``f(., ., 0) = 0``), same formula as :meth:`latency`:
