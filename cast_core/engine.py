@@ -150,7 +150,7 @@ class Engine:
         if self.policy.drafts and drafter is None:
             raise ValueError(f"drafter: policy {self.policy.name!r} needs a drafter model")
         self.target, self.tokenizer, self.drafter_model = target, tokenizer, drafter
-        self.verifier = Verifier(target, cost_profile.target if cost_profile is not None and cost_profile.measured else None)
+        self.verifier = Verifier(target, cost_profile)
         self.drafter = Drafter(drafter, self.verifier.vocab_size) if drafter is not None and self.policy.drafts else None
         self.cost_profile = cost_profile
         self.max_batch_size = max_batch_size

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from cast_core.acceptance import AcceptedPath, accept_greedy, accept_sampled
-from cast_core.cost import CostTable
+from cast_core.cost import CostProfile
 from cast_core.forward import forward_logits, prefill_prompts
 from cast_core.kv import KVState
 from cast_core.sampling import SamplingParams
@@ -26,10 +26,10 @@ from cast_core.tree import DraftTree
 class Verifier:
     """Runs the target model over draft trees."""
 
-    def __init__(self, model: torch.nn.Module, cost: CostTable | None = None) -> None:
-        """``cost``: the target's measured cost table, which decides padding (None: never pad)."""
+    def __init__(self, model: torch.nn.Module, cost_profile: CostProfile | None = None) -> None:
+        """``cost_profile``: its target table decides padding where it was measured (synthetic or None: never pad)."""
         self.model = model
-        self.cost = cost
+        self.cost = cost_profile.target if cost_profile is not None and cost_profile.measured else None
 
     @property
     def vocab_size(self) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cast_core.cost import CostProfile, CostTable, device_name, find_profile
+from cast_core.cost import CostProfile, device_name, find_profile
 from cast_core.models import check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
 from cast_core.sampling import SamplingParams
 from cast_core.sessions import SessionNotFound, VerifierSessions
@@ -69,16 +69,14 @@ class VerifierReplica(ModelReplica[VerifierSessions]):
         target_path = resolve_model(self.config.target)
         model = load_model(target_path, self.config.dtype, self.config.device)
         check_drafter_tokenizer(target_path, resolve_model(self.config.drafter), int(model.config.vocab_size))
-        self._sessions = VerifierSessions(Verifier(model, self._target_costs(target_path)), self.config.max_sessions_per_replica)
+        self._sessions = VerifierSessions(Verifier(model, self._cost_profile(target_path)), self.config.max_sessions_per_replica)
 
-    def _target_costs(self, target_path: Path) -> CostTable | None:
-        """The target's measured cost table on this replica's device (it decides padding), None if not measured."""
+    def _cost_profile(self, target_path: Path) -> CostProfile | None:
+        """The configured cost profile, else the one measured on this replica's device (None if none was)."""
         config = self.config
         if config.cost_profile:
-            profile: CostProfile | None = CostProfile.load(config.cost_profile)
-        else:
-            profile = find_profile(device_name(config.device), target_path.name, config.drafter, config.dtype)
-        return profile.target if profile is not None and profile.measured else None
+            return CostProfile.load(config.cost_profile)
+        return find_profile(device_name(config.device), target_path.name, config.drafter, config.dtype)
 
     def on_sessions_changed(self) -> None:
         super().on_sessions_changed()
