@@ -16,9 +16,10 @@ and copied along the batch (KV *values* do not change the cost of dense kernels)
 After each timed forward ``discard_tail()`` restores the context, so every repeat
 sees exactly ``ctx`` cached tokens. For one ``(B, ctx)`` the token counts are timed round-robin
 (``warmup`` untimed rounds, then ``repeats`` timed ones), so a slow spell of a shared machine
-hits every n alike, and each point records the median of its ``repeats`` timings (the cost a decoding step pays; some kernels, such as a CPU's one-token matrix-vector
-path, are fast only some of the time, which a minimum would hide); on CUDA the device is
-synchronised before the clock is read.
+hits every n alike, and each point records the median of its ``repeats`` timings: the cost a
+decoding step pays (some kernels, such as a CPU's one-token matrix-vector path, are fast only
+some of the time, which a minimum would hide). On CUDA the device is synchronised before the
+clock is read.
 
 Runtime: the default grid (B in 1,2,4,8 x ctx in 128,512,1024 x n in
 1,2,4,8,16,24,32,48,64; 5 repeats + 2 warmups = 7 forwards per point, 1512 forwards)
