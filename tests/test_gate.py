@@ -21,7 +21,7 @@ from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair
 
 
 def test_open_until_a_step_falls_short_then_probes_with_doubling_backoff() -> None:
-    gate = DraftGate(min_speedup=1.0, max_skip=8, window=math.inf, probe_budget=1.0, min_judged=3)
+    gate = DraftGate(min_speedup=1.0, max_skip=8, window=math.inf, probe_budget=1.0, min_judged=12)
     assert gate.should_draft(4) and gate.speedup(4) is None and gate.threshold_scale(4) == 1.0
     decisions = []
     for _ in range(26):
@@ -30,11 +30,22 @@ def test_open_until_a_step_falls_short_then_probes_with_doubling_backoff() -> No
             gate.observe(4, 1.05, 1.5)  # every drafted step is slower than plain decoding: 0.7x
         else:
             decisions.append(".")
-    # 3 judged before it may close, then skip 2, probe, skip 4, probe, skip 8, probe, skip 8 (capped) ...
+    # 12 judged row steps (3 steps of 4 rows) before it may close, then skip 2, probe, skip 4, probe, skip 8, probe, skip 8 (capped) ...
     assert "".join(decisions) == "DDD..D....D........D......"
     assert gate.speedup(4) == pytest.approx(0.7)
     assert gate.should_draft(1), "batch sizes more than a factor 2 away keep their own record"
     assert not gate.should_draft(3), "a new batch size within a factor 2 starts from the nearest record (closed)"
+
+
+@pytest.mark.parametrize("batch_size,steps", [(1, 8), (2, 4), (3, 3), (8, 1), (16, 1)])
+def test_min_judged_counts_row_steps(batch_size: int, steps: int) -> None:
+    """A drafted step at B judges B rows: a losing record closes after ``ceil(min_judged / B)`` steps."""
+    gate = DraftGate(min_judged=8)
+    for _ in range(steps - 1):
+        gate.observe(batch_size, 1.0, 2.0)
+        assert not gate.is_closed(batch_size)
+    gate.observe(batch_size, 1.0, 2.0)
+    assert gate.is_closed(batch_size)
 
 
 def test_the_record_is_tokens_over_drafted_time_in_a_window() -> None:
