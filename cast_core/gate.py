@@ -61,17 +61,24 @@ hands on its skip countdown and backoff: on the 2-core Intel Xeon a batch of 8
 MT-bench rows finishing one by one paid a failing probe at 8, 7, 6, ...
 (0.95x vanilla), where one schedule carried down the sizes probes as rarely
 as the closed gate at 8. A closed neighbour further off (half or twice the
-size) is weaker evidence, and the new size probes after 2 steps.
+size) is weaker evidence, and the new size probes after 2 steps. A closed
+neighbour's judged count comes along (its closing carries over); an open
+neighbour's does not, so the new size may close on its own first
+``min_judged`` rows: ``rho`` falls as ``B`` grows, and at HumanEval B=8
+(2-core AMD EPYC) a record inherited open from B=4 at about 1.05x drafted 6
+steps at a loss before its own steps pulled it under 1.0 (0.93x vanilla).
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
 drafted *row* steps were judged there (a drafted step at ``B`` judges ``B``
-rows, so ``ceil(min_judged / B)`` steps): the first trees, planned before any
-acceptance was seen, are the least tuned, and one row's unlucky tree alone
-must not shut drafting off for hundreds of steps. A step's tokens are the
-mean over its rows, so its noise shrinks with ``B``, while learning costs more
-where drafting pays least: at B=8 on the 2-core AMD EPYC, 8 judged steps at
-0.8x lost 2.4 s of a 36 s HumanEval group. Closed, it skips ``s`` steps, then probes with one drafted
+rows, so ``ceil(min_judged / B)`` steps: 16 at B=1, 4 at B=4, 2 at B=8): the
+first trees, planned before any acceptance was seen, are the least tuned,
+and one row's unlucky tree alone must not shut drafting off for hundreds of
+steps. A step's tokens are the mean over its rows, so its noise shrinks with
+``B``, while learning costs more where drafting pays least: at B=8 on the
+2-core AMD EPYC, 8 judged steps at 0.8x lost 2.4 s of a 36 s HumanEval group.
+With 8 rows (2 steps at B=4), MT-bench B=4 closed on the 8-token warm-up's
+two steps, the first feeding whole prompts. Closed, it skips ``s`` steps, then probes with one drafted
 step. A failing probe costs ``C - 1`` plain steps, so ``s = (C - 1) /
 probe_budget`` (at least twice the previous ``s``, at most ``max_skip``)
 keeps the time lost to probing near ``probe_budget``; a probe that pays
@@ -147,7 +154,7 @@ class _BatchGate:
 
     tokens: float = 0.0
     cost: float = 0.0
-    judged: int = 0
+    judged: int = 0  # row steps judged here, plus a closed neighbour's on inheritance
     plain_times: deque[float] = field(default_factory=lambda: deque(maxlen=PLAIN_SAMPLES))
     basis_s: float | None = None
     skip_left: int = 0
@@ -168,7 +175,7 @@ class DraftGate:
     window: float = 32.0
     probe_budget: float = 0.03
     probe_context: int = 16
-    min_judged: int = 8
+    min_judged: int = 16
     _by_batch: dict[int, _BatchGate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -186,17 +193,18 @@ class DraftGate:
             raise ValueError(f"probe_context must be >= 1; got {self.probe_context}")
 
     def _at(self, batch_size: int) -> _BatchGate:
-        """The record of ``batch_size``; a new one starts from the nearest judged batch size within a factor 2."""
+        """The record of ``batch_size``; a new one starts from the nearest batch size with a record within a factor 2."""
         if batch_size not in self._by_batch:
-            near = [b for b, g in self._by_batch.items() if g.judged and b <= 2 * batch_size and batch_size <= 2 * b]
+            near = [b for b, g in self._by_batch.items() if g.cost > 0 and b <= 2 * batch_size and batch_size <= 2 * b]
             gate = _BatchGate()
             if near:
                 near_b = min(near, key=lambda b: (abs(b - batch_size), b))
                 nearest = self._by_batch[near_b]
-                # rho is a ratio, comparable across batch sizes; its basis (plain seconds at another size) is not
+                # rho is a ratio, a prior across batch sizes (it falls as B grows); its basis (plain seconds at another size) is not
                 scale = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
-                gate.tokens, gate.cost, gate.judged = nearest.tokens * scale, nearest.cost * scale, nearest.judged
+                gate.tokens, gate.cost = nearest.tokens * scale, nearest.cost * scale
                 if self._closed(nearest):
+                    gate.judged = nearest.judged
                     shared = min(near_b, batch_size) >= SHARED_SKIP * max(near_b, batch_size)
                     gate.skip_left, gate.backoff = (nearest.skip_left, nearest.backoff) if shared else (2, 2)
             self._by_batch[batch_size] = gate
@@ -204,7 +212,7 @@ class DraftGate:
 
     @staticmethod
     def _rho(gate: _BatchGate) -> float | None:
-        return gate.tokens / gate.cost if gate.judged else None
+        return gate.tokens / gate.cost if gate.cost > 0 else None
 
     def _closed(self, gate: _BatchGate) -> bool:
         return gate.judged >= self.min_judged and gate.tokens < self.min_speedup * gate.cost
@@ -312,7 +320,7 @@ class DraftGate:
         gate = self._at(batch_size)
         gate.plain_times.append(seconds)
         plain = gate.plain_s
-        if gate.judged and gate.basis_s is not None and plain is not None:
+        if gate.cost > 0 and gate.basis_s is not None and plain is not None:
             gate.cost *= gate.basis_s / plain
             gate.basis_s = plain
             if gate.tokens >= (1.0 + REOPEN_MARGIN) * self.min_speedup * gate.cost:

@@ -48,6 +48,17 @@ def test_min_judged_counts_row_steps(batch_size: int, steps: int) -> None:
     assert gate.is_closed(batch_size)
 
 
+def test_a_new_batch_size_closes_on_its_own_rows_under_an_open_neighbours_record() -> None:
+    """An open neighbour's record is a prior, not judged rows: B=8 closes after its own first step."""
+    gate = DraftGate(min_judged=8)
+    for _ in range(8):
+        gate.observe(4, 4.2, 4.0)  # 1.05x at B=4: open
+    assert not gate.is_closed(4)
+    assert gate.speedup(8) == pytest.approx(1.05), "B=8 starts from B=4's speedup"
+    gate.observe(8, 2.0, 4.0)  # 0.5x at B=8
+    assert gate.is_closed(8) and not gate.should_draft(8)
+
+
 def test_the_record_is_tokens_over_drafted_time_in_a_window() -> None:
     """``rho^B = T / K``: a ratio of sums (a dear miss costs its whole time), older steps decaying by exp(-C / window)."""
     gate = DraftGate(window=math.inf, min_judged=3)
