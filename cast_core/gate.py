@@ -78,8 +78,10 @@ steps. A step's tokens are the mean over its rows, so its noise shrinks with
 ``B``, while learning costs more where drafting pays least: at B=8 on the
 2-core AMD EPYC, 8 judged steps at 0.8x lost 2.4 s of a 36 s HumanEval group.
 With 8 rows (2 steps at B=4), MT-bench B=4 closed on the 8-token warm-up's
-two steps, the first feeding whole prompts. Closed, it skips ``s`` steps, then probes with one drafted
-step. A failing probe costs ``C - 1`` plain steps, so ``s = (C - 1) /
+two steps, the first feeding whole prompts.
+
+Closed, the gate skips ``s`` steps, then probes with one drafted step. A
+failing probe costs ``C - 1`` plain steps, so ``s = (C - 1) /
 probe_budget`` (at least twice the previous ``s``, at most ``max_skip``)
 keeps the time lost to probing near ``probe_budget``; a probe that pays
 reopens the gate.
