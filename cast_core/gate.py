@@ -163,6 +163,11 @@ class _BatchGate:
     backoff: int = 0
 
     @property
+    def has_record(self) -> bool:
+        """Whether drafted steps were judged here or inherited from a neighbour (``K > 0``)."""
+        return self.cost > 0
+
+    @property
     def plain_s(self) -> float | None:
         """``t_plain^B``: median of the recent plain step times (None before ``MIN_PLAIN_SAMPLES``)."""
         return statistics.median(self.plain_times) if len(self.plain_times) >= MIN_PLAIN_SAMPLES else None
@@ -197,7 +202,7 @@ class DraftGate:
     def _at(self, batch_size: int) -> _BatchGate:
         """The record of ``batch_size``; a new one starts from the nearest batch size with a record within a factor 2."""
         if batch_size not in self._by_batch:
-            near = [b for b, g in self._by_batch.items() if g.cost > 0 and b <= 2 * batch_size and batch_size <= 2 * b]
+            near = [b for b, g in self._by_batch.items() if g.has_record and b <= 2 * batch_size and batch_size <= 2 * b]
             gate = _BatchGate()
             if near:
                 near_b = min(near, key=lambda b: (abs(b - batch_size), b))
@@ -214,7 +219,7 @@ class DraftGate:
 
     @staticmethod
     def _rho(gate: _BatchGate) -> float | None:
-        return gate.tokens / gate.cost if gate.cost > 0 else None
+        return gate.tokens / gate.cost if gate.has_record else None
 
     def _closed(self, gate: _BatchGate) -> bool:
         return gate.judged >= self.min_judged and gate.tokens < self.min_speedup * gate.cost
@@ -322,7 +327,7 @@ class DraftGate:
         gate = self._at(batch_size)
         gate.plain_times.append(seconds)
         plain = gate.plain_s
-        if gate.cost > 0 and gate.basis_s is not None and plain is not None:
+        if gate.has_record and gate.basis_s is not None and plain is not None:
             gate.cost *= gate.basis_s / plain
             gate.basis_s = plain
             if gate.tokens >= (1.0 + REOPEN_MARGIN) * self.min_speedup * gate.cost:
