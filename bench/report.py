@@ -1,7 +1,7 @@
 """Plots and the README table, generated from committed result JSON (never typed by hand).
 
-``cast bench report`` reads ``bench/results/<name>.json`` (and ``sweep.json``
-if present) and writes
+``cast bench report`` reads ``bench/results/<name>.json`` (and ``sweep.json``,
+``floor.json`` and ``serving.json`` if present) and writes
 
 * ``<name>_speedup.png`` — speedup over vanilla vs batch size, one line per
   method, one panel per dataset (median over groups, bars = min..max);
@@ -9,7 +9,14 @@ if present) and writes
   per step, one marker per (method, batch size), one panel per dataset;
 * the Markdown section between ``<!-- bench:start -->`` and ``<!-- bench:end -->``
   in README.md: machine, the issue's targets with measured values, one table per
-  dataset, and the threshold sweep.
+  dataset, the floor check, the speedup ceilings, the threshold sweep and the
+  serving overhead.
+
+The floor check (``floor.json``, :data:`FLOOR_NAME`) is a run of vanilla and
+CAST alone with many groups at the batch sizes where CAST works near break-even:
+with two methods, a group's two runs are back to back, where the full run puts
+three others between them; on a shared 2-core VM the same vanilla batch drifts
+by several percent over those minutes, more than the floor's 3 % margin.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.bound import confidence_chain_bound, fixed_chain_bound, oracle_tree_bound, profiled_drafter_cost, speedup_bound  # noqa: E402
+from bench.datasets import DATASET_NAMES  # noqa: E402
 from bench.harness import RESULTS_DIR, BenchResult, CellResult, load_result  # noqa: E402
+from bench.methods import METHOD_NAMES  # noqa: E402
 from bench.serving import ServingResult, load_serving, serving_table  # noqa: E402
 from bench.sweep import PARAMS, SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
 from cast_core import CastConfig  # noqa: E402
@@ -33,6 +42,9 @@ README: Path = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 BOUND_CONTEXT = 256  # context length the bounds read the cost profile at (prompt + half the output, roughly)
 SECTION = "## Benchmarks"
+FLOOR_NAME = "floor"  # result name of the vanilla-and-CAST floor check
+FLOOR = 0.97  # issue 3: CAST never below this share of vanilla's throughput
+CAST_FLAGS = (*PARAMS, "min_speedup")  # CastConfig fields `cast bench run` takes as flags (--min-speedup for min_speedup)
 METHOD_STYLE = {
     "vanilla": ("tab:gray", "o"),
     "hf_generate": ("tab:brown", "v"),
@@ -125,12 +137,23 @@ def paired_ratio(result: BenchResult, dataset: str, batch_size: int, a: str, b: 
     return statistics.median(ga.tokens_per_s / gb.tokens_per_s for ga, gb in zip(ca.groups, cb.groups))
 
 
+def reproduce_command(result: BenchResult, name: str) -> str:
+    """The ``cast bench run`` command line that repeats ``result`` (flags at their defaults left out)."""
+    c = result.config
+    datasets = "" if c.datasets == list(DATASET_NAMES) else " --datasets " + " ".join(c.datasets)
+    methods = "" if c.methods == list(METHOD_NAMES) else " --methods " + " ".join(c.methods)
+    return (
+        f"cast bench run --name {name}{datasets}{methods} --prompts {c.prompts}{_prompts_at_flag(c.prompts_at)} "
+        f"--batch-sizes {' '.join(map(str, c.batch_sizes))} --max-new-tokens {c.max_new_tokens}{_threshold_flags(c.cast)}"
+    )
+
+
 def _fmt(x: float | None, digits: int = 2, suffix: str = "x") -> str:
     return "n/a" if x is None else f"{x:.{digits}f}{suffix}"
 
 
-def targets_table(result: BenchResult) -> str:
-    """Issue 3's targets, each with the measured value and whether it is met."""
+def targets_table(result: BenchResult, floor: BenchResult | None = None) -> str:
+    """Issue 3's targets, each with the measured value and whether it is met (the floor also on ``floor``'s cells)."""
     rows: list[tuple[str, float | None, float, str]] = []  # (target, measured, bound, sense)
     goals = {"humaneval": 1.75, "mtbench": 1.45}
     for dataset in _datasets(result):
@@ -143,8 +166,20 @@ def targets_table(result: BenchResult) -> str:
     if cast_cells:
         worst = min(cast_cells, key=lambda c: c.speedup_vs_vanilla.median)
         rows.append(
-            (f"cast / vanilla, worst cell ({worst.dataset}, B={worst.batch_size})", worst.speedup_vs_vanilla.median, 0.97, ">=")
+            (f"cast / vanilla, worst cell ({worst.dataset}, B={worst.batch_size})", worst.speedup_vs_vanilla.median, FLOOR, ">=")
         )
+        floor_cells = [c for c in floor.cells if c.method == "cast"] if floor is not None else []
+        if floor_cells:
+            low = min(floor_cells, key=lambda c: c.speedup_vs_vanilla.median)
+            rows.append(
+                (
+                    f"cast / vanilla, worst cell of the floor check ({low.dataset}, B={low.batch_size}; "
+                    f"{len(low.groups)} back-to-back pairs)",
+                    low.speedup_vs_vanilla.median,
+                    FLOOR,
+                    ">=",
+                )
+            )
         top = max(cast_cells, key=lambda c: c.plan_share)
         rows.append((f"cast planning share of step time, worst cell ({top.dataset}, B={top.batch_size})", top.plan_share, 0.05, "<"))
     lines = ["| target | bound | measured | met |", "|---|---|---|---|"]
@@ -213,6 +248,52 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
     return "\n".join(lines)
 
 
+def pooled_ratio(cast: CellResult, vanilla: CellResult) -> float:
+    """``(sum tokens / sum wall)`` of ``cast`` over the same of ``vanilla``: throughput over all groups together."""
+    return (sum(g.tokens for g in cast.groups) / sum(g.wall_s for g in cast.groups)) / (
+        sum(g.tokens for g in vanilla.groups) / sum(g.wall_s for g in vanilla.groups)
+    )
+
+
+def floor_table(floor: BenchResult) -> str:
+    """Per (dataset, B) of the floor check: CAST over vanilla in each back-to-back pair, summarised."""
+    lines = [
+        f"| dataset | B | pairs | CAST / vanilla, median (min–max) | pairs below {FLOOR:.2f}x "
+        "| pooled (all groups' tokens over all their wall time) | vanilla tokens/s | CAST steps drafted | match vs vanilla |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for dataset in _datasets(floor):
+        for c in sorted((c for c in floor.cells if c.dataset == dataset and c.method == "cast"), key=lambda c: c.batch_size):
+            vanilla = floor.cell(dataset, "vanilla", c.batch_size)
+            if vanilla is None:
+                continue
+            s = c.speedup_vs_vanilla
+            below = sum(g.speedup_vs_vanilla < FLOOR for g in c.groups)
+            lines.append(
+                f"| {dataset} | {c.batch_size} | {len(c.groups)} | {s.median:.3f}x ({s.min:.2f}–{s.max:.2f}) | {below} "
+                f"| {pooled_ratio(c, vanilla):.3f}x | {vanilla.tokens_per_s.median:.1f} | {100 * c.drafted_step_share:.0f}% "
+                f"| {100 * c.match_rate:.0f}% |"
+            )
+    return "\n".join(lines)
+
+
+def floor_section(floor: BenchResult) -> str:
+    """The README's floor-check subsection: how it ran, on what, and its table."""
+    m = floor.machine
+    return "\n".join(
+        [
+            f"`bench/results/{FLOOR_NAME}.json`, from `{reproduce_command(floor, FLOOR_NAME)}`: vanilla and CAST alone, "
+            "so a group's two runs are back to back (in turn vanilla first, then CAST first), where the full run puts "
+            f"three other methods between them; {', '.join(sorted({f'{len(c.groups)} groups at B={c.batch_size}' for c in floor.cells if c.method == 'cast'}))}, "
+            "of the reported prompts in order, as in the full run. Pooled = all groups' tokens over all their wall time, a mean that "
+            f"weights long groups more. {m.get('cpu_model')}, {m.get('usable_cpus')} usable cores, {floor.config.dtype}, "
+            f"{str(m.get('date'))[:10]}, commit `{str(m.get('git_commit') or 'n/a')[:7]}`; run took {floor.elapsed_s / 60:.1f} min.",
+            "",
+            floor_table(floor),
+        ]
+    )
+
+
 def cells_table(result: BenchResult, dataset: str) -> str:
     """One row per (method, batch size) of ``dataset``."""
     lines = [
@@ -274,17 +355,20 @@ def sweep_section(sweep: SweepResult) -> str:
 
 
 def markdown(
-    result: BenchResult, name: str, sweep: SweepResult | None, image_prefix: str, serving: ServingResult | None = None
+    result: BenchResult,
+    name: str,
+    sweep: SweepResult | None,
+    image_prefix: str,
+    serving: ServingResult | None = None,
+    floor: BenchResult | None = None,
 ) -> str:
-    """The README section body for ``result`` (and the sweep and the serving benchmark, if any)."""
+    """The README section body for ``result`` (and the floor check, the sweep and the serving benchmark, if any)."""
     m, c, p = result.machine, result.config, result.cost_profile
     profile_note = " — **synthetic fallback, not measured**" if p.get("synthetic") else ""
     parts = [f"**Incomplete run** (interrupted after {len(result.cells)} cells).", ""] if not result.complete else []
     parts += [
         f"Generated by `cast bench report` from `bench/results/{name}.json` — do not edit by hand. "
-        f"Reproduce: `cast bench run --name {name} --prompts {c.prompts}{_prompts_at_flag(c.prompts_at)} "
-        f"--batch-sizes {' '.join(map(str, c.batch_sizes))} "
-        f"--max-new-tokens {c.max_new_tokens}{_threshold_flags(c.cast)}` then `cast bench report`.",
+        f"Reproduce: `{reproduce_command(result, name)}` then `cast bench report`.",
         "",
         f"Machine: {m.get('cpu_model')} (flags: {', '.join(m.get('cpu_flags') or []) or 'none recorded'}), "
         f"{m.get('usable_cpus')} usable cores, {m.get('torch_threads')} torch threads; torch {m.get('torch')}, "
@@ -303,7 +387,7 @@ def markdown(
         "",
         "### Targets",
         "",
-        targets_table(result),
+        targets_table(result, floor),
     ]
     for dataset in _datasets(result):
         parts += ["", f"### {dataset}", "", cells_table(result, dataset)]
@@ -315,6 +399,8 @@ def markdown(
         "framework and engine overhead); *match* = outputs token-identical to vanilla's, with the target's "
         "top-1/top-2 logit gap at each first differing token (bf16 near-ties).",
     ]
+    if floor is not None:
+        parts += ["", f"### The {FLOOR:.2f}x floor, in back-to-back pairs", "", floor_section(floor)]
     profile = measured_profile(result)
     if profile is not None:
         parts += [
@@ -370,10 +456,12 @@ def _prompts_at_flag(prompts_at: dict[int, int]) -> str:
 
 
 def _threshold_flags(cast: CastConfig) -> str:
-    """``--c1/--c2/--c3/--r`` for the thresholds a run used where they differ from today's ``CastConfig`` defaults
-    ('' when none do), so a run stays reproducible after a default changes."""
+    """``--c1/--c2/--c3/--r/--min-speedup`` for the values a run used where they differ from today's ``CastConfig``
+    defaults ('' when none do), so a run stays reproducible after a default changes."""
     defaults = CastConfig()
-    return "".join(f" --{k} {getattr(cast, k):g}" for k in PARAMS if getattr(cast, k) != getattr(defaults, k))
+    return "".join(
+        f" --{k.replace('_', '-')} {getattr(cast, k):g}" for k in CAST_FLAGS if getattr(cast, k) != getattr(defaults, k)
+    )
 
 
 def _prompts_at_note(prompts_at: dict[int, int]) -> str:
@@ -408,13 +496,15 @@ def generate_report(name: str = "benchmark", results_dir: Path = RESULTS_DIR, re
     sweep = load_sweep(sweep_path) if sweep_path.exists() else None
     serving_path = results_dir / "serving.json"
     serving = load_serving(serving_path) if serving_path.exists() else None
+    floor_path = results_dir / f"{FLOOR_NAME}.json"
+    floor = load_result(floor_path) if floor_path.exists() and name != FLOOR_NAME else None
     prefix = ""
     if readme is not None:
         try:
             prefix = results_dir.resolve().relative_to(readme.resolve().parent).as_posix() + "/"
         except ValueError:
             prefix = results_dir.resolve().as_posix() + "/"
-    body = markdown(result, name, sweep, prefix, serving)
+    body = markdown(result, name, sweep, prefix, serving, floor)
     if readme is not None:
         write_readme_section(readme, body)
     return body

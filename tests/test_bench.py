@@ -11,7 +11,7 @@ from bench.datasets import DATASET_NAMES, TUNING_SIZE, Prompt, load_prompts
 from bench.harness import BenchConfig, explain_mismatch, first_difference, load_result, make_groups, run_benchmark, save_result
 from bench.methods import METHOD_NAMES, ModelPair
 from bench.overhead import profile_overhead
-from bench.report import END, START, generate_report, write_readme_section
+from bench.report import END, START, generate_report, pooled_ratio, write_readme_section
 from bench.sweep import SweepConfig, load_sweep, run_sweep, save_sweep
 from cast_core import CastConfig, StaticConfig
 from cast_core.cost import CostProfile
@@ -134,6 +134,48 @@ def test_report_renders_plots_and_readme_table(result, tmp_path) -> None:
     generate_report("tiny", path.parent, readme)
     assert readme.read_text() == text  # regenerating is idempotent
     assert bench_main(["report", "--name", "tiny", "--results-dir", str(path.parent), "--no-readme"]) == 0
+
+
+def test_floor_check_pairs_vanilla_and_cast_back_to_back_and_reports_them(result, pair) -> None:
+    res, path = result
+    config = BenchConfig(
+        name="floor",
+        target="tiny-target",
+        drafter="tiny-drafter",
+        dtype="float32",
+        datasets=["toy_a"],
+        methods=["vanilla", "cast"],
+        batch_sizes=[2],
+        prompts=6,
+        max_new_tokens=6,
+        warmup_tokens=2,
+        cast=CAST.model_copy(update={"min_speedup": 1.1}),
+    )
+    floor = run_benchmark(config, pair, {"toy_a": toy_prompts("toy_a", 6, 3)}, progress=False)
+    cast, vanilla = floor.cell("toy_a", "cast", 2), floor.cell("toy_a", "vanilla", 2)
+    assert len(cast.groups) == 3 and cast.match_rate == 1.0
+    pooled = pooled_ratio(cast, vanilla)
+    assert pooled == pytest.approx(
+        (sum(g.tokens for g in cast.groups) / sum(g.wall_s for g in cast.groups))
+        / (sum(g.tokens for g in vanilla.groups) / sum(g.wall_s for g in vanilla.groups))
+    )
+    save_result(floor, path.parent)
+    body = generate_report("tiny", path.parent, None)
+    s = cast.speedup_vs_vanilla
+    assert "### The 0.97x floor, in back-to-back pairs" in body
+    assert (
+        "cast bench run --name floor --datasets toy_a --methods vanilla cast --prompts 6 --batch-sizes 2 "
+        "--max-new-tokens 6 --c1 0.5 --c2 0.5 --c3 0.5 --min-speedup 1.1`" in body
+    )
+    assert f"| toy_a | 2 | 3 | {s.median:.3f}x ({s.min:.2f}–{s.max:.2f}) |" in body
+    assert f"worst cell of the floor check (toy_a, B=2; 3 back-to-back pairs) | >= 0.97x | {s.median:.2f}x |" in body
+    assert "floor check" not in generate_report("floor", path.parent, None)  # the check itself reported as a run
+    (path.parent / "floor.json").unlink()
+
+
+def test_run_takes_the_gates_min_speedup_and_rejects_a_bad_one(capsys) -> None:
+    assert bench_main(["run", "--min-speedup", "0"]) == 2  # validated before any model loads
+    assert "min_speedup" in capsys.readouterr().err
 
 
 def test_readme_section_created_when_missing(tmp_path) -> None:
