@@ -69,11 +69,7 @@ neighbour's does not, so the new size may close on its own first
 steps at a loss before its own steps pulled it under 1.0 (0.93x vanilla).
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
-lets the drafter run while ``rho^B >= min_speedup`` (``CastConfig`` asks 5 %
-above break-even: a step's clock misses what drafting costs the batch as a
-whole, such as rows of a closed batch finishing apart, so at the 2-core AMD
-EPYC's B=4, where drafted steps read about 1.0-1.1, ``min_speedup = 1`` drafted
-MT-bench at 0.94x vanilla over 6 groups, and 1.05 ran it at 1.00x), and until ``min_judged``
+lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
 drafted *row* steps were judged there (a drafted step at ``B`` judges ``B``
 rows, so ``ceil(min_judged / B)`` steps: 16 at B=1, 4 at B=4, 2 at B=8): the
 first trees, planned before any acceptance was seen, are the least tuned,
