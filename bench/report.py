@@ -280,6 +280,7 @@ def floor_table(floor: BenchResult) -> str:
 def floor_section(floor: BenchResult) -> str:
     """The README's floor-check subsection: how it ran, on what, and its table."""
     m = floor.machine
+    groups = {c.batch_size: len(c.groups) for c in floor.cells if c.method == "cast"}
     gaps = [x.logit_gap for c in floor.cells for x in c.mismatches]
     match = (
         f" Every output that differs from vanilla's first differs at a bf16 near-tie (top-2 logit gap at most {max(gaps):.2f})."
@@ -290,7 +291,7 @@ def floor_section(floor: BenchResult) -> str:
         [
             f"`bench/results/{FLOOR_NAME}.json`, from `{reproduce_command(floor, FLOOR_NAME)}`: vanilla and CAST alone, "
             "so a group's two runs are back to back (in turn vanilla first, then CAST first), where the full run puts "
-            f"three other methods between them; {', '.join(sorted({f'{len(c.groups)} groups at B={c.batch_size}' for c in floor.cells if c.method == 'cast'}))}, "
+            f"three other methods between them; {', '.join(f'{n} groups at B={b}' for b, n in sorted(groups.items()))}, "
             "of the reported prompts in order, as in the full run. Pooled = all groups' tokens over all their wall time, a mean that "
             f"weights long groups more. {m.get('cpu_model')}, {m.get('usable_cpus')} usable cores, {floor.config.dtype}, "
             f"{str(m.get('date'))[:10]}, commit `{str(m.get('git_commit') or 'n/a')[:7]}`; run took {floor.elapsed_s / 60:.1f} min.{match}",

@@ -159,18 +159,21 @@ def test_floor_check_pairs_vanilla_and_cast_back_to_back_and_reports_them(result
         (sum(g.tokens for g in cast.groups) / sum(g.wall_s for g in cast.groups))
         / (sum(g.tokens for g in vanilla.groups) / sum(g.wall_s for g in vanilla.groups))
     )
-    save_result(floor, path.parent)
-    body = generate_report("tiny", path.parent, None)
-    s = cast.speedup_vs_vanilla
-    assert "### The 0.97x floor, in back-to-back pairs" in body
-    assert (
-        "cast bench run --name floor --datasets toy_a --methods vanilla cast --prompts 6 --batch-sizes 2 "
-        "--max-new-tokens 6 --c1 0.5 --c2 0.5 --c3 0.5 --min-speedup 1.1`" in body
-    )
-    assert f"| toy_a | 2 | 3 | {s.median:.3f}x ({s.min:.2f}–{s.max:.2f}) |" in body
-    assert f"worst cell of the floor check (toy_a, B=2; 3 back-to-back pairs) | >= 0.97x | {s.median:.2f}x |" in body
-    assert "floor check" not in generate_report("floor", path.parent, None)  # the check itself reported as a run
-    (path.parent / "floor.json").unlink()
+    floor_path = save_result(floor, path.parent)
+    try:  # the other report tests share this results folder
+        body = generate_report("tiny", path.parent, None)
+        s = cast.speedup_vs_vanilla
+        assert "### The 0.97x floor, in back-to-back pairs" in body
+        assert (
+            "cast bench run --name floor --datasets toy_a --methods vanilla cast --prompts 6 --batch-sizes 2 "
+            "--max-new-tokens 6 --c1 0.5 --c2 0.5 --c3 0.5 --min-speedup 1.1`" in body
+        )
+        assert "; 3 groups at B=2, of the reported prompts" in body
+        assert f"| toy_a | 2 | 3 | {s.median:.3f}x ({s.min:.2f}–{s.max:.2f}) |" in body
+        assert f"worst cell of the floor check (toy_a, B=2; 3 back-to-back pairs) | >= 0.97x | {s.median:.2f}x |" in body
+        assert "floor check" not in generate_report("floor", path.parent, None)  # the check itself reported as a run
+    finally:
+        floor_path.unlink()
 
 
 def test_run_takes_the_gates_min_speedup_and_rejects_a_bad_one(capsys) -> None:
