@@ -13,7 +13,9 @@ with what drafted steps actually achieved::
                                  the skipped steps, else read from a measured
                                  profile; with neither, the step's predicted
                                  cost from its cost context
-    n     = 1 + a                tokens it committed per row (a = accepted drafts)
+    n     = 1 + a                tokens it committed (a = accepted drafts) to the
+                                 rows with the most tokens left, whose progress
+                                 ends the batch (``cast_core.drafter._report_speedups``)
     T, K <- d T + n, d K + C     with d = exp(-C / window)
     rho^B = T / K                tokens per plain step's worth of drafting time
 
@@ -74,8 +76,9 @@ drafted *row* steps were judged there (a drafted step at ``B`` judges ``B``
 rows, so ``ceil(min_judged / B)`` steps: 16 at B=1, 4 at B=4, 2 at B=8): the
 first trees, planned before any acceptance was seen, are the least tuned,
 and one row's unlucky tree alone must not shut drafting off for hundreds of
-steps. A step's tokens are the mean over its rows, so its noise shrinks with
-``B``, while learning costs more where drafting pays least: at B=8 on the
+steps. A batch's first steps judge the mean over all its rows (all have
+their whole budget left), so their noise shrinks with ``B``, while learning
+costs more where drafting pays least: at B=8 on the
 2-core AMD EPYC, 8 judged steps at 0.8x lost 2.4 s of a 36 s HumanEval group.
 With 8 rows (2 steps at B=4), MT-bench B=4 closed on the 8-token warm-up's
 two steps, the first feeding whole prompts.
@@ -180,7 +183,7 @@ class DraftGate:
     min_speedup: float = 1.0
     max_skip: int = 256
     window: float = 32.0
-    probe_budget: float = 0.03
+    probe_budget: float = 0.01
     probe_context: int = 16
     min_judged: int = 16
     _by_batch: dict[int, _BatchGate] = field(default_factory=dict)

@@ -351,3 +351,29 @@ def test_only_plain_steps_after_plain_steps_are_timed(exact_pair_case) -> None:
     plain = drafted.count(False)
     assert drafted[0] and drafted[-1] and 2 <= plain <= 4, drafted
     assert len(policy.gate._at(1).plain_times) == plain - 1
+
+
+def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> None:
+    """The batch ends when its longest row does: the gate is told the mean tokens of the rows with the most left.
+
+    Three rows of one drafted step at B=3 (2.0 plain steps of wall): budgets 10, 20, 20 left,
+    4, 1 and 2 tokens committed: the step counts 1.5 tokens (rows 2 and 3), not the mean 2.33.
+    Unbounded rows count as having the most left; with every row's budget equal, all rows count.
+    """
+    from cast_core.drafter import _report_speedups
+    from cast_core.policy import DepthHistory, DraftedStep, RowPlan
+
+    def judged(budgets: list[int | None], committed: list[int]) -> tuple[float | None, list[int | None]]:
+        gate = DraftGate(window=math.inf, min_judged=1)
+        plans = [RowPlan(depth=DepthHistory(4), tokens_left=b) for b in budgets]
+        for plan in plans:
+            plan.last_step = DraftedStep(len(plans), started=0.0, plain_step_s=0.1, predicted_cost=9.0)
+        _report_speedups(gate, plans, [list(range(n)) for n in committed], now=0.2)
+        return gate.speedup(len(plans)), [p.tokens_left for p in plans]
+
+    rho, left = judged([10, 20, 20], [4, 1, 2])
+    assert rho == pytest.approx(1.5 / 2.0) and left == [6, 19, 18]
+    rho, _ = judged([20, None, 20], [4, 1, 2])
+    assert rho == pytest.approx(1.0 / 2.0)
+    rho, _ = judged([20, 20, 20], [4, 1, 2])
+    assert rho == pytest.approx(7 / 3 / 2.0)
