@@ -11,9 +11,9 @@ import torch
 from cast_core import CastConfig, Engine
 from cast_core.cost import CostProfile
 from cast_core.decoder import SpecDecoder
-from cast_core.drafter import Drafter
+from cast_core.drafter import Drafter, _report_speedups
 from cast_core.gate import DraftGate
-from cast_core.policy import CastPolicy
+from cast_core.policy import CastPolicy, DepthHistory, DraftedStep, RowPlan
 from cast_core.sampling import SamplingParams
 from cast_core.verifier import Verifier
 
@@ -360,9 +360,6 @@ def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> Non
     4, 1 and 2 tokens committed: the step counts 1.5 tokens (rows 2 and 3), not the mean 2.33.
     Unbounded rows count as having the most left; with every row's budget equal, all rows count.
     """
-    from cast_core.drafter import _report_speedups
-    from cast_core.policy import DepthHistory, DraftedStep, RowPlan
-
     def judged(budgets: list[int | None], committed: list[int]) -> tuple[float | None, list[int | None]]:
         gate = DraftGate(window=math.inf, min_judged=1)
         plans = [RowPlan(depth=DepthHistory(4), tokens_left=b) for b in budgets]
