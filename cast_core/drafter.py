@@ -21,7 +21,6 @@ Per step and batch (one forward per layer, every row in it):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -117,7 +116,7 @@ class Drafter:
             plan.backlog = []
         gaps = None
         if gate is not None:  # a prompt or a backlog is fed whole only where drafting repays it
-            left = [math.inf if plan.tokens_left is None else plan.tokens_left for plan in plans]
+            left = [plan.budget_left for plan in plans]
             chains, gaps = gate.catch_up(ctx.batch_size, chains, state.next_pos.tolist(), left, ctx.drafter_cost)
         try:
             result, layer_costs, catch_up_s = self._grow(state, chains, gaps, roots, active, policy, ctx, plans, live)
@@ -267,7 +266,7 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
     drafted: dict[int, list[tuple[DraftedStep, int, float]]] = {}
     for plan, tokens in zip(plans, pending):
         step, plan.last_step = plan.last_step, None
-        left = math.inf if plan.tokens_left is None else plan.tokens_left
+        left = plan.budget_left
         if step is not None and plan.tokens_left is not None:
             plan.tokens_left = max(0, plan.tokens_left - len(tokens))
         if isinstance(step, PlainStep) and step.timed:

@@ -46,6 +46,7 @@ steps achieved at batch size ``B``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
@@ -243,6 +244,11 @@ class RowPlan:
     last_step: DraftedStep | PlainStep | None = None
     stash: TailStash | None = None
     tokens_left: int | None = None
+
+    @property
+    def budget_left(self) -> float:
+        """``tokens_left``, with an unbounded sequence counted as ``math.inf``."""
+        return math.inf if self.tokens_left is None else self.tokens_left
 
 
 class TreePolicy(ABC):
