@@ -41,6 +41,7 @@ from bench.methods import METHOD_NAMES, MethodRun, ModelPair, RunStats, add_coun
 from bench.ranks import DrafterGuesses, teacher_forced_guesses
 from cast_core import CastConfig, StaticConfig
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
+from cast_core.vocab import DraftVocab
 
 RESULTS_DIR: Path = Path(__file__).with_name("results")
 SCHEMA_VERSION = 1
@@ -378,6 +379,7 @@ def run_benchmark(
     started = datetime.now(timezone.utc)
     machine = machine_info(config.dtype, config.device)
     methods = build_methods(pair, config.methods, config.static, config.cast)
+    draft_vocab = DraftVocab(pair.drafter, int(pair.target.config.vocab_size))  # the engine's default, as CAST drafts
     encode = {p.id: pair.encode(p.text) for ps in prompts.values() for p in ps}
     plan = [
         (dataset, b, make_groups(prompts[dataset], b, config.prompts_for(b)), [m for m in methods if m.supports(b)])
@@ -430,7 +432,7 @@ def run_benchmark(
             if m.name == "vanilla":
                 bar.set_description(f"{dataset} B={b} drafter guesses at vanilla's outputs")
                 guesses = [
-                    teacher_forced_guesses(pair.drafter, encode[p.id], out, config.cast.top_k)
+                    teacher_forced_guesses(pair.drafter, encode[p.id], out, config.cast.top_k, draft_vocab)
                     for group, run in zip(groups, runs["vanilla"])
                     for p, out in zip(group, run.token_ids)
                 ]

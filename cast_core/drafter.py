@@ -8,7 +8,9 @@ Per step and batch (one forward per layer, every row in it):
    as a causal chain -- of a long one (a prompt, a backlog) only its most
    recent tokens where the speedup gate finds feeding it whole does not pay
    (``DraftGate.catch_up``). The logits at the root give layer 1: the root's
-   ``top_k`` children, ``v = p_D(child)``.
+   ``top_k`` children, ``v = p_D(child)``. ``p_D`` is the drafter's
+   distribution over its draft vocabulary ``V_D`` (:mod:`cast_core.vocab`):
+   a core of leading ids plus the rows' own rarer context tokens.
 2. For layer ``i``: the policy keeps ``n_i`` candidates (best ``v`` first)
    and decides whether to grow. Growing feeds the kept nodes (tree mask over
    their ancestors, position = root position + depth) and takes, over all
@@ -32,6 +34,7 @@ from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
 from cast_core.policy import CostContext, DraftedStep, PlainStep, RowPlan, TreePolicy
 from cast_core.tree import DraftTree
+from cast_core.vocab import DEFAULT_CORE_SIZE, DraftHead, DraftVocab
 
 
 @dataclass
@@ -54,16 +57,19 @@ class DraftResult:
 class Drafter:
     """Builds draft trees with a small causal LM sharing the target's tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int) -> None:
-        """``vocab_size``: ids the target accepts (drafter logits beyond it are ignored)."""
+    def __init__(self, model: torch.nn.Module, vocab_size: int, core_vocab: int | None = DEFAULT_CORE_SIZE) -> None:
+        """``vocab_size``: ids the target accepts (drafter logits beyond it are ignored);
+        ``core_vocab``: ``N``, the leading ids every drafted layer scores (None: all of them)."""
         self.model = model
-        self.vocab_size = vocab_size
+        self.vocab = DraftVocab(model, vocab_size, core_vocab)
 
     def new_state(self, batch_size: int) -> KVState:
         return KVState(self.model.config.num_hidden_layers, batch_size, self.model.device)
 
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits[..., : self.vocab_size].float(), dim=-1)
+    @staticmethod
+    def _probs(logits: torch.Tensor) -> torch.Tensor:
+        """``p_D`` over the draft vocabulary (the head's ids)."""
+        return torch.softmax(logits.float(), dim=-1)
 
     @torch.inference_mode()
     def draft(
@@ -114,12 +120,15 @@ class Drafter:
         had_backlog = any(plan.backlog for plan in live)
         for plan in live:
             plan.backlog = []
+        for plan, chain in zip(plans, chains):
+            plan.rare_tokens |= self.vocab.rare(chain)
+        head = self.vocab.head(set().union(*(plan.rare_tokens for plan in live)))
         gaps = None
         if gate is not None:  # a prompt or a backlog is fed whole only where drafting repays it
             left = [plan.budget_left for plan in plans]
             chains, gaps = gate.catch_up(ctx.batch_size, chains, state.next_pos.tolist(), left, ctx.drafter_cost)
         try:
-            result, layer_costs, catch_up_s = self._grow(state, chains, gaps, roots, active, policy, ctx, plans, live)
+            result, layer_costs, catch_up_s = self._grow(state, chains, gaps, head, roots, active, policy, ctx, plans, live)
         except BaseException:
             state.discard_tail()  # a failed step leaves no half-built tree behind
             raise
@@ -139,6 +148,7 @@ class Drafter:
         state: KVState,
         chains: list[list[int]],
         gaps: list[tuple[int, int]] | None,
+        head: DraftHead,
         roots: torch.Tensor,
         active: np.ndarray,
         policy: TreePolicy,
@@ -146,21 +156,22 @@ class Drafter:
         plans: list[RowPlan],
         live: list[RowPlan],
     ) -> tuple[DraftResult, float, float]:
-        """Feed ``chains`` (with ``gaps``, see ``feed_chain``), grow the tree layer by layer, stash the fed nodes,
-        rerank (``live``: the active rows' plans).
+        """Feed ``chains`` (with ``gaps``, see ``feed_chain``), grow the tree layer by layer over ``head``'s
+        ids, stash the fed nodes, rerank (``live``: the active rows' plans).
 
         Also returns the drafted layers' cost (target steps) and the catch-up forward's seconds.
         """
         bsz, k = len(chains), policy.top_k
         t_feed = time.perf_counter()
-        root_logits = feed_chain(self.model, state, chains, want_last=True, gaps=gaps)
+        root_logits = feed_chain(self.model, state, chains, want_last=True, gaps=gaps, head=head)
         catch_up_s = time.perf_counter() - t_feed
         assert root_logits is not None
         plan_s, layer_costs = 0.0, 0.0
         root_pos = (state.next_pos - 1).clamp(min=0)
         histories = [plan.depth for plan in live]
 
-        conf, tok = torch.topk(self._probs(root_logits), k, dim=-1)  # [B, k]
+        conf, local = torch.topk(self._probs(root_logits), k, dim=-1)  # [B, k]
+        tok = head.ids[local]
         node_tok, node_parent, node_depth, node_conf = [tok], [torch.zeros_like(tok)], [torch.ones_like(tok)], [conf]
         # visibility of each node over drafter tail slots (its fed ancestors), grown as nodes are fed
         layer_vis = torch.zeros((bsz, k, 0), dtype=torch.bool)
@@ -189,9 +200,10 @@ class Drafter:
             fed_parent.append(node_parent[-1] - 1)
             vis = torch.cat([layer_vis, torch.eye(n_keep, dtype=torch.bool).expand(bsz, n_keep, n_keep)], dim=2)
             positions = root_pos[:, None] + layer
-            logits = forward_logits(self.model, state, node_tok[-1], positions.expand(bsz, n_keep), vis)
-            probs = self._probs(logits)  # [B, n_keep, V]
-            c_conf, c_tok = torch.topk(probs, k, dim=-1)  # [B, n_keep, k]
+            logits = forward_logits(self.model, state, node_tok[-1], positions.expand(bsz, n_keep), vis, head=head)
+            probs = self._probs(logits)  # [B, n_keep, |V_D|]
+            c_conf, c_local = torch.topk(probs, k, dim=-1)  # [B, n_keep, k]
+            c_tok = head.ids[c_local]
             path = node_conf[-1][:, :, None] * c_conf
             conf, flat = torch.topk(path.reshape(bsz, -1), min(k, n_keep * k), dim=-1)  # [B, k]
             parent_local = torch.div(flat, k, rounding_mode="floor")

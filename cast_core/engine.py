@@ -25,6 +25,7 @@ from cast_core.output import OutputTracker
 from cast_core.policy import POLICY_NAMES, CastConfig, StaticConfig, TreePolicy, make_policy
 from cast_core.sampling import SamplingParams
 from cast_core.verifier import Verifier
+from cast_core.vocab import DEFAULT_CORE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,10 @@ class Engine:
         max_batch_size: int = 8,
         static_config: StaticConfig | None = None,
         cast_config: CastConfig | None = None,
+        draft_vocab: int | None = DEFAULT_CORE_SIZE,
     ) -> None:
+        """``draft_vocab``: leading token ids the drafter scores besides each row's rarer context
+        tokens (``cast_core.vocab``; None: the whole vocabulary)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.policy = policy if isinstance(policy, TreePolicy) else make_policy(policy, static_config, cast_config)
@@ -151,7 +155,7 @@ class Engine:
             raise ValueError(f"drafter: policy {self.policy.name!r} needs a drafter model")
         self.target, self.tokenizer, self.drafter_model = target, tokenizer, drafter
         self.verifier = Verifier(target, cost_profile)
-        self.drafter = Drafter(drafter, self.verifier.vocab_size) if drafter is not None and self.policy.drafts else None
+        self.drafter = Drafter(drafter, self.verifier.vocab_size, draft_vocab) if drafter is not None and self.policy.drafts else None
         self.cost_profile = cost_profile
         self.max_batch_size = max_batch_size
         self.context_window = int(getattr(target.config, "max_position_embeddings", 1 << 30))
@@ -172,6 +176,7 @@ class Engine:
         max_batch_size: int = 8,
         static_config: StaticConfig | None = None,
         cast_config: CastConfig | None = None,
+        draft_vocab: int | None = DEFAULT_CORE_SIZE,
     ) -> "Engine":
         """Load models by path or known name (fetched on first use) and pick the cost profile.
 
@@ -210,6 +215,7 @@ class Engine:
             max_batch_size=max_batch_size,
             static_config=static_config,
             cast_config=cast_config,
+            draft_vocab=draft_vocab,
         )
 
     def encode(self, prompt: str | Sequence[int], field_name: str = "prompt") -> list[int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from cast_core.kv import KVState
+from cast_core.vocab import DraftHead
 
 
 def _split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -35,6 +36,7 @@ def forward_logits(
     position_ids: torch.Tensor,
     tail_visible: torch.Tensor,
     positions: torch.Tensor | None = None,
+    head: DraftHead | None = None,
 ) -> torch.Tensor | None:
     """Append ``input_ids`` to ``state`` and return logits.
 
@@ -42,25 +44,27 @@ def forward_logits(
         positions: ``[B, k]`` indices into the ``q`` new tokens whose logits are
             wanted; ``None`` returns all ``[B, q, V]``; an empty ``[B, 0]``
             returns ``None`` (cache-only forward, e.g. prefill).
+        head: score only ``head.ids`` (the drafter's ``V_D``, :mod:`cast_core.vocab`);
+            None: the model's whole vocabulary.
 
     Returns:
-        ``[B, k, V]`` float logits (``[B, q, V]`` when ``positions`` is None).
+        ``[B, k, V]`` float logits (``[B, q, V]`` when ``positions`` is None; ``V = len(head.ids)`` with a head).
     """
     split = _split_head(model)
     if split is None:
         logits = state.forward(model, input_ids, position_ids, tail_visible)
-        if positions is None:
-            return logits
-        if positions.shape[1] == 0:
-            return None
-        return torch.gather(logits, 1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
-    decoder, head = split
+        if positions is not None:
+            if positions.shape[1] == 0:
+                return None
+            logits = torch.gather(logits, 1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
+        return logits if head is None else head.select(logits)
+    decoder, lm_head = split
     hidden = state.forward(decoder, input_ids, position_ids, tail_visible, output="hidden")
     if positions is not None:
         if positions.shape[1] == 0:
             return None
         hidden = torch.gather(hidden, 1, positions[:, :, None].expand(-1, -1, hidden.shape[-1]))
-    return head(hidden)
+    return lm_head(hidden) if head is None else head.project(hidden)
 
 
 def causal_chain_visibility(lengths: list[int], width: int) -> torch.Tensor:
@@ -78,11 +82,12 @@ def feed_chain(
     chains: list[list[int]],
     want_last: bool,
     gaps: list[tuple[int, int]] | None = None,
+    head: DraftHead | None = None,
 ) -> torch.Tensor | None:
     """Append each row's token chain to ``state`` and commit it.
 
-    Returns the logits at each row's last chain token (``[B, V]``) when
-    ``want_last``; rows with an empty chain get a dummy row and are not
+    Returns the logits at each row's last chain token (``[B, V]``, over ``head.ids`` with a
+    ``head``) when ``want_last``; rows with an empty chain get a dummy row and are not
     committed. ``gaps[b] = (head, skipped)``: row ``b``'s chain stands for a
     longer one whose ``skipped`` tokens after the first ``head`` are left
     out; the tokens after them keep their true positions
@@ -97,11 +102,11 @@ def feed_chain(
         ids[b, : len(chain)] = torch.tensor(chain, dtype=torch.long)
     positions = state.next_pos[:, None] + torch.arange(width)[None, :]
     if gaps is not None:
-        head = torch.tensor([h for h, _ in gaps])[:, None]
+        kept_head = torch.tensor([h for h, _ in gaps])[:, None]
         skipped = torch.tensor([s for _, s in gaps])[:, None]
-        positions = positions + torch.where(torch.arange(width)[None, :] >= head, skipped, 0).to(positions.device)
+        positions = positions + torch.where(torch.arange(width)[None, :] >= kept_head, skipped, 0).to(positions.device)
     last = torch.tensor([max(n - 1, 0) for n in lengths])[:, None] if want_last else torch.zeros((len(chains), 0), dtype=torch.long)
-    logits = forward_logits(model, state, ids, positions, causal_chain_visibility(lengths, width), last)
+    logits = forward_logits(model, state, ids, positions, causal_chain_visibility(lengths, width), last, head)
     state.commit([list(range(n)) for n in lengths])
     if gaps is not None:
         state.skip_positions([s for _, s in gaps])

@@ -237,6 +237,8 @@ class RowPlan:
         tokens_left: new tokens the sequence may still commit (its budget less
             the tokens of its judged steps; None: unbounded); the speedup gate
             weighs feeding a long catch-up whole against it.
+        rare_tokens: ids of its context outside the drafter's core vocabulary
+            (``cast_core.vocab``), which the drafter scores besides the core.
     """
 
     depth: DepthHistory
@@ -244,6 +246,7 @@ class RowPlan:
     last_step: DraftedStep | PlainStep | None = None
     stash: TailStash | None = None
     tokens_left: int | None = None
+    rare_tokens: set[int] = field(default_factory=set)
 
     @property
     def budget_left(self) -> float:

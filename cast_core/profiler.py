@@ -9,7 +9,8 @@ top of a ``ctx``-token KV cache, with
   cached prefix plus a causal block among the new tokens -- a tree mask of ``n``
   nodes costs the same as a causal block of ``n`` (same shapes, same kernels);
 * explicit ``position_ids = ctx + arange(n)``; logits for all ``n`` tokens (the
-  verifier scores every tree node, the drafter every frontier node).
+  verifier scores every tree node, the drafter every frontier node), the drafter's
+  over its core draft vocabulary (``--draft-vocab``, :mod:`cast_core.vocab`), as it drafts.
 
 The KV cache of one context bucket is built by a batch-1 prefill of random tokens
 and copied along the batch (KV *values* do not change the cost of dense kernels).
@@ -49,6 +50,7 @@ from cast_core.cost import CostProfile, CostTable, device_name, dtype_name, user
 from cast_core.forward import forward_logits, prefill_prompts
 from cast_core.kv import KVState
 from cast_core.models import DTYPES, load_model, resolve_model
+from cast_core.vocab import DEFAULT_CORE_SIZE, DraftHead, DraftVocab
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8)
 DEFAULT_CONTEXT_BUCKETS: tuple[int, ...] = (128, 512, 1024)
@@ -78,14 +80,14 @@ def batch_state(model: PreTrainedModel, prompt: list[int], batch: int, device: t
     return state
 
 
-def forward_block(model: PreTrainedModel, state: KVState, input_ids: torch.Tensor) -> torch.Tensor:
+def forward_block(model: PreTrainedModel, state: KVState, input_ids: torch.Tensor, head: DraftHead | None = None) -> torch.Tensor:
     """The profiled forward: ``input_ids`` ``[B, n]`` after the cached context, causal
     among themselves, ``position_ids = next_pos + arange(n)``, logits for all ``n``
-    tokens (the engine's own :func:`~cast_core.forward.forward_logits`). The new slots
-    stay in the tail; the caller drops them with ``discard_tail()``."""
+    tokens (the engine's own :func:`~cast_core.forward.forward_logits`; over ``head``'s ids
+    if given). The new slots stay in the tail; the caller drops them with ``discard_tail()``."""
     batch, tokens = input_ids.shape
     positions = state.next_pos[:, None] + torch.arange(tokens, device=input_ids.device)[None, :]
-    logits = forward_logits(model, state, input_ids, positions, causal_block(batch, tokens, input_ids.device))
+    logits = forward_logits(model, state, input_ids, positions, causal_block(batch, tokens, input_ids.device), head=head)
     assert logits is not None
     return logits
 
@@ -105,8 +107,10 @@ def _measure_table(
     repeats: int,
     warmup: int,
     bar: tqdm,
+    head: DraftHead | None = None,
 ) -> CostTable:
-    """Forward seconds of ``model`` on the whole grid (module docstring for the method)."""
+    """Forward seconds of ``model`` on the whole grid (module docstring for the method); ``head``: the
+    output head it scores with (None: its whole vocabulary)."""
     generator = torch.Generator().manual_seed(_SEED)
     vocab = model.config.vocab_size
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -123,7 +127,7 @@ def _measure_table(
                     bar.set_postfix_str(f"{name} B={batch} ctx={context} n={tokens}", refresh=False)
                     sync()
                     start = time.perf_counter()
-                    forward_block(model, state, ids[k])
+                    forward_block(model, state, ids[k], head)
                     sync()
                     if i >= warmup:
                         timings[k].append(time.perf_counter() - start)
@@ -154,6 +158,7 @@ def measure_profile(
     repeats: int = 5,
     warmup: int = 2,
     progress: bool = True,
+    draft_vocab: int | None = DEFAULT_CORE_SIZE,
 ) -> CostProfile:
     """Time both models on the grid ``batch_sizes x context_buckets x token_counts`` and
     return the profile (keyed by :func:`~cast_core.cost.device_name` of ``device``).
@@ -162,6 +167,8 @@ def measure_profile(
     Grid axes are sorted and de-duplicated. ``seconds[b][c][k]`` is the median of
     ``repeats`` timed forwards after ``warmup`` untimed ones, stored raw (lookups price
     padding, :mod:`cast_core.cost`). ``progress`` shows a tqdm bar over all points.
+    The drafter scores the first ``draft_vocab`` ids of the target's vocabulary (None: all of them), as
+    :class:`~cast_core.drafter.Drafter` does with no rare context tokens.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -173,12 +180,13 @@ def measure_profile(
     axes = [sorted(set(axis)) for axis in (batch_sizes, context_buckets, token_counts)]
     points = len(axes[0]) * len(axes[1]) * len(axes[2])
     started = time.perf_counter()
+    draft_head = DraftVocab(drafter_model, target_model.config.vocab_size, draft_vocab).head()
     with torch.inference_mode(), tqdm(total=2 * points, desc="cast profile", unit="pt", disable=not progress) as bar:
         tables = {
-            role: _measure_table(model, name, torch_device, *axes, repeats=repeats, warmup=warmup, bar=bar)
-            for role, model, name in (
-                ("target", target_model, target_name),
-                ("drafter", drafter_model, drafter_name),
+            role: _measure_table(model, name, torch_device, *axes, repeats=repeats, warmup=warmup, bar=bar, head=head)
+            for role, model, name, head in (
+                ("target", target_model, target_name, None),
+                ("drafter", drafter_model, drafter_name, draft_head),
             )
         }
     return CostProfile(
@@ -194,6 +202,7 @@ def measure_profile(
             "attn_implementation": target_model.config._attn_implementation,
             "cache": "cast_core.kv.KVState (the engine's own forward path)",
             "statistic": f"median of {repeats} after {warmup} warmup",
+            "draft_vocab": len(draft_head.ids),
             "wall_s": round(time.perf_counter() - started, 1),
         },
     )
@@ -235,6 +244,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point, median kept (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per point first (default: 2)")
     parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=DEFAULT_CORE_SIZE,
+        help=f"leading token ids the drafter scores, as the engine's draft_vocab (default: {DEFAULT_CORE_SIZE}; 0: all)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="output JSON file, or an existing directory to write <slug>.json into "
@@ -262,6 +277,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
         token_counts=args.tokens,
         repeats=args.repeats,
         warmup=args.warmup,
+        draft_vocab=args.draft_vocab or None,
     )
     if args.out is None:
         out = user_profiles_dir() / f"{profile.slug}.json"

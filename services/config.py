@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 from cast_core.models import DTYPES
 from cast_core.policy import CastConfig, StaticConfig
+from cast_core.vocab import DEFAULT_CORE_SIZE
 
 PolicyName = Literal["none", "static", "cast"]
 
@@ -148,6 +149,12 @@ class AppConfig(BaseModel):
     model_id: str | None = Field(None, description="Model id clients see in /v1/models and responses; None = the target's name.")
     policy: PolicyName = Field("cast", description="Tree policy: cast (cost-aware), static (EAGLE-2) or none (plain decoding).")
     dtype: str = Field("bfloat16", description=f"Model dtype, one of {', '.join(DTYPES)}.")
+    draft_vocab: int | None = Field(
+        DEFAULT_CORE_SIZE,
+        ge=1,
+        description="Leading token ids the drafter scores, besides each session's own rarer context tokens "
+        "(cast_core.vocab); None = the whole vocabulary. Fewer ids make drafted layers cheaper, never the output different.",
+    )
     device: str = Field(
         "cpu",
         description="Torch device of the model replicas: cpu, or cuda (each GPU replica sees its own GPU as cuda:0; "

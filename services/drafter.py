@@ -68,7 +68,7 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
         drafter_path = resolve_model(self.config.drafter)
         vocab_size = len(load_tokenizer(drafter_path))
         model = load_model(drafter_path, self.config.dtype, self.config.device)
-        self._sessions = DrafterSessions(Drafter(model, vocab_size), self._policy, self.config.max_sessions_per_replica)
+        self._sessions = DrafterSessions(Drafter(model, vocab_size, self.config.draft_vocab), self._policy, self.config.max_sessions_per_replica)
 
     def on_sessions_changed(self) -> None:
         super().on_sessions_changed()

@@ -15,8 +15,9 @@ from bench.report import END, START, generate_report, pooled_ratio, write_readme
 from bench.sweep import SweepConfig, load_sweep, run_sweep, save_sweep
 from cast_core import CastConfig, StaticConfig
 from cast_core.cost import CostProfile
+from cast_core.vocab import DraftVocab
 
-from conftest import TINY_EOS, reference_greedy, tiny_pair, tiny_tokenizer
+from conftest import TINY_EOS, TINY_VOCAB, reference_greedy, tiny_pair, tiny_tokenizer
 
 CAST = CastConfig(c1=0.5, c2=0.5, c3=0.5)
 STATIC = StaticConfig(top_k=4, depth=4, total_tokens=16)
@@ -383,8 +384,9 @@ def test_teacher_forced_guesses_match_incremental_decoding() -> None:
     from bench.ranks import teacher_forced_guesses
 
     target, drafter = tiny_pair("llama", torch.float32)
-    prompt = [5, 17, 33, 8]
+    prompt = [9, 60, 3]
     output = reference_greedy(target, prompt, 12, TINY_EOS)
+    assert len(output) == 12
     assert teacher_forced_guesses(target, prompt, output, cap=4).ranks == [1] * len(output)
     guesses = teacher_forced_guesses(drafter, prompt, output, cap=3)
     with torch.no_grad():
@@ -395,3 +397,23 @@ def test_teacher_forced_guesses_match_incremental_decoding() -> None:
     assert teacher_forced_guesses(drafter, prompt, [], cap=3).ranks == []
     with pytest.raises(ValueError, match="cap"):
         teacher_forced_guesses(drafter, prompt, output, cap=0)
+
+
+def test_teacher_forced_guesses_rank_within_the_draft_vocabulary() -> None:
+    """With a draft vocabulary, a token is ranked among the core ids and the rarer ids of its prefix, or not at all."""
+    from bench.ranks import teacher_forced_guesses
+
+    target, drafter = tiny_pair("llama", torch.float32)
+    prompt = [9, 60, 3]
+    output = reference_greedy(target, prompt, 12, TINY_EOS)
+    guesses = teacher_forced_guesses(drafter, prompt, output, cap=3, vocab=DraftVocab(drafter, TINY_VOCAB, 16))
+    seen = set(prompt)
+    assert output[0] >= 16 and output[0] not in seen and 60 in output, "outside V_D, and a rare id of the prompt"
+    with torch.no_grad():
+        for i, token in enumerate(output):
+            logits = drafter(input_ids=torch.tensor([prompt + output[:i]])).logits[0, -1]
+            scored = torch.tensor([v for v in range(TINY_VOCAB) if v < 16 or v in seen])
+            rank = min(1 + int((logits[scored] > logits[token]).sum()), 4) if token in scored.tolist() else 4
+            assert guesses.ranks[i] == rank
+            assert guesses.confidences[i] == pytest.approx(float(torch.softmax(logits[scored], -1).max()), abs=1e-4)
+            seen.add(token)

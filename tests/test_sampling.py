@@ -65,15 +65,20 @@ def models():
     return tiny_pair("llama", torch.float32, vocab_size=VOCAB, noise=0.3, peak=2.0, seed=4)
 
 
+LOOSE_CAST = CastConfig(top_k=3, max_depth=3, c1=0.2, c2=0.2, c3=0.2, min_speedup=1e-3)
 CASES = [
-    ("static", SamplingParams(temperature=1.0), StaticConfig(top_k=3, depth=2, total_tokens=8)),
-    ("cast", SamplingParams(temperature=1.0), CastConfig(top_k=3, max_depth=3, c1=0.2, c2=0.2, c3=0.2, min_speedup=1e-3)),
-    ("static", SamplingParams(temperature=0.7, top_p=0.9, top_k=5), StaticConfig(top_k=3, depth=2, total_tokens=8)),
+    ("static", SamplingParams(temperature=1.0), StaticConfig(top_k=3, depth=2, total_tokens=8), None),
+    ("cast", SamplingParams(temperature=1.0), LOOSE_CAST, None),
+    ("static", SamplingParams(temperature=0.7, top_p=0.9, top_k=5), StaticConfig(top_k=3, depth=2, total_tokens=8), None),
+    # a draft vocabulary of 4 core ids: drafts of ids 4..7 come only from the prompt's rare tokens (4, 5)
+    ("cast", SamplingParams(temperature=1.0), LOOSE_CAST, 4),
 ]
 
 
-@pytest.mark.parametrize(("policy", "params", "config"), CASES, ids=["static-T1", "cast-T1", "static-T0.7-p0.9-k5"])
-def test_first_two_tokens_follow_target(models, policy, params, config) -> None:
+@pytest.mark.parametrize(
+    ("policy", "params", "config", "draft_vocab"), CASES, ids=["static-T1", "cast-T1", "static-T0.7-p0.9-k5", "cast-T1-core4"]
+)
+def test_first_two_tokens_follow_target(models, policy, params, config, draft_vocab) -> None:
     target, drafter = models
     engine = Engine(
         target,
@@ -84,6 +89,7 @@ def test_first_two_tokens_follow_target(models, policy, params, config) -> None:
         max_batch_size=100,
         static_config=config if policy == "static" else None,
         cast_config=config if policy == "cast" else None,
+        draft_vocab=draft_vocab,
     )
     gens = engine.generate(
         [PROMPT] * SAMPLES,
