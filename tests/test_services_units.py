@@ -67,6 +67,9 @@ def test_config_from_yaml_and_args(tmp_path: Path) -> None:
         AppConfig(policy="greedy")
     with pytest.raises(ValidationError, match="dtype"):
         AppConfig(dtype="int3")
+    assert AppConfig.from_args({"draft_vocab": "16384"}).draft_vocab == 16384
+    with pytest.raises(ValidationError, match="draft_vocab"):
+        AppConfig(draft_vocab=0)
     with pytest.raises(ValidationError, match="planner.num_replicas"):
         AppConfig.model_validate({"planner": {"num_replicas": 2}})
 

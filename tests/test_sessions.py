@@ -10,16 +10,17 @@ from cast_core.policy import CastConfig, CastPolicy, CostContext
 from cast_core.sampling import SamplingParams
 from cast_core.sessions import DrafterSessions, SessionNotFound, VerifierSessions
 from cast_core.verifier import Verifier
+from cast_core.vocab import DEFAULT_CORE_SIZE
 
 from conftest import TINY_EOS, random_prompts, reference_greedy
 
 NEW = 16
 
 
-def make(models):
+def make(models, draft_vocab: int | None = DEFAULT_CORE_SIZE):
     target, drafter_model = models
     verifier = VerifierSessions(Verifier(target))
-    drafter = DrafterSessions(Drafter(drafter_model, target.config.vocab_size), CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5)))
+    drafter = DrafterSessions(Drafter(drafter_model, target.config.vocab_size, draft_vocab), CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5)))
     return verifier, drafter
 
 
@@ -66,9 +67,11 @@ def run_sessions(verifier, drafter, prompts, schedule) -> dict[str, list[int]]:
     ],
     ids=["all", "growing-subsets", "alternating"],
 )
-def test_subsets_of_sessions_decode_exactly(tiny_models_fp32, schedule) -> None:
+@pytest.mark.parametrize("draft_vocab", [DEFAULT_CORE_SIZE, 16], ids=["whole-vocab", "core-16"])
+def test_subsets_of_sessions_decode_exactly(tiny_models_fp32, schedule, draft_vocab) -> None:
+    """Also with 16 core ids of 128: each step's draft vocabulary is the union of its own sessions' rare tokens."""
     prompts = random_prompts(4, seed=31)
-    verifier, drafter = make(tiny_models_fp32)
+    verifier, drafter = make(tiny_models_fp32, draft_vocab)
     out = run_sessions(verifier, drafter, prompts, schedule)
     for i, p in enumerate(prompts):
         assert out[f"s{i}"] == reference_greedy(tiny_models_fp32[0], p, NEW, TINY_EOS)
