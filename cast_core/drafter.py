@@ -161,7 +161,7 @@ class Drafter:
 
         Also returns the drafted layers' cost (target steps) and the catch-up forward's seconds.
         """
-        bsz, k = len(chains), policy.top_k
+        bsz, k = len(chains), min(policy.top_k, int(head.ids.numel()))  # a draft vocabulary may hold fewer ids than top_k
         t_feed = time.perf_counter()
         root_logits = feed_chain(self.model, state, chains, want_last=True, gaps=gaps, head=head)
         catch_up_s = time.perf_counter() - t_feed

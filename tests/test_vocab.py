@@ -77,3 +77,12 @@ def test_greedy_output_with_a_small_core_equals_the_targets(models, tokenizer, p
     generations = engine.generate(prompts, max_new_tokens=24)
     assert [g.token_ids for g in generations] == refs
     assert sum(g.stats.accepted_tokens for g in generations) > 0  # drafting still pays off
+
+
+def test_a_draft_vocabulary_smaller_than_top_k_drafts_from_what_it_has(models, tokenizer) -> None:
+    target, drafter = models
+    prompt = [1, 3, 3]  # V_D = {0, 1, 3} at the first drafted step, against top_k = 8
+    engine = Engine(
+        target, tokenizer, drafter, policy="static", cost_profile=PROFILE, static_config=StaticConfig(top_k=8, depth=3, total_tokens=12), draft_vocab=2
+    )
+    assert engine.generate([prompt], max_new_tokens=12)[0].token_ids == reference_greedy(target, prompt, 12, TINY_EOS)
