@@ -83,6 +83,23 @@ costs more where drafting pays least: at B=8 on the
 With 8 rows (2 steps at B=4), MT-bench B=4 closed on the 8-token warm-up's
 two steps, the first feeding whole prompts.
 
+Past ``min_judged``, the gate closes only where ``rho^B`` is below
+``min_speedup`` by ``z`` (``close_confidence``) standard errors::
+
+    T + z S < min_speedup K      S^2 = n_eff / (n_eff - 1) * sum_i w_i^2 (n_i - rho^B C_i)^2
+                                 n_eff = (sum_i w_i)^2 / sum_i w_i^2
+
+with ``w_i`` the steps' decayed weights (``S / K`` is the delta-method
+standard error of the ratio ``T / K``). The sums run over the steps judged
+at ``B``: an inherited record moves ``rho^B``, not ``S``, and on one step
+``S = 0``, so ``min_judged`` alone says how much a first step must show. How far one step's tokens stray depends on the tree:
+small trees commit 1-3 tokens a step, and a few steps pin ``rho^B`` down;
+the deep trees a cheap drafter buys commit 1 to 11, and at HumanEval B=2
+on the 2-core AMD EPYC six such steps read 0.69x and closed the gate for
+the rest of the group, where the same groups with the gate held open ran
+1.04-1.36x vanilla. Steps that lose steadily (B=8) have a small ``S`` and
+close as soon as before.
+
 Closed, the gate skips ``s`` steps, then probes with one drafted step. A
 failing probe costs ``C - 1`` plain steps, so ``s = (C - 1) /
 probe_budget`` (at least twice the previous ``s``, at most ``max_skip``)
@@ -160,6 +177,13 @@ class _BatchGate:
     tokens: float = 0.0
     cost: float = 0.0
     judged: int = 0  # row steps judged here, plus a closed neighbour's on inheritance
+    # moments of the steps judged here, for the closing test (``DraftGate._closed``):
+    # sums of w, w^2, w^2 n^2, w^2 n C, w^2 C^2
+    weight: float = 0.0
+    weight_sq: float = 0.0
+    tokens_sq: float = 0.0
+    cross: float = 0.0
+    cost_sq: float = 0.0
     plain_times: deque[float] = field(default_factory=lambda: deque(maxlen=PLAIN_SAMPLES))
     basis_s: float | None = None
     skip_left: int = 0
@@ -175,6 +199,38 @@ class _BatchGate:
         """``t_plain^B``: median of the recent plain step times (None before ``MIN_PLAIN_SAMPLES``)."""
         return statistics.median(self.plain_times) if len(self.plain_times) >= MIN_PLAIN_SAMPLES else None
 
+    def add(self, tokens: float, cost: float, decay: float) -> None:
+        """Age the record by ``decay`` and add a step of ``tokens`` for ``cost``."""
+        d2 = decay**2
+        self.tokens, self.cost = decay * self.tokens + tokens, decay * self.cost + cost
+        self.weight, self.weight_sq = decay * self.weight + 1.0, d2 * self.weight_sq + 1.0
+        self.tokens_sq = d2 * self.tokens_sq + tokens**2
+        self.cross = d2 * self.cross + tokens * cost
+        self.cost_sq = d2 * self.cost_sq + cost**2
+
+    def prior(self, weight: float) -> "_BatchGate":
+        """A new record starting from this one's ``T`` and ``K`` times ``weight``: a prior for ``rho``
+        that adds no steps to judge the spread by (no moments, skip state or plain times)."""
+        return _BatchGate(tokens=self.tokens * weight, cost=self.cost * weight)
+
+    def rescale_costs(self, factor: float) -> None:
+        """Every step's ``C`` times ``factor`` (a new plain-step basis)."""
+        self.cost, self.cross, self.cost_sq = self.cost * factor, self.cross * factor, self.cost_sq * factor**2
+
+    def tokens_spread(self) -> float:
+        """``S``: the standard error of ``T`` about ``rho^B K`` (0 with one step's weight or less: nothing to judge its spread by).
+
+        With step weights ``w_i`` and residuals ``e_i = n_i - rho C_i``,
+        ``S^2 = n_eff / (n_eff - 1) * sum w_i^2 e_i^2`` and ``n_eff = (sum w_i)^2 / sum w_i^2``
+        (the delta method for a ratio of weighted sums: ``SE(rho^B) = S / K``).
+        """
+        n_eff = self.weight**2 / self.weight_sq if self.weight_sq > 0 else 0.0
+        if n_eff <= 1.0 + 1e-9:
+            return 0.0
+        rho = self.tokens / self.cost
+        residual = max(0.0, self.tokens_sq - 2.0 * rho * self.cross + rho**2 * self.cost_sq)
+        return math.sqrt(n_eff / (n_eff - 1.0) * residual)
+
 
 @dataclass
 class DraftGate:
@@ -186,6 +242,7 @@ class DraftGate:
     probe_budget: float = 0.01
     probe_context: int = 16
     min_judged: int = 16
+    close_confidence: float = 2.0
     _by_batch: dict[int, _BatchGate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -199,6 +256,8 @@ class DraftGate:
             raise ValueError(f"probe_budget must be in (0, 1]; got {self.probe_budget}")
         if self.min_judged < 1:
             raise ValueError(f"min_judged must be >= 1; got {self.min_judged}")
+        if self.close_confidence < 0:
+            raise ValueError(f"close_confidence must be >= 0; got {self.close_confidence}")
         if self.probe_context < 1:
             raise ValueError(f"probe_context must be >= 1; got {self.probe_context}")
 
@@ -211,8 +270,7 @@ class DraftGate:
                 near_b = min(near, key=lambda b: (abs(b - batch_size), b))
                 nearest = self._by_batch[near_b]
                 # rho is a ratio, a prior across batch sizes (it falls as B grows); its basis (plain seconds at another size) is not
-                scale = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
-                gate.tokens, gate.cost = nearest.tokens * scale, nearest.cost * scale
+                gate = nearest.prior(min(1.0, INHERITED_SHARE * self.window / nearest.cost))
                 if self._closed(nearest):
                     gate.judged = nearest.judged
                     shared = min(near_b, batch_size) >= SHARED_SKIP * max(near_b, batch_size)
@@ -225,11 +283,19 @@ class DraftGate:
         return gate.tokens / gate.cost if gate.has_record else None
 
     def _closed(self, gate: _BatchGate) -> bool:
-        return gate.judged >= self.min_judged and gate.tokens < self.min_speedup * gate.cost
+        """``judged >= min_judged`` and ``T + z S < min_speedup K``: ``rho^B`` is below ``min_speedup`` by ``z`` standard errors."""
+        if gate.judged < self.min_judged or gate.tokens >= self.min_speedup * gate.cost:
+            return False
+        return gate.tokens + self.close_confidence * gate.tokens_spread() < self.min_speedup * gate.cost
 
     def speedup(self, batch_size: int) -> float | None:
         """``rho^B = T / K``: the windowed speedup of drafted steps at ``batch_size`` (None before any)."""
         return self._rho(self._at(batch_size))
+
+    def speedup_error(self, batch_size: int) -> float | None:
+        """``S / K``: the standard error of ``rho^B`` over the steps judged at ``batch_size`` (None before any record)."""
+        gate = self._at(batch_size)
+        return gate.tokens_spread() / gate.cost if gate.has_record else None
 
     def plain_seconds(self, batch_size: int) -> float | None:
         """``t_plain^B``: median wall time of recent plain (skipped) steps at ``batch_size`` (None before ``MIN_PLAIN_SAMPLES``)."""
@@ -331,7 +397,7 @@ class DraftGate:
         gate.plain_times.append(seconds)
         plain = gate.plain_s
         if gate.has_record and gate.basis_s is not None and plain is not None:
-            gate.cost *= gate.basis_s / plain
+            gate.rescale_costs(gate.basis_s / plain)
             gate.basis_s = plain
             if gate.tokens >= (1.0 + REOPEN_MARGIN) * self.min_speedup * gate.cost:
                 gate.skip_left = gate.backoff = 0
@@ -346,8 +412,7 @@ class DraftGate:
         if tokens < 0 or cost <= 0:
             raise ValueError(f"tokens must be >= 0 and cost > 0; got {tokens}, {cost}")
         gate = self._at(batch_size)
-        decay = math.exp(-cost / self.window)
-        gate.tokens, gate.cost = decay * gate.tokens + tokens, decay * gate.cost + cost
+        gate.add(tokens, cost, math.exp(-cost / self.window))
         gate.judged += batch_size
         gate.basis_s = basis_s
         if not self._closed(gate):

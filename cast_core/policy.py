@@ -111,6 +111,7 @@ class CastConfig(BaseModel):
     probe_budget: float = Field(0.01, gt=0, le=1, description="Speedup gate: share of time a closed gate may lose to failing probes (sets the plain steps between probes from a probe's cost). At 0.03, MT-bench B=8 batches with 0-1 % of steps drafted (probes) ran 0.974-0.986x vanilla on the 2-core AMD EPYC, most of the margin under the 0.97x floor.")
     probe_context: int = Field(16, ge=1, le=4096, description="Speedup gate: where feeding a long catch-up (a new row's prompt, a backlog) whole would not repay its profiled cost over the rows' remaining tokens, and at every probe of a closed gate, a drafted step's drafter catches up on at most this many of a row's most recent tokens (plus the first 4 when its cache is empty); the rest stays out of the drafter's cache, so a probe costs the same however long the gate was closed.")
     min_judged: int = Field(16, ge=1, le=256, description="Speedup gate: drafted row steps judged at a batch size B before the gate may close there, i.e. ceil(min_judged / B) drafted steps, 16 at B=1 and 2 at B=8. One row's speedup is noisy (a tree that accepts nothing scores about 0.5 where the average is 1.5); a batch's first steps score the mean over its B rows (later ones, the rows with the most tokens left).")
+    close_confidence: float = Field(2.0, ge=0, le=10, description="Speedup gate: z, the standard errors by which rho^B must fall below min_speedup before the gate closes (T + z S < min_speedup K, S the spread of the drafted steps' tokens about rho^B C; see cast_core.gate). A closed gate skips up to max_skip steps, so one closing on a few unlucky trees costs far more than one more drafted step: at HumanEval B=2 on the 2-core AMD EPYC, with the draft vocabulary's deeper trees, per-step tokens ran 1 to 9 and the gate closed after 6 steps at 0.69x where open runs of the same groups gave 1.04-1.36x vanilla. 0: close on the point estimate.")
     gate_window: float = Field(32.0, gt=0, le=4096, description="Speedup gate: plain steps' worth of drafted time the achieved speedup is measured over (older steps decay as exp(-age / window)).")
     adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
 
@@ -363,6 +364,7 @@ class CastPolicy(TreePolicy):
             probe_budget=c.probe_budget,
             probe_context=c.probe_context,
             min_judged=c.min_judged,
+            close_confidence=c.close_confidence,
         )
 
     @property
