@@ -92,9 +92,10 @@ Past ``min_judged``, the gate closes only where ``rho^B`` is below
 with ``w_i`` the steps' decayed weights (``S / K`` is the delta-method
 standard error of the ratio ``T / K``). The sums run over the steps judged
 at ``B``: an inherited record moves ``rho^B``, not ``S``, and on one step
-``S = 0``, so ``min_judged`` alone says how much a first step must show. How far one step's tokens stray depends on the tree:
-small trees commit 1-3 tokens a step, and a few steps pin ``rho^B`` down;
-the deep trees a cheap drafter buys commit 1 to 11, and at HumanEval B=2
+``S = 0``, so ``min_judged`` alone says how much a first step must show.
+How far one step's tokens stray depends on the tree: small trees commit
+1-3 tokens a step, and a few steps pin ``rho^B`` down; the deep trees a
+cheap drafter buys commit 1 to 11, and at HumanEval B=2
 on the 2-core AMD EPYC six such steps read 0.69x and closed the gate for
 the rest of the group, where the same groups with the gate held open ran
 1.04-1.36x vanilla. Steps that lose steadily (B=8) have a small ``S`` and
