@@ -285,9 +285,7 @@ class DraftGate:
 
     def _closed(self, gate: _BatchGate) -> bool:
         """``judged >= min_judged`` and ``T + z S < min_speedup K``: ``rho^B`` is below ``min_speedup`` by ``z`` standard errors."""
-        if gate.judged < self.min_judged or gate.tokens >= self.min_speedup * gate.cost:
-            return False
-        return gate.tokens + self.close_confidence * gate.tokens_spread() < self.min_speedup * gate.cost
+        return gate.judged >= self.min_judged and gate.tokens + self.close_confidence * gate.tokens_spread() < self.min_speedup * gate.cost
 
     def speedup(self, batch_size: int) -> float | None:
         """``rho^B = T / K``: the windowed speedup of drafted steps at ``batch_size`` (None before any)."""
