@@ -39,6 +39,9 @@ def _add_cast_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min-speedup", type=float, default=None, help="CAST speedup gate's min_speedup (default: CastConfig's)"
     )
+    p.add_argument(
+        "--lookup-tokens", type=int, default=None, help="CAST context lookup's lookup_tokens, 0: off (default: CastConfig's)"
+    )
 
 
 def _load_prompts(pair: ModelPair, datasets: list[str], subset: Subset) -> dict[str, list[Prompt]]:

@@ -44,7 +44,7 @@ BOUND_CONTEXT = 256  # context length the bounds read the cost profile at (promp
 SECTION = "## Benchmarks"
 FLOOR_NAME = "floor"  # result name of the vanilla-and-CAST floor check
 FLOOR = 0.97  # issue 3: CAST never below this share of vanilla's throughput
-CAST_FLAGS = (*PARAMS, "min_speedup")  # CastConfig fields `cast bench run` takes as flags (--min-speedup for min_speedup)
+CAST_FLAGS = (*PARAMS, "min_speedup", "lookup_tokens")  # CastConfig fields `cast bench run` takes as flags (--min-speedup for min_speedup)
 METHOD_STYLE = {
     "vanilla": ("tab:gray", "o"),
     "hf_generate": ("tab:brown", "v"),

@@ -11,12 +11,21 @@ Per step and batch (one forward per layer, every row in it):
    ``top_k`` children, ``v = p_D(child)``. ``p_D`` is the drafter's
    distribution over its draft vocabulary ``V_D`` (:mod:`cast_core.vocab`):
    a core of leading ids plus the rows' own rarer context tokens.
+   *Context lookup* (:mod:`cast_core.lookup`): where a row's current suffix
+   occurred before in its own tokens, up to ``lookup_tokens`` of what followed
+   it there are fed after the root in the same forward, uncommitted, so the
+   drafter prices them: ``p_D(a_j | root, a_1 .. a_{j-1})`` for each.
 2. For layer ``i``: the policy keeps ``n_i`` candidates (best ``v`` first)
    and decides whether to grow. Growing feeds the kept nodes (tree mask over
    their ancestors, position = root position + depth) and takes, over all
    their children, the ``top_k`` by ``v = v(parent) * p_D(child)`` as layer
    ``i + 1``.
-3. The tree's part of the drafter cache is stashed per row, then dropped; the policy picks how many
+   The lookup's node at depth ``i + 1`` needs no forward where its path is
+   among layer ``i``'s kept nodes, so its ``v`` counts as covered in the
+   policy's depth decision.
+3. The lookup tokens not already in the tree are grafted on below the deepest
+   node of their path (``v`` = parent's ``v`` times their ``p_D``).
+   The tree's part of the drafter cache is stashed per row, then dropped; the policy picks how many
    nodes to verify, best ``v`` first (a connected subtree: ``v`` never grows
    along a path, and ties keep node order, where parents come first).
 """
@@ -29,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cast_core.forward import feed_chain, forward_logits
+from cast_core.forward import feed_chain_ahead, forward_logits
 from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
 from cast_core.policy import CostContext, DraftedStep, PlainStep, RowPlan, TreePolicy
@@ -100,6 +109,10 @@ class Drafter:
         active = np.array([bool(p) for p in pending])
         if not active.any():
             raise ValueError("pending: no active row to draft for")
+        if policy.lookup_tokens:
+            for plan, tokens in zip(plans, pending):
+                if tokens:
+                    plan.context.extend(tokens if len(plan.context) else plan.backlog + tokens)
         roots = torch.tensor([p[-1] if p else 0 for p in pending], dtype=torch.long)
         live = [plan for plan, a in zip(plans, active) if a]
         gate = policy.gate if ctx is not None else None
@@ -127,15 +140,16 @@ class Drafter:
         if gate is not None:  # a prompt or a backlog is fed whole only where drafting repays it
             left = [plan.budget_left for plan in plans]
             chains, gaps = gate.catch_up(ctx.batch_size, chains, state.next_pos.tolist(), left, ctx.drafter_cost)
+        ahead = _lookups(chains, plans, policy, ctx)
         try:
-            result, layer_costs, catch_up_s = self._grow(state, chains, gaps, head, roots, active, policy, ctx, plans, live)
+            result, layer_costs, catch_up_s = self._grow(state, chains, ahead, gaps, head, roots, active, policy, ctx, plans, live)
         except BaseException:
             state.discard_tail()  # a failed step leaves no half-built tree behind
             raise
         result.plan_s += plan_s
         if ctx is not None:
             # a backlog is a one-off debt of skipped steps, not the cost of drafting: charge the fresh chain only
-            catch_up = ctx.drafter_cost(max(len(c) for c in fresh))
+            catch_up = ctx.drafter_cost(max(len(c) + len(a) for c, a in zip(fresh, ahead)))
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
             # nor is the wall time of feeding it: the step's clock skips the catch-up's excess over a fresh chain's
             excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if had_backlog and ctx.step_s > 0 else 0.0
@@ -147,6 +161,7 @@ class Drafter:
         self,
         state: KVState,
         chains: list[list[int]],
+        ahead: list[list[int]],
         gaps: list[tuple[int, int]] | None,
         head: DraftHead,
         roots: torch.Tensor,
@@ -156,21 +171,26 @@ class Drafter:
         plans: list[RowPlan],
         live: list[RowPlan],
     ) -> tuple[DraftResult, float, float]:
-        """Feed ``chains`` (with ``gaps``, see ``feed_chain``), grow the tree layer by layer over ``head``'s
-        ids, stash the fed nodes, rerank (``live``: the active rows' plans).
+        """Feed ``chains`` (with ``gaps``, see ``feed_chain``) and, uncommitted, the lookup tokens ``ahead``
+        of them; grow the tree layer by layer over ``head``'s ids, stash the fed nodes, graft the lookup
+        tokens on (``_graft_lookup``), rerank (``live``: the active rows' plans).
 
         Also returns the drafted layers' cost (target steps) and the catch-up forward's seconds.
         """
         bsz, k = len(chains), min(policy.top_k, int(head.ids.numel()))  # a draft vocabulary may hold fewer ids than top_k
         t_feed = time.perf_counter()
-        root_logits = feed_chain(self.model, state, chains, want_last=True, gaps=gaps, head=head)
+        fed_logits = feed_chain_ahead(self.model, state, chains, ahead, gaps=gaps, head=head)
         catch_up_s = time.perf_counter() - t_feed
-        assert root_logits is not None
+        assert fed_logits is not None
+        fed_probs = self._probs(fed_logits)  # [B, W, |V_D|]: at the root, then at each lookup token but the last
         plan_s, layer_costs = 0.0, 0.0
         root_pos = (state.next_pos - 1).clamp(min=0)
         histories = [plan.depth for plan in live]
 
-        conf, local = torch.topk(self._probs(root_logits), k, dim=-1)  # [B, k]
+        ahead_p = _lookup_probs(fed_probs, ahead, head) if any(ahead) else None
+        ahead_v = None if ahead_p is None else torch.cumprod(ahead_p, dim=1).numpy()  # [B, W]: v of the lookup's j+1-th node
+        path_node = np.full(bsz, -1)  # per row, the tree node (index) holding the lookup's path down to the current layer
+        conf, local = torch.topk(fed_probs[:, 0], k, dim=-1)  # [B, k]
         tok = head.ids[local]
         node_tok, node_parent, node_depth, node_conf = [tok], [torch.zeros_like(tok)], [torch.ones_like(tok)], [conf]
         # visibility of each node over drafter tail slots (its fed ancestors), grown as nodes are fed
@@ -189,7 +209,12 @@ class Drafter:
             kept = node_conf[-1].numpy()[active]
             if prev_kept is not None:
                 policy.observe_layer(prev_kept, kept, histories)
-            grow = layer < policy.max_depth and policy.grow(layer, kept, ctx, histories)
+            covered = 0.0
+            if ahead_v is not None:
+                path_node = _follow_lookup(path_node, ahead, layer, node_tok[-1], node_parent[-1], layer_start)
+                on_path = [a and n >= 0 and len(ahead[b]) > layer for b, (a, n) in enumerate(zip(active, path_node))]
+                covered = float(np.where(on_path, ahead_v[:, min(layer, ahead_v.shape[1] - 1)], 0.0)[active].mean())
+            grow = layer < policy.max_depth and policy.grow(layer, kept, ctx, histories, covered)
             plan_s += time.perf_counter() - t0
             if not grow:
                 break
@@ -226,13 +251,112 @@ class Drafter:
         state.discard_tail()
 
         t0 = time.perf_counter()
-        all_conf = torch.cat(node_conf, dim=1)  # [B, N]
+        nodes = [torch.cat(x, dim=1) for x in (node_tok, node_parent, node_depth, node_conf)]  # [B, N] each
+        valid = torch.ones_like(nodes[0], dtype=torch.bool)
+        if ahead_p is not None:
+            grafted, grafted_valid, gain = _graft_lookup(*nodes, ahead, ahead_p, active)
+            nodes = [torch.cat([x, g], dim=1) for x, g in zip(nodes, grafted)]
+            valid = torch.cat([valid, grafted_valid], dim=1)
+            policy.observe_lookup(gain)
+        all_conf = nodes[3]
         order = torch.sort(all_conf, dim=1, descending=True, stable=True).indices
         m = policy.verify_count(torch.gather(all_conf, 1, order).numpy()[active], ctx)
         plan_s += time.perf_counter() - t0
         chosen = torch.sort(order[:, :m], dim=1).values  # node order keeps parents first
-        tree = _assemble(roots, torch.cat(node_tok, 1), torch.cat(node_parent, 1), torch.cat(node_depth, 1), all_conf, chosen)
+        tree = _assemble(roots, *nodes, valid, chosen)
         return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s), layer_costs, catch_up_s
+
+
+def _lookups(chains: list[list[int]], plans: list[RowPlan], policy: TreePolicy, ctx: CostContext | None) -> list[list[int]]:
+    """Each active row's context-lookup tokens to feed ahead of its root (``cast_core.lookup``), where the
+    policy finds them worth the catch-up forward's extra width (``TreePolicy.use_lookup``); else ``[]``."""
+    none: list[list[int]] = [[] for _ in chains]
+    if not policy.lookup_tokens:
+        return none
+    ahead = [plan.context.continuation(policy.lookup_tokens) if chain else [] for plan, chain in zip(plans, chains)]
+    if not any(ahead):
+        return none
+    width = max(len(c) for c in chains)
+    fed = max(len(c) + len(a) for c, a in zip(chains, ahead))
+    return ahead if policy.use_lookup(width, fed, ctx) else none
+
+
+def _follow_lookup(
+    path_node: np.ndarray, ahead: list[list[int]], layer: int, tokens: torch.Tensor, parents: torch.Tensor, layer_start: int
+) -> np.ndarray:
+    """Per row, the node of layer ``layer`` (kept: ``tokens``/``parents`` ``[B, n]``, tree indices from ``layer_start``)
+    whose path is ``ahead[b][:layer]``, given last layer's ``path_node`` (root 0 for layer 1); -1 where there is none."""
+    found = np.full(len(ahead), -1)
+    for b, a in enumerate(ahead):
+        parent = 0 if layer == 1 else int(path_node[b])
+        if len(a) < layer or parent < 0:
+            continue
+        hits = ((tokens[b] == a[layer - 1]) & (parents[b] == parent)).nonzero()
+        if len(hits):
+            found[b] = layer_start + int(hits[0, 0])
+    return found
+
+
+def _lookup_probs(fed_probs: torch.Tensor, ahead: list[list[int]], head: DraftHead) -> torch.Tensor:
+    """``[B, W]``: ``p_D(ahead[b][j] | root, ahead[b][:j])`` read from the catch-up forward (0 outside ``V_D`` and past a row's lookup)."""
+    bsz, width = fed_probs.shape[:2]
+    tokens = torch.zeros((bsz, width), dtype=torch.long)
+    for b, a in enumerate(ahead):
+        tokens[b, : len(a)] = torch.tensor(a, dtype=torch.long)
+    local = head.local(tokens)
+    probs = torch.gather(fed_probs, 2, local.clamp(min=0)[:, :, None])[:, :, 0]
+    real = (local >= 0) & (torch.arange(width)[None, :] < torch.tensor([len(a) for a in ahead])[:, None])
+    return torch.where(real, probs, 0.0)
+
+
+def _graft_lookup(
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    depth: torch.Tensor,
+    conf: torch.Tensor,
+    ahead: list[list[int]],
+    ahead_p: torch.Tensor,
+    active: np.ndarray,
+) -> tuple[list[torch.Tensor], torch.Tensor, float]:
+    """The lookup tokens as tree nodes: ``(tokens, parents, depth, conf)`` blocks ``[B, G]``, their validity, the gain.
+
+    Row ``b``'s lookup ``a_1 .. a_L`` walks down the drafted tree (``parents``: tree node
+    indices, root 0; drafted node ``i`` is tree node ``i + 1``) while a drafted child holds
+    the next token; from the first miss on, each token becomes a new node under the last one,
+    with path confidence ``v(a_j) = v(parent) * p_D(a_j | root, a_1 .. a_{j-1})`` (never
+    above its parent's, so reranking still picks a connected subtree), until ``v`` reaches 0.
+    Rows are padded to ``G`` nodes with invalid padding nodes (token 0, parent root, depth 0,
+    ``v = 0``). The gain is the grafted nodes' total ``v`` averaged over the active rows.
+    """
+    bsz, n = tokens.shape
+    grafts: list[list[tuple[int, int, int, float]]] = []
+    for b in range(bsz):
+        row: list[tuple[int, int, int, float]] = []
+        if ahead[b]:
+            children = {(p, t): i + 1 for i, (p, t) in enumerate(zip(parents[b].tolist(), tokens[b].tolist()))}
+            node, v, d = 0, 1.0, 0
+            for j, token in enumerate(ahead[b]):
+                hit = children.get((node, token)) if not row else None
+                d += 1
+                if hit is not None:
+                    node, v = hit, float(conf[b, hit - 1])
+                    continue
+                v *= float(ahead_p[b, j])
+                if v <= 0:
+                    break
+                row.append((token, node, d, v))
+                node = n + len(row)
+        grafts.append(row)
+    width = max(len(r) for r in grafts)
+    block = torch.zeros((4, bsz, width), dtype=torch.float64)
+    valid = torch.zeros((bsz, width), dtype=torch.bool)
+    for b, row in enumerate(grafts):
+        if row:
+            block[:, b, : len(row)] = torch.tensor(row, dtype=torch.float64).T
+            valid[b, : len(row)] = True
+    gain = float(np.mean([sum(v for *_, v in grafts[b]) for b in np.flatnonzero(active)]))
+    out = [block[0].long(), block[1].long(), block[2].long(), block[3].to(conf.dtype)]
+    return out, valid, gain
 
 
 def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[RowPlan]) -> list[list[int]]:
@@ -300,12 +424,13 @@ def _assemble(
     parents: torch.Tensor,
     depth: torch.Tensor,
     conf: torch.Tensor,
+    valid: torch.Tensor,
     chosen: torch.Tensor,
 ) -> DraftTree:
     """Root + the ``chosen`` drafted nodes (indices into the drafted arrays, ascending) as a ``DraftTree``.
 
     Drafted node ``j`` is tree node ``j + 1`` before selection; parents are
-    remapped to positions within the selection (root = 0).
+    remapped to positions within the selection (root = 0); ``valid`` is False for padding nodes.
     """
     bsz, m = chosen.shape
     remap = torch.zeros((bsz, tokens.shape[1] + 1), dtype=torch.long)
@@ -316,5 +441,5 @@ def _assemble(
         parents=torch.cat([torch.full((bsz, 1), -1, dtype=torch.long), torch.gather(remap, 1, sel_parent)], dim=1),
         depth=torch.cat([torch.zeros((bsz, 1), dtype=torch.long), torch.gather(depth, 1, chosen)], dim=1),
         confidence=torch.cat([torch.ones((bsz, 1)), torch.gather(conf, 1, chosen)], dim=1),
-        valid=torch.ones((bsz, m + 1), dtype=torch.bool),
+        valid=torch.cat([torch.ones((bsz, 1), dtype=torch.bool), torch.gather(valid, 1, chosen)], dim=1),
     )

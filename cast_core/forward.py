@@ -93,24 +93,56 @@ def feed_chain(
     out; the tokens after them keep their true positions
     (``KVState.skip_positions``).
     """
+    if not want_last:
+        feed_chain_ahead(model, state, chains, [[] for _ in chains], gaps, head, want_logits=False)
+        return None
+    logits = feed_chain_ahead(model, state, chains, [[] for _ in chains], gaps, head)
+    return None if logits is None else logits[:, 0]
+
+
+def feed_chain_ahead(
+    model: torch.nn.Module,
+    state: KVState,
+    chains: list[list[int]],
+    ahead: list[list[int]],
+    gaps: list[tuple[int, int]] | None = None,
+    head: DraftHead | None = None,
+    want_logits: bool = True,
+) -> torch.Tensor | None:
+    """``feed_chain``, with ``ahead[b]`` fed after row ``b``'s chain in the same forward but not committed.
+
+    Row ``b``'s forward input is ``chains[b] + ahead[b]`` (causal, positions continuing the
+    chain's); only the chain is committed, and the ``ahead`` tokens' slots become holes (or are
+    cropped). Returns ``[B, W, V]`` logits, ``W = max(1, max_b len(ahead[b]))``: ``[:, 0]`` at each
+    row's last chain token, ``[:, j]`` at ``ahead[b][j - 1]`` (the distribution of
+    ``ahead[b][j]``) for ``j < len(ahead[b])``; the rest is padding. None when no row has a
+    chain or ``want_logits`` is False.
+    """
     lengths = [len(c) for c in chains]
-    width = max(lengths)
+    if len(ahead) != len(chains) or any(a and not c for a, c in zip(ahead, chains)):
+        raise ValueError("ahead: one list per row, and only rows with a chain may feed tokens ahead")
+    fed = [c + a for c, a in zip(chains, ahead)]
+    width = max(len(f) for f in fed)
     if width == 0:
         return None
     ids = torch.zeros((len(chains), width), dtype=torch.long)
-    for b, chain in enumerate(chains):
-        ids[b, : len(chain)] = torch.tensor(chain, dtype=torch.long)
+    for b, tokens in enumerate(fed):
+        ids[b, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     positions = state.next_pos[:, None] + torch.arange(width)[None, :]
     if gaps is not None:
         kept_head = torch.tensor([h for h, _ in gaps])[:, None]
         skipped = torch.tensor([s for _, s in gaps])[:, None]
         positions = positions + torch.where(torch.arange(width)[None, :] >= kept_head, skipped, 0).to(positions.device)
-    last = torch.tensor([max(n - 1, 0) for n in lengths])[:, None] if want_last else torch.zeros((len(chains), 0), dtype=torch.long)
-    logits = forward_logits(model, state, ids, positions, causal_chain_visibility(lengths, width), last, head)
+    if want_logits:
+        w = max(1, max(len(a) for a in ahead))
+        last = torch.tensor([[max(n - 1, 0) + min(j, len(a) - 1 if a else 0) for j in range(w)] for n, a in zip(lengths, ahead)])
+    else:
+        last = torch.zeros((len(chains), 0), dtype=torch.long)
+    logits = forward_logits(model, state, ids, positions, causal_chain_visibility([len(f) for f in fed], width), last, head)
     state.commit([list(range(n)) for n in lengths])
     if gaps is not None:
         state.skip_positions([s for _, s in gaps])
-    return None if logits is None else logits[:, 0]
+    return logits
 
 
 @torch.inference_mode()

@@ -49,6 +49,14 @@ class DraftHead:
             return core
         return torch.cat([core, torch.nn.functional.linear(hidden, self.rare_weight, self.rare_bias)], dim=-1)
 
+    def local(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each token's index in ``ids`` (-1 where it is outside ``V_D``): the core ids are ``0..N-1``, the rare ones sorted after them."""
+        core = self.core_weight.shape[0]
+        rare = self.ids[core:]
+        at = torch.searchsorted(rare, tokens.clamp(min=core)).clamp(max=max(len(rare) - 1, 0))
+        in_rare = (rare[at] == tokens) if len(rare) else torch.zeros_like(tokens, dtype=torch.bool)
+        return torch.where(tokens < core, tokens, torch.where(in_rare, at + core, -1))
+
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """The ``ids`` columns of full-vocabulary logits (models whose head cannot be split off)."""
         return logits.index_select(-1, self.ids)

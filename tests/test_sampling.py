@@ -11,12 +11,14 @@ import torch
 
 from cast_core import CastConfig, Engine, SamplingParams, StaticConfig
 from cast_core.cost import CostProfile
+from cast_core.policy import CastPolicy
 from cast_core.sampling import target_probs
 
 from conftest import TINY_EOS, tiny_pair, tiny_tokenizer
 
 VOCAB = 8
 PROMPT = [3, 4, 5]
+REPEATING = [5, 3, 4, 5]  # context lookup drafts 3, 4, 5 after the last 5 (what followed the first)
 SAMPLES = 3000
 
 
@@ -43,10 +45,10 @@ def chi2_statistic(observed: Counter, expected: dict, n: int) -> tuple[float, in
     return stat, df
 
 
-def joint_first_two(model: torch.nn.Module, params: SamplingParams) -> dict:
-    """Exact P(first two tokens); an EOS first token ends the sequence: cell (EOS, None)."""
+def joint_first_two(model: torch.nn.Module, params: SamplingParams, prompt: list[int] = PROMPT) -> dict:
+    """Exact P(first two tokens after ``prompt``); an EOS first token ends the sequence: cell (EOS, None)."""
     with torch.no_grad():
-        p1 = target_probs(model(input_ids=torch.tensor([PROMPT])).logits[0, -1], params)
+        p1 = target_probs(model(input_ids=torch.tensor([prompt])).logits[0, -1], params)
         out = {}
         for x1 in range(VOCAB):
             if p1[x1] == 0:
@@ -54,7 +56,7 @@ def joint_first_two(model: torch.nn.Module, params: SamplingParams) -> dict:
             if x1 == TINY_EOS:
                 out[(x1, None)] = float(p1[x1])
                 continue
-            p2 = target_probs(model(input_ids=torch.tensor([PROMPT + [x1]])).logits[0, -1], params)
+            p2 = target_probs(model(input_ids=torch.tensor([prompt + [x1]])).logits[0, -1], params)
             for x2 in range(VOCAB):
                 out[(x1, x2)] = float(p1[x1] * p2[x2])
     return out
@@ -66,33 +68,38 @@ def models():
 
 
 LOOSE_CAST = CastConfig(top_k=3, max_depth=3, c1=0.2, c2=0.2, c3=0.2, min_speedup=1e-3)
+STATIC = StaticConfig(top_k=3, depth=2, total_tokens=8)
 CASES = [
-    ("static", SamplingParams(temperature=1.0), StaticConfig(top_k=3, depth=2, total_tokens=8), None),
-    ("cast", SamplingParams(temperature=1.0), LOOSE_CAST, None),
-    ("static", SamplingParams(temperature=0.7, top_p=0.9, top_k=5), StaticConfig(top_k=3, depth=2, total_tokens=8), None),
+    ("static", SamplingParams(temperature=1.0), STATIC, None, PROMPT),
+    ("cast", SamplingParams(temperature=1.0), LOOSE_CAST, None, PROMPT),
+    ("static", SamplingParams(temperature=0.7, top_p=0.9, top_k=5), STATIC, None, PROMPT),
     # a draft vocabulary of 4 core ids: drafts of ids 4..7 come only from the prompt's rare tokens (4, 5)
-    ("cast", SamplingParams(temperature=1.0), LOOSE_CAST, 4),
+    ("cast", SamplingParams(temperature=1.0), LOOSE_CAST, 4, PROMPT),
+    # context lookup grafts 3, 4, 5 onto every first tree
+    ("cast", SamplingParams(temperature=1.0), LOOSE_CAST, None, REPEATING),
 ]
 
 
 @pytest.mark.parametrize(
-    ("policy", "params", "config", "draft_vocab"), CASES, ids=["static-T1", "cast-T1", "static-T0.7-p0.9-k5", "cast-T1-core4"]
+    ("policy", "params", "config", "draft_vocab", "prompt"),
+    CASES,
+    ids=["static-T1", "cast-T1", "static-T0.7-p0.9-k5", "cast-T1-core4", "cast-T1-lookup"],
 )
-def test_first_two_tokens_follow_target(models, policy, params, config, draft_vocab) -> None:
+def test_first_two_tokens_follow_target(models, policy, params, config, draft_vocab, prompt) -> None:
     target, drafter = models
+    tree_policy = CastPolicy(config) if policy == "cast" else policy
     engine = Engine(
         target,
         tiny_tokenizer(VOCAB),
         drafter,
-        policy=policy,
+        policy=tree_policy,
         cost_profile=CostProfile.synthetic(0.01, 0.0001, 0.002, 0.0001),
         max_batch_size=100,
         static_config=config if policy == "static" else None,
-        cast_config=config if policy == "cast" else None,
         draft_vocab=draft_vocab,
     )
     gens = engine.generate(
-        [PROMPT] * SAMPLES,
+        [prompt] * SAMPLES,
         max_new_tokens=2,
         temperature=params.temperature,
         top_p=params.top_p,
@@ -103,7 +110,7 @@ def test_first_two_tokens_follow_target(models, policy, params, config, draft_vo
     for g in gens:
         ids = g.token_ids + [TINY_EOS]  # a sequence shorter than 2 tokens ended with EOS
         observed[(TINY_EOS, None) if ids[0] == TINY_EOS else (ids[0], ids[1])] += 1
-    expected = joint_first_two(target, params)
+    expected = joint_first_two(target, params, prompt)
     assert set(observed) <= set(expected), "sampled a token outside the target's support"
     stat, df = chi2_statistic(observed, expected, SAMPLES)
     assert stat < chi2_critical(df), f"chi2={stat:.1f} df={df}"
@@ -111,10 +118,12 @@ def test_first_two_tokens_follow_target(models, policy, params, config, draft_vo
     steps = sum(g.stats.steps for g in gens)
     assert sum(g.stats.verified_tokens for g in gens) / steps > 3
     assert sum(g.stats.accepted_tokens for g in gens) > 0
+    if prompt == REPEATING:
+        assert tree_policy.lookup_gain != 1.0  # lookup nodes were grafted
 
     # power check: the drafter's own distribution, sampled as many times, fails the same test
     rng = np.random.default_rng(0)
-    wrong = joint_first_two(drafter, params)
+    wrong = joint_first_two(drafter, params, prompt)
     cells = list(wrong)
     draws = rng.choice(len(cells), size=SAMPLES, p=np.array([wrong[c] for c in cells]) / sum(wrong.values()))
     control = Counter(cells[i] for i in draws)

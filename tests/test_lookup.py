@@ -1,0 +1,144 @@
+"""Context lookup: the index, the uncommitted look-ahead forward, grafting onto the tree, and greedy equality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cast_core import CastConfig, Engine
+from cast_core.cost import CostProfile
+from cast_core.drafter import _graft_lookup
+from cast_core.forward import feed_chain, feed_chain_ahead
+from cast_core.kv import KVState
+from cast_core.lookup import ContextIndex
+from cast_core.policy import CastPolicy, CostContext
+
+from conftest import TINY_EOS, reference_greedy, tiny_pair, tiny_tokenizer
+
+PROFILE = CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001)
+
+
+def _index(tokens: list[int], max_ngram: int = 3) -> ContextIndex:
+    index = ContextIndex(max_ngram)
+    index.extend(tokens)
+    return index
+
+
+def test_continuation_follows_the_longest_repeated_suffix() -> None:
+    # suffix (1, 2) occurred at 0..1 (the 3-gram (9, 1, 2) did not): what followed it there
+    assert _index([1, 2, 3, 9, 1, 2]).continuation(3) == [3, 9, 1]
+    # a 2-gram beats a more recent 1-gram
+    assert _index([4, 1, 5, 8, 1, 6, 4, 1]).continuation(2) == [5, 8]
+    # no earlier occurrence of any suffix
+    assert _index([1, 2, 3]).continuation(4) == []
+    assert _index([]).continuation(4) == []
+
+
+def test_continuation_takes_the_most_recent_occurrence_and_stops_at_the_end() -> None:
+    assert _index([1, 5, 1, 6, 1], max_ngram=1).continuation(2) == [6, 1]
+    assert _index([7, 8, 7]).continuation(5) == [8, 7]
+    assert _index([7, 7]).continuation(3) == [7]
+    assert _index([1, 2, 1, 2]).continuation(0) == []
+
+
+def test_continuation_sees_tokens_appended_later() -> None:
+    index = _index([3, 4, 5])
+    assert index.continuation(2) == []
+    index.extend([6, 4])
+    assert index.continuation(2) == [5, 6]
+
+
+def test_bad_max_ngram_names_the_field() -> None:
+    with pytest.raises(ValueError, match="max_ngram"):
+        ContextIndex(0)
+
+
+def test_lookup_config_fields_are_checked() -> None:
+    for field, value in (("lookup_tokens", -1), ("lookup_tokens", 33), ("lookup_ngram", 0)):
+        with pytest.raises(ValueError, match=field):
+            CastConfig(**{field: value})
+
+
+def test_tokens_fed_ahead_are_priced_but_not_committed() -> None:
+    """Logits at the chain's end and at each ahead token match a plain forward over chain + ahead; the
+    cache afterwards holds the chains alone (the next forward matches one after ``feed_chain``)."""
+    model, _ = tiny_pair("llama", torch.float32)
+    chains, ahead = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]]
+    state = KVState(model.config.num_hidden_layers, 2)
+    logits = feed_chain_ahead(model, state, chains, ahead)
+    assert logits is not None and logits.shape[:2] == (2, 3)
+    for b in range(2):
+        full = model(input_ids=torch.tensor([chains[b] + ahead[b]])).logits[0]
+        n = len(chains[b])
+        for j in range(len(ahead[b])):
+            torch.testing.assert_close(logits[b, j], full[n - 1 + j], atol=1e-4, rtol=1e-4)
+    plain = KVState(model.config.num_hidden_layers, 2)
+    feed_chain(model, plain, chains, want_last=False)
+    assert state.next_pos.tolist() == plain.next_pos.tolist() == [3, 1]
+    nxt = [[14], [15]]
+    torch.testing.assert_close(feed_chain(model, state, nxt, want_last=True), feed_chain(model, plain, nxt, want_last=True), atol=1e-4, rtol=1e-4)
+
+
+def test_ahead_tokens_need_a_chain() -> None:
+    model, _ = tiny_pair("llama", torch.float32)
+    with pytest.raises(ValueError, match="ahead"):
+        feed_chain_ahead(model, KVState(model.config.num_hidden_layers, 2), [[5], []], [[], [6]])
+
+
+def test_graft_walks_the_tree_then_extends_it() -> None:
+    """Row 0's lookup 5, 7, 9, 4 follows drafted nodes 5 -> 7 and grafts 9 and 4 below them with
+    v = v(parent) * p; row 1 has no lookup and gets padding; the gain averages over active rows."""
+    # drafted nodes (tree nodes 1..3): 5 (root's child, v .8), 6 (root's child, v .1), 7 (child of 5, v .6)
+    tokens = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    parents = torch.tensor([[0, 0, 1], [0, 0, 1]])
+    depth = torch.tensor([[1, 1, 2], [1, 1, 2]])
+    conf = torch.tensor([[0.8, 0.1, 0.6], [0.8, 0.1, 0.6]])
+    ahead_p = torch.tensor([[0.9, 0.7, 0.5, 0.4], [0.0, 0.0, 0.0, 0.0]])
+    (g_tok, g_par, g_depth, g_conf), valid, gain = _graft_lookup(
+        tokens, parents, depth, conf, [[5, 7, 9, 4], []], ahead_p, np.array([True, True])
+    )
+    assert g_tok.tolist() == [[9, 4], [0, 0]]
+    assert g_par.tolist() == [[3, 4], [0, 0]]  # 9 under tree node 3 (the 7); 4 under the grafted 9 (tree node 3 + 1)
+    assert g_depth.tolist() == [[3, 4], [0, 0]]
+    torch.testing.assert_close(g_conf, torch.tensor([[0.6 * 0.5, 0.6 * 0.5 * 0.4], [0.0, 0.0]]))
+    assert valid.tolist() == [[True, True], [False, False]]
+    assert gain == pytest.approx((0.3 + 0.12) / 2)
+
+
+def test_graft_stops_where_the_drafter_gives_no_mass() -> None:
+    tokens, parents, depth, conf = (torch.tensor([[5]]), torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[0.5]]))
+    (g_tok, *_), valid, gain = _graft_lookup(tokens, parents, depth, conf, [[8, 9]], torch.tensor([[0.0, 0.9]]), np.array([True]))
+    assert g_tok.shape == (1, 0) and valid.shape == (1, 0) and gain == 0.0
+
+
+def test_lookup_is_fed_only_where_its_utility_beats_its_price() -> None:
+    """``g > C1 * (C_D(w_fed) - C_D(w))``; a lookup not fed moves ``g`` towards 1 (it is retried)."""
+    policy = CastPolicy(CastConfig(adaptive_thresholds=False))
+    cheap = CostContext(drafter=np.linspace(0, 0.5, 11), target=np.arange(80.0), batch_size=1, context=0)
+    dear = CostContext(drafter=np.linspace(0, 20.0, 11), target=np.arange(80.0), batch_size=1, context=0)
+    assert policy.use_lookup(1, 9, cheap)  # 0.4 plain steps for an expected 1.0
+    assert not policy.use_lookup(1, 9, dear)  # 16 plain steps
+    assert policy.lookup_gain == 1.0
+    policy.observe_lookup(0.2)
+    assert policy.lookup_gain == pytest.approx(0.8)
+    mid = CostContext(drafter=np.linspace(0, 1.25, 11), target=np.arange(80.0), batch_size=1, context=0)
+    assert not policy.use_lookup(1, 9, mid)  # 1.0 plain steps for an expected 0.8
+    assert policy.lookup_gain == pytest.approx(0.8 + 0.2 / 16)
+    assert not CastPolicy(CastConfig(lookup_tokens=0)).use_lookup(1, 9, cheap)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_output_with_lookup_equals_the_targets(batch: int) -> None:
+    """Prompts that repeat themselves make the lookup graft nodes at once; the output is still the target's greedy one."""
+    target, drafter = tiny_pair("llama", torch.float32, noise=0.05)
+    gen = torch.Generator().manual_seed(5)
+    prompts = []
+    for _ in range(batch):
+        piece = torch.randint(3, 40, (6,), generator=gen).tolist()
+        prompts.append(piece + [7] + piece + [8] + piece[:3])
+    policy = CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e-3))
+    engine = Engine(target, tiny_tokenizer(), drafter, policy=policy, cost_profile=PROFILE, max_batch_size=batch)
+    outs = engine.generate(prompts, max_new_tokens=24)
+    assert [g.token_ids for g in outs] == [reference_greedy(target, p, 24, TINY_EOS) for p in prompts]
+    assert policy.lookup_gain != 1.0  # lookup nodes were grafted
