@@ -386,7 +386,7 @@ def markdown(
         f"group by group in one process, warm-up excluded; tokens/s = generated tokens / wall time (prefill included), "
         f"median over groups; speedups are paired per group. Static = EAGLE-2 (top-k {c.static.top_k}, depth "
         f"{c.static.depth}, {c.static.total_tokens} verified); CAST C1={c.cast.c1:g}, C2={c.cast.c2:g}, C3={c.cast.c3:g}, "
-        f"R={c.cast.r}, top-k {c.cast.top_k}, max depth {c.cast.max_depth}, max verify {c.cast.max_verify}. "
+        f"R={c.cast.r}, top-k {c.cast.top_k}, max depth {c.cast.max_depth}, max verify {c.cast.max_verify}, context lookup {c.cast.lookup_tokens} tokens. "
         f"Cost profile: `{p.get('slug')}`{profile_note}.",
         "",
         f"![speedup vs batch size]({image_prefix}{name}_speedup.png)",
@@ -432,7 +432,9 @@ def markdown(
             "deep, the token that fell below included; `θ` and `cap` are the best pair in hindsight, so it is what a chain "
             "policy reading confidences reaches at best, not a ceiling for trees. The fifth uses CAST's acceptance by depth in this run (measured on CAST's trees, "
             "which accept more per depth than a chain of that cost could), so it is an estimate. "
-            "None counts prefill or framework time.",
+            "None counts prefill or framework time. All five price every drafted depth as a drafter forward: "
+            "context lookup (`lookup_tokens`) drafts repeated spans whose tokens the catch-up forward prices without "
+            "forwards of their own, so a CAST run with it is not bound by them; they bound the drafter's own trees.",
             "",
             bounds_table(result, profile),
         ]
