@@ -27,7 +27,7 @@ from cast_core import CastConfig
 from cast_core.policy import POLICY_NAMES
 
 
-def _cast_overrides(args: argparse.Namespace) -> dict[str, float]:
+def _cast_overrides(args: argparse.Namespace) -> dict[str, float | bool]:
     return {k: getattr(args, k) for k in CAST_FLAGS if getattr(args, k) is not None}
 
 
@@ -41,6 +41,12 @@ def _add_cast_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--lookup-tokens", type=int, default=None, help="CAST context lookup's lookup_tokens, 0: off (default: CastConfig's)"
+    )
+    p.add_argument(
+        "--lookup-only",
+        action="store_true",
+        default=None,
+        help="let CAST verify the context lookups alone, without a drafter forward, where that pays (CastConfig.lookup_only)",
     )
 
 

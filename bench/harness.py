@@ -40,6 +40,7 @@ from bench.datasets import DATASET_NAMES, Prompt
 from bench.methods import METHOD_NAMES, MethodRun, ModelPair, RunStats, add_counts, build_methods
 from bench.ranks import DrafterGuesses, teacher_forced_guesses
 from cast_core import CastConfig, StaticConfig
+from cast_core.cost import cpu_info
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 from cast_core.vocab import DraftVocab
 
@@ -192,26 +193,6 @@ class BenchResult(BaseModel):
             if (c.dataset, c.method, c.batch_size) == (dataset, method, batch_size):
                 return c
         return None
-
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-"""CPU flags recorded with a result: they decide how fast bf16 matmuls run."""
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    """The first ``model name`` in /proc/cpuinfo and which of :data:`CPU_FLAGS` it has."""
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return model, [flag for flag in CPU_FLAGS if flag in flags]
 
 
 def _git_commit() -> str | None:

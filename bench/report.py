@@ -44,7 +44,7 @@ BOUND_CONTEXT = 256  # context length the bounds read the cost profile at (promp
 SECTION = "## Benchmarks"
 FLOOR_NAME = "floor"  # result name of the vanilla-and-CAST floor check
 FLOOR = 0.97  # issue 3: CAST never below this share of vanilla's throughput
-CAST_FLAGS = (*PARAMS, "min_speedup", "lookup_tokens")  # CastConfig fields `cast bench run` takes as flags (--min-speedup for min_speedup)
+CAST_FLAGS = (*PARAMS, "min_speedup", "lookup_tokens", "lookup_only")  # CastConfig fields `cast bench run` takes as flags (--min-speedup for min_speedup)
 METHOD_STYLE = {
     "vanilla": ("tab:gray", "o"),
     "hf_generate": ("tab:brown", "v"),
@@ -386,7 +386,7 @@ def markdown(
         f"group by group in one process, warm-up excluded; tokens/s = generated tokens / wall time (prefill included), "
         f"median over groups; speedups are paired per group. Static = EAGLE-2 (top-k {c.static.top_k}, depth "
         f"{c.static.depth}, {c.static.total_tokens} verified); CAST C1={c.cast.c1:g}, C2={c.cast.c2:g}, C3={c.cast.c3:g}, "
-        f"R={c.cast.r}, top-k {c.cast.top_k}, max depth {c.cast.max_depth}, max verify {c.cast.max_verify}, context lookup {c.cast.lookup_tokens} tokens. "
+        f"R={c.cast.r}, top-k {c.cast.top_k}, max depth {c.cast.max_depth}, max verify {c.cast.max_verify}, context lookup {c.cast.lookup_tokens} tokens{' (drafter-free steps on)' if c.cast.lookup_only else ''}. "
         f"Cost profile: `{p.get('slug')}`{profile_note}.",
         "",
         f"![speedup vs batch size]({image_prefix}{name}_speedup.png)",
@@ -465,12 +465,15 @@ def _prompts_at_flag(prompts_at: dict[int, int]) -> str:
 
 
 def _threshold_flags(cast: CastConfig) -> str:
-    """``--c1/--c2/--c3/--r/--min-speedup`` for the values a run used where they differ from today's ``CastConfig``
+    """``--c1/--c2/--c3/--r/--min-speedup/--lookup-tokens/--lookup-only`` for the values a run used where they differ from today's ``CastConfig``
     defaults ('' when none do), so a run stays reproducible after a default changes."""
     defaults = CastConfig()
-    return "".join(
-        f" --{k.replace('_', '-')} {getattr(cast, k):g}" for k in CAST_FLAGS if getattr(cast, k) != getattr(defaults, k)
-    )
+    flags = []
+    for k in CAST_FLAGS:
+        value = getattr(cast, k)
+        if value != getattr(defaults, k) and value is not False:  # a switch is a bare flag, given only when on
+            flags.append(f" --{k.replace('_', '-')}" + ("" if value is True else f" {value:g}"))
+    return "".join(flags)
 
 
 def _prompts_at_note(prompts_at: dict[int, int]) -> str:

@@ -79,30 +79,48 @@ def device_name(device: str | torch.device) -> str:
     """Stable name of a device kind, the key profiles are stored under.
 
     CUDA: ``torch.cuda.get_device_name(i)`` (e.g. ``"NVIDIA H100 80GB HBM3"``).
-    CPU: ``"cpu-<N>core-<model name from /proc/cpuinfo>"`` with ``N =
-    torch.get_num_threads()`` (the threads a forward actually uses). Other device
-    types: the type name (``"mps"``).
+    CPU: ``"cpu-<N>core-<model name from /proc/cpuinfo>-<ISA level>"`` with ``N =
+    torch.get_num_threads()`` (the threads a forward actually uses) and the ISA level of
+    :func:`cpu_isa`: virtual machines report a bare ``AMD EPYC`` for parts with and without
+    AVX-512 bf16, whose bf16 forwards differ about twice in speed, so one must not read
+    the other's profile. Other device types: the type name (``"mps"``).
     """
     dev = torch.device(device)
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_name(index)
     if dev.type == "cpu":
-        return f"cpu-{torch.get_num_threads()}core-{_cpu_model()}"
+        model, flags = cpu_info()
+        return f"cpu-{torch.get_num_threads()}core-{model}-{cpu_isa(flags)}"
     return dev.type
 
 
-def _cpu_model() -> str:
-    """The first ``model name`` in /proc/cpuinfo, or ``"unknown"`` where there is none."""
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+"""CPU flags that decide how fast bf16 and fp32 matmuls run (recorded with benchmark results)."""
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """The first ``model name`` in /proc/cpuinfo (``"unknown"`` where there is none) and which of :data:`CPU_FLAGS` it has."""
+    model, flags = "unknown", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
+                if key.strip() == "model name" and model == "unknown" and value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
-    return "unknown"
+    return model, [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def cpu_isa(flags: Sequence[str]) -> str:
+    """The widest matmul instruction set among ``flags``: ``amx``, ``avx512bf16``, ``avx512``, ``avx2`` or ``base``."""
+    for flag, level in (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512"), ("avx2", "avx2")):
+        if flag in flags:
+            return level
+    return "base"
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:

@@ -10,7 +10,9 @@
 
 With a speedup gate (``cast``), the drafter may skip a step where drafting
 does not pay at this batch size: the trees are roots alone (a plain decode
-step) and the drafter catches up later (``cast_core.gate``).
+step) and the drafter catches up later (``cast_core.gate``). It also skips
+steps whose trees are the rows' context lookups alone, where those pay more
+(``CastPolicy.lookup_only_length``).
 
 Sequences are admitted (prefilled, then appended as rows) and retired
 (rows dropped) between steps, so a batch mixes prompt lengths and ages.
@@ -40,7 +42,8 @@ class StepStats:
         nodes_drafted: drafted nodes per row before reranking.
         tokens_verified: tree nodes per row sent to the target, root included.
         drafter_forwards: drafter forwards of the step (the catch-up, then one
-            per grown layer; 0 when the speedup gate skipped the drafter).
+            per grown layer; 0 when the speedup gate skipped the drafter or
+            the step verified the context lookup alone).
         accepted: per row, drafted tokens accepted (bonus not counted).
         draft_s, verify_s, plan_s: seconds drafting (planning included),
             verifying, and in policy decisions.

@@ -25,6 +25,10 @@ Per step and batch (one forward per layer, every row in it):
    policy's depth decision.
 3. The lookup tokens not already in the tree are grafted on below the deepest
    node of their path (``v`` = parent's ``v`` times their ``p_D``).
+   Where the policy finds the lookups alone worth more per unit of verify cost
+   than a drafted step (``TreePolicy.lookup_only_length``), no forward runs:
+   each row's tree is its lookup as a chain, and the step's tokens join the
+   row's backlog, as on a step the speedup gate skips.
    The tree's part of the drafter cache is stashed per row, then dropped; the policy picks how many
    nodes to verify, best ``v`` first (a connected subtree: ``v`` never grows
    along a path, and ties keep node order, where parents come first).
@@ -41,7 +45,7 @@ import torch
 from cast_core.forward import feed_chain_ahead, forward_logits
 from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
-from cast_core.policy import CostContext, DraftedStep, PlainStep, RowPlan, TreePolicy
+from cast_core.policy import CostContext, DraftedStep, LookupStep, PlainStep, RowPlan, TreePolicy
 from cast_core.tree import DraftTree
 from cast_core.vocab import DEFAULT_CORE_SIZE, DraftHead, DraftVocab
 
@@ -104,7 +108,9 @@ class Drafter:
         wall time from its drafting to this call); if the gate then says drafting does
         not pay at this batch size, no forward runs: every tree is its root
         alone and the pending tokens wait in each row's backlog for the next
-        drafted step.
+        drafted step. So they do where the policy verifies the rows' context
+        lookups alone (``_lookup_only``), each tree being its lookup as a chain;
+        the next call learns from the tokens such a step committed.
         """
         active = np.array([bool(p) for p in pending])
         if not active.any():
@@ -117,18 +123,24 @@ class Drafter:
         live = [plan for plan, a in zip(plans, active) if a]
         gate = policy.gate if ctx is not None else None
         t0 = time.perf_counter()
-        after_draft = any(isinstance(plan.last_step, DraftedStep) for plan in live)
+        after_draft = any(isinstance(plan.last_step, (DraftedStep, LookupStep)) for plan in live)
+        for plan, tokens in zip(plans, pending):
+            if tokens and isinstance(plan.last_step, LookupStep):
+                policy.observe_lookup_step(plan.last_step, tokens)
         if gate is not None:
             _report_speedups(gate, live, [p for p in pending if p], t0)
         fresh = _reuse_stashed_path(state, pending, plans)
-        skip = gate is not None and not gate.should_draft(ctx.batch_size)
+        guesses, lookup_only = _lookup_only(plans, active, policy, ctx)
+        skip = not lookup_only and gate is not None and not gate.should_draft(ctx.batch_size)
         plan_s = time.perf_counter() - t0
-        if skip:
+        if skip or lookup_only:
             for plan, chain in zip(plans, fresh):
                 plan.backlog.extend(chain)
-            for plan in live:
-                plan.last_step = PlainStep(ctx.batch_size, t0, timed=not after_draft)
-            return DraftResult(tree=DraftTree.roots(roots), nodes_drafted=0, layers=0, plan_s=plan_s)
+            for plan, (guess, ngram), a in zip(plans, guesses, active):
+                if a:
+                    plan.last_step = LookupStep(ctx.batch_size, ngram, guess[:lookup_only]) if lookup_only else PlainStep(ctx.batch_size, t0, timed=not after_draft)
+            chains = [guess[:lookup_only] for guess, _ in guesses]
+            return DraftResult(tree=DraftTree.chains(roots, chains), nodes_drafted=max(map(len, chains)), layers=0, plan_s=plan_s)
         chains = [plan.backlog + chain if chain else [] for plan, chain in zip(plans, fresh)]
         had_backlog = any(plan.backlog for plan in live)
         for plan in live:
@@ -140,7 +152,7 @@ class Drafter:
         if gate is not None:  # a prompt or a backlog is fed whole only where drafting repays it
             left = [plan.budget_left for plan in plans]
             chains, gaps = gate.catch_up(ctx.batch_size, chains, state.next_pos.tolist(), left, ctx.drafter_cost)
-        ahead = _lookups(chains, plans, policy, ctx)
+        ahead = _lookups(chains, [guess for guess, _ in guesses], policy, ctx)
         try:
             result, layer_costs, catch_up_s = self._grow(state, chains, ahead, gaps, head, roots, active, policy, ctx, plans, live)
         except BaseException:
@@ -182,15 +194,15 @@ class Drafter:
         fed_logits = feed_chain_ahead(self.model, state, chains, ahead, gaps=gaps, head=head)
         catch_up_s = time.perf_counter() - t_feed
         assert fed_logits is not None
-        fed_probs = self._probs(fed_logits)  # [B, W, |V_D|]: at the root, then at each lookup token but the last
         plan_s, layer_costs = 0.0, 0.0
         root_pos = (state.next_pos - 1).clamp(min=0)
         histories = [plan.depth for plan in live]
 
-        ahead_p = _lookup_probs(fed_probs, ahead, head) if any(ahead) else None
+        ahead_p = _lookup_probs(fed_logits, ahead, head) if any(ahead) else None
         ahead_v = None if ahead_p is None else torch.cumprod(ahead_p, dim=1).numpy()  # [B, W]: v of the lookup's j+1-th node
         path_node = np.full(bsz, -1)  # per row, the tree node (index) holding the lookup's path down to the current layer
-        conf, local = torch.topk(fed_probs[:, 0], k, dim=-1)  # [B, k]
+        deepest = np.zeros((2, bsz), dtype=np.int64)  # per row, the deepest such node and its depth (root: 0, 0)
+        conf, local = torch.topk(self._probs(fed_logits[:, 0]), k, dim=-1)  # [B, k]
         tok = head.ids[local]
         node_tok, node_parent, node_depth, node_conf = [tok], [torch.zeros_like(tok)], [torch.ones_like(tok)], [conf]
         # visibility of each node over drafter tail slots (its fed ancestors), grown as nodes are fed
@@ -212,6 +224,7 @@ class Drafter:
             covered = 0.0
             if ahead_v is not None:
                 path_node = _follow_lookup(path_node, ahead, layer, node_tok[-1], node_parent[-1], layer_start)
+                deepest[:, path_node >= 0] = np.stack([path_node, np.full(bsz, layer)])[:, path_node >= 0]
                 on_path = [a and n >= 0 and len(ahead[b]) > layer for b, (a, n) in enumerate(zip(active, path_node))]
                 covered = float(np.where(on_path, ahead_v[:, min(layer, ahead_v.shape[1] - 1)], 0.0)[active].mean())
             grow = layer < policy.max_depth and policy.grow(layer, kept, ctx, histories, covered)
@@ -254,7 +267,7 @@ class Drafter:
         nodes = [torch.cat(x, dim=1) for x in (node_tok, node_parent, node_depth, node_conf)]  # [B, N] each
         valid = torch.ones_like(nodes[0], dtype=torch.bool)
         if ahead_p is not None:
-            grafted, grafted_valid, gain = _graft_lookup(*nodes, ahead, ahead_p, active)
+            grafted, grafted_valid, gain = _graft_lookup(nodes[0].shape[1], nodes[3], deepest, ahead, ahead_p, active)
             nodes = [torch.cat([x, g], dim=1) for x, g in zip(nodes, grafted)]
             valid = torch.cat([valid, grafted_valid], dim=1)
             policy.observe_lookup(gain)
@@ -267,18 +280,32 @@ class Drafter:
         return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s), layer_costs, catch_up_s
 
 
-def _lookups(chains: list[list[int]], plans: list[RowPlan], policy: TreePolicy, ctx: CostContext | None) -> list[list[int]]:
-    """Each active row's context-lookup tokens to feed ahead of its root (``cast_core.lookup``), where the
-    policy finds them worth the catch-up forward's extra width (``TreePolicy.use_lookup``); else ``[]``."""
+def _lookups(chains: list[list[int]], guesses: list[list[int]], policy: TreePolicy, ctx: CostContext | None) -> list[list[int]]:
+    """Each active row's context-lookup tokens (``guesses``) to feed ahead of its root (``cast_core.lookup``), where
+    the policy finds them worth the catch-up forward's extra width (``TreePolicy.use_lookup``); else ``[]``."""
     none: list[list[int]] = [[] for _ in chains]
-    if not policy.lookup_tokens:
-        return none
-    ahead = [plan.context.continuation(policy.lookup_tokens) if chain else [] for plan, chain in zip(plans, chains)]
+    ahead = [guess if chain else [] for guess, chain in zip(guesses, chains)]
     if not any(ahead):
         return none
     width = max(len(c) for c in chains)
     fed = max(len(c) + len(a) for c, a in zip(chains, ahead))
     return ahead if policy.use_lookup(width, fed, ctx) else none
+
+
+def _lookup_only(
+    plans: list[RowPlan], active: np.ndarray, policy: TreePolicy, ctx: CostContext | None
+) -> tuple[list[tuple[list[int], int]], int]:
+    """Each row's context lookup and matched suffix length (``([], 0)`` for idle rows), and how many of
+    its tokens a drafter-free step verifies (``TreePolicy.lookup_only_length``; 0: none, the step drafts
+    or runs plain). The alternative's yield is ``max(1, rho^B)`` from the speedup gate (1 without one)."""
+    none = [([], 0) for _ in plans]
+    if ctx is None or not policy.lookup_tokens:
+        return none, 0
+    guesses = [plan.context.lookup(policy.lookup_tokens) if a else ([], 0) for plan, a in zip(plans, active)]
+    if not any(g for g, _ in guesses):
+        return guesses, 0
+    baseline = policy.gate.threshold_scale(ctx.batch_size) if policy.gate is not None else 1.0
+    return guesses, policy.lookup_only_length([g for g, a in zip(guesses, active) if a], ctx, baseline)
 
 
 def _follow_lookup(
@@ -297,55 +324,52 @@ def _follow_lookup(
     return found
 
 
-def _lookup_probs(fed_probs: torch.Tensor, ahead: list[list[int]], head: DraftHead) -> torch.Tensor:
-    """``[B, W]``: ``p_D(ahead[b][j] | root, ahead[b][:j])`` read from the catch-up forward (0 outside ``V_D`` and past a row's lookup)."""
-    bsz, width = fed_probs.shape[:2]
+def _lookup_probs(fed_logits: torch.Tensor, ahead: list[list[int]], head: DraftHead) -> torch.Tensor:
+    """``[B, W]``: ``p_D(ahead[b][j] | root, ahead[b][:j])`` from the catch-up forward's logits over ``V_D``
+    (0 outside ``V_D`` and past a row's lookup): ``exp(logit[a_j] - logsumexp(logits))``, one value per
+    position rather than a softmax over all of ``V_D`` at every position."""
+    bsz, width = fed_logits.shape[:2]
     tokens = torch.zeros((bsz, width), dtype=torch.long)
     for b, a in enumerate(ahead):
         tokens[b, : len(a)] = torch.tensor(a, dtype=torch.long)
     local = head.local(tokens)
-    probs = torch.gather(fed_probs, 2, local.clamp(min=0)[:, :, None])[:, :, 0]
+    logits = fed_logits.float()
+    picked = torch.gather(logits, 2, local.clamp(min=0)[:, :, None])[:, :, 0]
+    probs = torch.exp(picked - torch.logsumexp(logits, dim=-1))
     real = (local >= 0) & (torch.arange(width)[None, :] < torch.tensor([len(a) for a in ahead])[:, None])
     return torch.where(real, probs, 0.0)
 
 
 def _graft_lookup(
-    tokens: torch.Tensor,
-    parents: torch.Tensor,
-    depth: torch.Tensor,
+    n_drafted: int,
     conf: torch.Tensor,
+    deepest: np.ndarray,
     ahead: list[list[int]],
     ahead_p: torch.Tensor,
     active: np.ndarray,
 ) -> tuple[list[torch.Tensor], torch.Tensor, float]:
     """The lookup tokens as tree nodes: ``(tokens, parents, depth, conf)`` blocks ``[B, G]``, their validity, the gain.
 
-    Row ``b``'s lookup ``a_1 .. a_L`` walks down the drafted tree (``parents``: tree node
-    indices, root 0; drafted node ``i`` is tree node ``i + 1``) while a drafted child holds
-    the next token; from the first miss on, each token becomes a new node under the last one,
-    with path confidence ``v(a_j) = v(parent) * p_D(a_j | root, a_1 .. a_{j-1})`` (never
+    ``deepest[:, b]`` = (tree node, depth ``d``) of the deepest drafted node on row ``b``'s lookup path
+    ``a_1 .. a_d`` (``(0, 0)``: the root; tree node ``i + 1`` is drafted node ``i``, ``conf[b, i]`` its ``v``;
+    ``n_drafted`` drafted nodes per row). The lookup's remaining tokens ``a_{d+1} ..`` become a chain of new
+    nodes below it, with path confidence ``v(a_j) = v(parent) * p_D(a_j | root, a_1 .. a_{j-1})`` (never
     above its parent's, so reranking still picks a connected subtree), until ``v`` reaches 0.
     Rows are padded to ``G`` nodes with invalid padding nodes (token 0, parent root, depth 0,
     ``v = 0``). The gain is the grafted nodes' total ``v`` averaged over the active rows.
     """
-    bsz, n = tokens.shape
+    bsz = conf.shape[0]
     grafts: list[list[tuple[int, int, int, float]]] = []
     for b in range(bsz):
         row: list[tuple[int, int, int, float]] = []
-        if ahead[b]:
-            children = {(p, t): i + 1 for i, (p, t) in enumerate(zip(parents[b].tolist(), tokens[b].tolist()))}
-            node, v, d = 0, 1.0, 0
-            for j, token in enumerate(ahead[b]):
-                hit = children.get((node, token)) if not row else None
-                d += 1
-                if hit is not None:
-                    node, v = hit, float(conf[b, hit - 1])
-                    continue
-                v *= float(ahead_p[b, j])
-                if v <= 0:
-                    break
-                row.append((token, node, d, v))
-                node = n + len(row)
+        node, d = int(deepest[0, b]), int(deepest[1, b])
+        v = float(conf[b, node - 1]) if node > 0 else 1.0
+        for j in range(d, len(ahead[b])):
+            v *= float(ahead_p[b, j])
+            if v <= 0:
+                break
+            row.append((ahead[b][j], node, j + 1, v))
+            node = n_drafted + len(row)
         grafts.append(row)
     width = max(len(r) for r in grafts)
     block = torch.zeros((4, bsz, width), dtype=torch.float64)

@@ -39,7 +39,8 @@ class GenerationStats:
 
     Attributes:
         steps: verifier forwards the sequence took part in.
-        drafted_steps: steps the drafter ran for (the speedup gate skips the others).
+        drafted_steps: steps that verified drafts (the speedup gate skips the others).
+        lookup_steps: drafted steps that verified the context lookup alone, without a drafter forward.
         drafted_nodes: drafted nodes over all steps (before reranking).
         drafter_forwards: drafter forwards of the steps it took part in.
         verified_tokens: tree nodes sent to the verifier, roots included.
@@ -51,6 +52,7 @@ class GenerationStats:
 
     steps: int = 0
     drafted_steps: int = 0
+    lookup_steps: int = 0
     drafted_nodes: int = 0
     drafter_forwards: int = 0
     verified_tokens: int = 0
@@ -68,6 +70,7 @@ class GenerationStats:
     def add(self, step: StepStats, row: int) -> None:
         self.steps += 1
         self.drafted_steps += int(step.nodes_drafted > 0)
+        self.lookup_steps += int(step.nodes_drafted > 0 and step.drafter_forwards == 0)
         self.drafted_nodes += step.nodes_drafted
         self.drafter_forwards += step.drafter_forwards
         self.verified_tokens += step.tokens_verified[row]
@@ -84,6 +87,7 @@ class GenerationStats:
         return {
             "steps": self.steps,
             "drafted_steps": self.drafted_steps,
+            "lookup_steps": self.lookup_steps,
             "drafted_nodes": self.drafted_nodes,
             "drafter_forwards": self.drafter_forwards,
             "verified_tokens": self.verified_tokens,

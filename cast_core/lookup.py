@@ -43,10 +43,48 @@ class ContextIndex:
 
     def continuation(self, length: int) -> list[int]:
         """Up to ``length`` tokens that followed the latest earlier occurrence of the longest repeated suffix ([] if none)."""
+        return self.lookup(length)[0]
+
+    def lookup(self, length: int) -> tuple[list[int], int]:
+        """``(continuation(length), n)``: the continuation and the length ``n`` of the suffix it matched (0: none)."""
         if length < 1:
-            return []
+            return [], 0
         for n in range(min(self.max_ngram, len(self.tokens)), 0, -1):
             start = self._next.get(tuple(self.tokens[-n:]))
             if start is not None:
-                return self.tokens[start : start + length]
-        return []
+                return self.tokens[start : start + length], n
+        return [], 0
+
+
+class LookupAcceptance:
+    """How far drafter-free lookups were accepted, by the length ``n`` of the suffix they matched.
+
+    ``P_n(a >= j)``, the chance that a lookup's first ``j`` tokens are all accepted, is estimated
+    from the lookups of at least ``j`` tokens verified so far, with a prior of ``PRIOR_WEIGHT``
+    lookups accepted with chance ``PRIOR_P ** j`` (optimistic enough that a new server tries them)::
+
+        P_n(a >= j) = (hits_n[j] + PRIOR_WEIGHT * PRIOR_P ** j) / (trials_n[j] + PRIOR_WEIGHT)
+        E_n(L)      = sum_{j=1..L} P_n(a >= j)      # expected accepted tokens of an L-token lookup
+    """
+
+    PRIOR_WEIGHT = 1.0
+    PRIOR_P = 0.7
+
+    def __init__(self, max_ngram: int, max_tokens: int) -> None:
+        self._hits = [[0.0] * max_tokens for _ in range(max_ngram + 1)]
+        self._trials = [[0.0] * max_tokens for _ in range(max_ngram + 1)]
+
+    def chance(self, n: int, j: int) -> float:
+        """``P_n(a >= j)`` for ``j >= 1``."""
+        prior = self.PRIOR_WEIGHT * self.PRIOR_P**j
+        return (self._hits[n][j - 1] + prior) / (self._trials[n][j - 1] + self.PRIOR_WEIGHT)
+
+    def expected(self, n: int, length: int) -> float:
+        """``E_n(L)`` for ``L = length``."""
+        return sum(self.chance(n, j) for j in range(1, length + 1))
+
+    def observe(self, n: int, length: int, accepted: int) -> None:
+        """Record a verified lookup of ``length`` tokens (matched suffix ``n``) whose first ``accepted`` were accepted."""
+        for j in range(length):
+            self._trials[n][j] += 1
+            self._hits[n][j] += j < accepted

@@ -45,7 +45,10 @@ drafter's catch-up forward is spent before any of the three questions is
 asked, so at batch sizes where no tree pays for it the gate skips drafting
 (a plain decode step) and probes now and then. With ``adaptive_thresholds``
 the thresholds are ``C_j * max(1, rho^B)``, ``rho^B`` the speedup drafted
-steps achieved at batch size ``B``.
+steps achieved at batch size ``B``. Where a row's own context predicts what
+follows (``cast_core.lookup``), a step may also skip the drafter and verify
+the lookups alone, when their measured acceptance per unit of verify cost
+beats what drafting (or a plain step) yields (``lookup_only_length``).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cast_core.cost import CostProfile
 from cast_core.gate import DraftGate
 from cast_core.kv import TailStash
-from cast_core.lookup import ContextIndex
+from cast_core.lookup import ContextIndex, LookupAcceptance
 
 POLICY_NAMES = ("none", "static", "cast")
 
@@ -119,6 +122,7 @@ class CastConfig(BaseModel):
     close_confidence: float = Field(2.0, ge=0, le=10, description="Speedup gate: z, the standard errors by which rho^B must fall below min_speedup before the gate closes (T + z S < min_speedup K, S the spread of the drafted steps' tokens about rho^B C; see cast_core.gate). A closed gate skips up to max_skip steps, so one closing on a few unlucky trees costs far more than one more drafted step: at HumanEval B=2 on the 2-core AMD EPYC, with the draft vocabulary's deeper trees, per-step tokens ran 1 to 11 and the gate closed after 6 steps at 0.69x where open runs of the same groups gave 1.04-1.36x vanilla. 0: close on the point estimate.")
     gate_window: float = Field(32.0, gt=0, le=4096, description="Speedup gate: plain steps' worth of drafted time the achieved speedup is measured over (older steps decay as exp(-age / window)).")
     lookup_tokens: int = Field(12, ge=0, le=32, description="Context lookup: most tokens of a row's own earlier continuation of its current suffix (cast_core.lookup) fed after the root in the drafter's catch-up forward, priced by the drafter there and grafted onto the tree (v = the drafter's path confidence), so a repeated span is drafted deep for one forward's few extra tokens; fed only where its recent utility beats its price in the catch-up forward (CastPolicy.use_lookup). 0: off. On the 2-core AMD EPYC at B=1, 5 prompts each, interleaved: MT-bench 1.40x vanilla off, 1.55x at 12; HumanEval 1.63x off, 1.60x at 8, 1.68x at 12.")
+    lookup_only: bool = Field(False, description="Context lookup: let a step skip the drafter and verify each row's lookup alone where the lookups' measured acceptance per unit of verify cost beats what drafting (or, with the gate closed, a plain step) yields (CastPolicy.lookup_only_length); the drafter catches up on the skipped tokens at its next drafted step. Off by default: not yet measured on the AVX-512 bf16 machine the benchmark runs on.")
     lookup_ngram: int = Field(3, ge=1, le=8, description="Context lookup: longest suffix (tokens) matched against the row's earlier tokens; shorter suffixes are tried down to 1.")
     adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
 
@@ -232,6 +236,28 @@ class DraftedStep:
 
 
 @dataclass
+class LookupStep:
+    """A drafter-free step: the row's context lookup alone was verified (``CastPolicy.lookup_only_length``).
+
+    Attributes:
+        batch_size: ``B`` it ran at.
+        ngram: length of the suffix the lookup matched.
+        guess: the lookup tokens verified.
+    """
+
+    batch_size: int
+    ngram: int
+    guess: list[int]
+
+    def accepted(self, committed: list[int]) -> int:
+        """How many of ``guess`` the step accepted, given the tokens it ``committed`` (accepted drafts + bonus)."""
+        n = 0
+        while n < len(self.guess) and n < len(committed) and self.guess[n] == committed[n]:
+            n += 1
+        return n
+
+
+@dataclass
 class RowPlan:
     """Planning memory of one sequence, carried across its steps.
 
@@ -239,7 +265,7 @@ class RowPlan:
         depth: the depth gain FIFO (``alpha``).
         backlog: tokens committed while the speedup gate skipped the drafter;
             fed, ahead of the new pending tokens, at the next drafted step.
-        last_step: the sequence's last step (drafted or skipped), until the gate has judged it.
+        last_step: the sequence's last step (drafted, skipped or lookup-only), until the gate has judged it.
         stash: the drafter's cache entries of the nodes it fed for the last
             tree, reused for the drafts the verifier accepts from it.
         tokens_left: new tokens the sequence may still commit (its budget less
@@ -252,7 +278,7 @@ class RowPlan:
 
     depth: DepthHistory
     backlog: list[int] = field(default_factory=list)
-    last_step: DraftedStep | PlainStep | None = None
+    last_step: DraftedStep | PlainStep | LookupStep | None = None
     stash: TailStash | None = None
     tokens_left: int | None = None
     rare_tokens: set[int] = field(default_factory=set)
@@ -286,6 +312,14 @@ class TreePolicy(ABC):
 
     def observe_lookup(self, gain: float) -> None:
         """Record the utility (mean per active row of the grafted lookup nodes' ``v``) a fed lookup added."""
+
+    def lookup_only_length(self, guesses: list[tuple[list[int], int]], ctx: CostContext | None, baseline: float) -> int:
+        """Tokens of each row's lookup to verify in a drafter-free step (0: no such step); ``guesses``: each
+        active row's lookup and matched suffix length; ``baseline``: tokens per plain step the alternative yields."""
+        return 0
+
+    def observe_lookup_step(self, step: LookupStep, committed: list[int]) -> None:
+        """Record how a drafter-free step went: it committed ``committed`` (accepted drafts + bonus)."""
 
     @property
     def needs_costs(self) -> bool:
@@ -381,6 +415,7 @@ class CastPolicy(TreePolicy):
         self.max_depth = self.config.max_depth
         self.lookup_tokens = self.config.lookup_tokens
         self._lookup_gain = 1.0
+        self._lookup_runs = LookupAcceptance(self.config.lookup_ngram, max(1, self.lookup_tokens))
         c = self.config
         self._gate = DraftGate(
             min_speedup=c.min_speedup,
@@ -427,6 +462,32 @@ class CastPolicy(TreePolicy):
 
     def observe_lookup(self, gain: float) -> None:
         self._lookup_gain += self.LOOKUP_DECAY * (gain - self._lookup_gain)
+
+    def lookup_only_length(self, guesses: list[tuple[list[int], int]], ctx: CostContext | None, baseline: float) -> int:
+        """``L`` maximising the tokens a drafter-free step gains per plain step of cost, if that beats ``baseline``::
+
+            rate(L) = mean_r (1 + E_{n_r}(min(L, |a_r|))) / C_T(B, 1 + L)
+
+        ``E_n`` is the measured acceptance of lookups by matched suffix length (``LookupAcceptance``),
+        ``C_T`` the verify cost in plain steps, ``baseline`` what the step would gain otherwise per plain
+        step (``max(1, rho^B)``: drafting's recent speedup, 1 where the gate keeps steps plain). 0 (draft
+        or step plainly) where no ``L`` beats it. Skipping the drafter saves its forwards; it catches up on
+        the step's tokens at its next drafted step, in the catch-up forward it runs anyway.
+        """
+        assert ctx is not None, "the cast policy needs a cost context"
+        if not self.config.lookup_only:
+            return 0
+        longest = min(max((len(g) for g, _ in guesses), default=0), len(ctx.target) - 2)
+        best, best_rate = 0, baseline
+        for length in range(1, longest + 1):
+            gain = float(np.mean([1.0 + self._lookup_runs.expected(n, min(length, len(g))) for g, n in guesses]))
+            rate = gain / float(ctx.target[1 + length])
+            if rate > best_rate:
+                best, best_rate = length, rate
+        return best
+
+    def observe_lookup_step(self, step: LookupStep, committed: list[int]) -> None:
+        self._lookup_runs.observe(step.ngram, len(step.guess), step.accepted(committed))
 
     def _threshold(self, base: float, ctx: CostContext) -> float:
         """``base``, times ``max(1, rho^B)`` with adaptive thresholds."""

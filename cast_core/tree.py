@@ -57,6 +57,27 @@ class DraftTree:
         return self.valid.sum(dim=1).tolist()
 
     @staticmethod
+    def chains(root_tokens: torch.Tensor, chains: list[list[int]]) -> "DraftTree":
+        """Per row, the root followed by the chain ``chains[b]`` (each token the child of the one before),
+        padded to the longest chain; chain nodes carry ``v = 1`` (a chain has no siblings to order)."""
+        bsz, length = len(chains), max((len(c) for c in chains), default=0)
+        tokens = torch.zeros((bsz, 1 + length), dtype=torch.long)
+        tokens[:, 0] = root_tokens
+        valid = torch.zeros((bsz, 1 + length), dtype=torch.bool)
+        valid[:, 0] = True
+        for b, chain in enumerate(chains):
+            tokens[b, 1 : 1 + len(chain)] = torch.tensor(chain, dtype=torch.long)
+            valid[b, 1 : 1 + len(chain)] = True
+        steps = torch.arange(1 + length).expand(bsz, -1)
+        return DraftTree(
+            tokens=tokens,
+            parents=torch.where(valid, steps - 1, 0).masked_fill(steps == 0, -1),
+            depth=torch.where(valid, steps, 0),
+            confidence=valid.float(),
+            valid=valid,
+        )
+
+    @staticmethod
     def roots(root_tokens: torch.Tensor) -> "DraftTree":
         """Trees holding only their root: plain autoregressive decoding."""
         b = root_tokens.shape[0]

@@ -18,6 +18,8 @@ from cast_core.cost import (
     PACKAGED_PROFILES_DIR,
     CostProfile,
     CostTable,
+    cpu_info,
+    cpu_isa,
     device_name,
     find_profile,
     profile_slug,
@@ -322,7 +324,17 @@ def test_resolve_profile_prefers_measured(tmp_path: Path, profile: CostProfile) 
 def test_device_name_cpu() -> None:
     name = device_name("cpu")
     assert name.startswith(f"cpu-{torch.get_num_threads()}core-")
+    assert name.endswith("-" + cpu_isa(cpu_info()[1]))
     assert name == device_name(torch.device("cpu"))
+
+
+def test_cpu_isa_names_the_widest_matmul_instructions() -> None:
+    """Two CPUs that report one model name (``AMD EPYC``) but differ in bf16 instructions get different profiles."""
+    assert cpu_isa(["avx2", "avx512f", "avx512_bf16", "amx_bf16"]) == "amx"
+    assert cpu_isa(["avx2", "avx512f", "avx512_bf16"]) == "avx512bf16"
+    assert cpu_isa(["avx2", "avx512f"]) == "avx512"
+    assert cpu_isa(["avx2"]) == "avx2"
+    assert cpu_isa([]) == "base"
 
 
 def test_latency_call_speed_is_reported(profile: CostProfile) -> None:

@@ -1,4 +1,4 @@
-"""Context lookup: the index, the uncommitted look-ahead forward, grafting onto the tree, and greedy equality."""
+"""Context lookup: the index, the uncommitted look-ahead forward, grafting onto the tree, drafter-free steps, and greedy equality."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from cast_core.cost import CostProfile
 from cast_core.drafter import _graft_lookup
 from cast_core.forward import feed_chain, feed_chain_ahead
 from cast_core.kv import KVState
-from cast_core.lookup import ContextIndex
-from cast_core.policy import CastPolicy, CostContext
+from cast_core.lookup import ContextIndex, LookupAcceptance
+from cast_core.policy import CastPolicy, CostContext, LookupStep
+from cast_core.tree import DraftTree
 
 from conftest import TINY_EOS, reference_greedy, tiny_pair, tiny_tokenizer
 
@@ -86,17 +87,15 @@ def test_ahead_tokens_need_a_chain() -> None:
         feed_chain_ahead(model, KVState(model.config.num_hidden_layers, 2), [[5], []], [[], [6]])
 
 
-def test_graft_walks_the_tree_then_extends_it() -> None:
-    """Row 0's lookup 5, 7, 9, 4 follows drafted nodes 5 -> 7 and grafts 9 and 4 below them with
-    v = v(parent) * p; row 1 has no lookup and gets padding; the gain averages over active rows."""
+def test_graft_extends_the_deepest_drafted_node_of_the_lookup_path() -> None:
+    """Row 0's lookup 5, 7, 9, 4 was drafted down to 5 -> 7 (tree node 3, depth 2), so 9 and 4 are grafted
+    below it with v = v(parent) * p; row 1 has no lookup and gets padding; the gain averages over active rows."""
     # drafted nodes (tree nodes 1..3): 5 (root's child, v .8), 6 (root's child, v .1), 7 (child of 5, v .6)
-    tokens = torch.tensor([[5, 6, 7], [5, 6, 7]])
-    parents = torch.tensor([[0, 0, 1], [0, 0, 1]])
-    depth = torch.tensor([[1, 1, 2], [1, 1, 2]])
     conf = torch.tensor([[0.8, 0.1, 0.6], [0.8, 0.1, 0.6]])
+    deepest = np.array([[3, 0], [2, 0]])
     ahead_p = torch.tensor([[0.9, 0.7, 0.5, 0.4], [0.0, 0.0, 0.0, 0.0]])
     (g_tok, g_par, g_depth, g_conf), valid, gain = _graft_lookup(
-        tokens, parents, depth, conf, [[5, 7, 9, 4], []], ahead_p, np.array([True, True])
+        3, conf, deepest, [[5, 7, 9, 4], []], ahead_p, np.array([True, True])
     )
     assert g_tok.tolist() == [[9, 4], [0, 0]]
     assert g_par.tolist() == [[3, 4], [0, 0]]  # 9 under tree node 3 (the 7); 4 under the grafted 9 (tree node 3 + 1)
@@ -107,8 +106,8 @@ def test_graft_walks_the_tree_then_extends_it() -> None:
 
 
 def test_graft_stops_where_the_drafter_gives_no_mass() -> None:
-    tokens, parents, depth, conf = (torch.tensor([[5]]), torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[0.5]]))
-    (g_tok, *_), valid, gain = _graft_lookup(tokens, parents, depth, conf, [[8, 9]], torch.tensor([[0.0, 0.9]]), np.array([True]))
+    deepest = np.zeros((2, 1), dtype=np.int64)  # the lookup 8, 9 leaves the root at once
+    (g_tok, *_), valid, gain = _graft_lookup(1, torch.tensor([[0.5]]), deepest, [[8, 9]], torch.tensor([[0.0, 0.9]]), np.array([True]))
     assert g_tok.shape == (1, 0) and valid.shape == (1, 0) and gain == 0.0
 
 
@@ -128,17 +127,72 @@ def test_lookup_is_fed_only_where_its_utility_beats_its_price() -> None:
     assert not CastPolicy(CastConfig(lookup_tokens=0)).use_lookup(1, 9, cheap)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_output_with_lookup_equals_the_targets(batch: int) -> None:
-    """Prompts that repeat themselves make the lookup graft nodes at once; the output is still the target's greedy one."""
-    target, drafter = tiny_pair("llama", torch.float32, noise=0.05)
+def repeating_prompts(batch: int) -> list[list[int]]:
+    """Prompts that repeat themselves, so every row has a context lookup from its first step."""
     gen = torch.Generator().manual_seed(5)
     prompts = []
     for _ in range(batch):
         piece = torch.randint(3, 40, (6,), generator=gen).tolist()
         prompts.append(piece + [7] + piece + [8] + piece[:3])
+    return prompts
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_output_with_grafted_lookup_equals_the_targets(batch: int) -> None:
+    """With drafter-free steps off, the lookup grafts nodes onto the drafter's trees at once; the output is still the target's greedy one."""
+    target, drafter = tiny_pair("llama", torch.float32, noise=0.05)
+    prompts = repeating_prompts(batch)
     policy = CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e-3))
     engine = Engine(target, tiny_tokenizer(), drafter, policy=policy, cost_profile=PROFILE, max_batch_size=batch)
     outs = engine.generate(prompts, max_new_tokens=24)
     assert [g.token_ids for g in outs] == [reference_greedy(target, p, 24, TINY_EOS) for p in prompts]
     assert policy.lookup_gain != 1.0  # lookup nodes were grafted
+    assert all(g.stats.lookup_steps == 0 for g in outs)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_output_with_drafter_free_lookup_steps_equals_the_targets(batch: int) -> None:
+    """Steps that verify the lookups alone (no drafter forward) mix with drafted ones; the output is the target's greedy one."""
+    target, drafter = tiny_pair("llama", torch.float32, noise=0.05)
+    prompts = repeating_prompts(batch)
+    policy = CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e-3, lookup_only=True))
+    engine = Engine(target, tiny_tokenizer(), drafter, policy=policy, cost_profile=PROFILE, max_batch_size=batch)
+    outs = engine.generate(prompts, max_new_tokens=24)
+    assert [g.token_ids for g in outs] == [reference_greedy(target, p, 24, TINY_EOS) for p in prompts]
+    assert all(g.stats.lookup_steps > 0 for g in outs)
+    assert any(g.stats.drafter_forwards > 0 for g in outs)  # drafted steps too
+
+
+def test_lookup_only_length_weighs_measured_acceptance_against_verify_cost() -> None:
+    """``rate(L) = mean_r (1 + E_n(min(L, |a_r|))) / C_T(1 + L)`` must beat the baseline; acceptance is learnt per matched n."""
+    policy = CastPolicy(CastConfig(adaptive_thresholds=False, lookup_tokens=4, lookup_only=True))
+    flat = CostContext(drafter=np.linspace(0, 0.5, 11), target=np.array([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]), batch_size=1, context=0)
+    steep = CostContext(drafter=np.linspace(0, 0.5, 11), target=np.arange(8.0), batch_size=1, context=0)
+    guess = [([5, 6, 7, 8], 3)]
+    assert policy.lookup_only_length(guess, flat, baseline=1.0) == 4  # free tokens: verify them all (prior 0.7^j)
+    assert policy.lookup_only_length(guess, steep, baseline=1.0) == 0  # each token costs a plain step
+    assert policy.lookup_only_length(guess, flat, baseline=3.0) == 0  # drafting yields more
+    for _ in range(50):  # lookups matched on 3 tokens were never accepted
+        policy.observe_lookup_step(LookupStep(1, 3, [5, 6, 7, 8]), [9])
+    assert policy.lookup_only_length(guess, flat, baseline=1.05) == 0
+    assert policy.lookup_only_length([([5, 6], 2)], flat, baseline=1.05) == 2  # n = 2 still has its prior
+    assert not CastPolicy(CastConfig(lookup_only=False)).lookup_only_length(guess, flat, baseline=1.0)
+
+
+def test_lookup_acceptance_counts_only_tokens_a_lookup_had() -> None:
+    stats = LookupAcceptance(max_ngram=3, max_tokens=4)
+    stats.observe(2, 2, 1)  # a 2-token lookup whose first token was accepted
+    assert stats.chance(2, 1) == pytest.approx((1 + 0.7) / 2)
+    assert stats.chance(2, 2) == pytest.approx(0.49 / 2)
+    assert stats.chance(2, 3) == pytest.approx(0.7**3)  # no lookup that long yet: the prior alone
+    assert stats.expected(2, 2) == pytest.approx(stats.chance(2, 1) + stats.chance(2, 2))
+    assert LookupStep(1, 2, [4, 5, 6]).accepted([4, 5, 9]) == 2
+
+
+def test_drafter_free_chain_tree() -> None:
+    tree = DraftTree.chains(torch.tensor([1, 2]), [[4, 5], []])
+    assert tree.tokens.tolist() == [[1, 4, 5], [2, 0, 0]]
+    assert tree.parents.tolist() == [[-1, 0, 1], [-1, 0, 0]]
+    assert tree.depth.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert tree.valid.tolist() == [[True, True, True], [True, False, False]]
+    assert tree.sizes() == [3, 1]

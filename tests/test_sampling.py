@@ -77,13 +77,15 @@ CASES = [
     ("cast", SamplingParams(temperature=1.0), LOOSE_CAST, 4, PROMPT),
     # context lookup grafts 3, 4, 5 onto every first tree
     ("cast", SamplingParams(temperature=1.0), LOOSE_CAST, None, REPEATING),
+    # ... or is verified alone, without a drafter forward
+    ("cast", SamplingParams(temperature=1.0), LOOSE_CAST.model_copy(update={"lookup_only": True}), None, REPEATING),
 ]
 
 
 @pytest.mark.parametrize(
     ("policy", "params", "config", "draft_vocab", "prompt"),
     CASES,
-    ids=["static-T1", "cast-T1", "static-T0.7-p0.9-k5", "cast-T1-core4", "cast-T1-lookup"],
+    ids=["static-T1", "cast-T1", "static-T0.7-p0.9-k5", "cast-T1-core4", "cast-T1-lookup", "cast-T1-lookup-only"],
 )
 def test_first_two_tokens_follow_target(models, policy, params, config, draft_vocab, prompt) -> None:
     target, drafter = models
@@ -118,7 +120,9 @@ def test_first_two_tokens_follow_target(models, policy, params, config, draft_vo
     steps = sum(g.stats.steps for g in gens)
     assert sum(g.stats.verified_tokens for g in gens) / steps > 3
     assert sum(g.stats.accepted_tokens for g in gens) > 0
-    if prompt == REPEATING:
+    if prompt == REPEATING and config.lookup_only:
+        assert sum(g.stats.lookup_steps for g in gens) > 0  # the lookup alone was verified
+    elif prompt == REPEATING:
         assert tree_policy.lookup_gain != 1.0  # lookup nodes were grafted
 
     # power check: the drafter's own distribution, sampled as many times, fails the same test
