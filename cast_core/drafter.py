@@ -139,6 +139,8 @@ class Drafter:
             for plan, (guess, ngram), a in zip(plans, guesses, active):
                 if a:
                     plan.last_step = LookupStep(ctx.batch_size, ngram, guess[:lookup_only]) if lookup_only else PlainStep(ctx.batch_size, t0, timed=not after_draft)
+            if not lookup_only:
+                return DraftResult(tree=DraftTree.roots(roots), nodes_drafted=0, layers=0, plan_s=plan_s)
             chains = [guess[:lookup_only] for guess, _ in guesses]
             return DraftResult(tree=DraftTree.chains(roots, chains), nodes_drafted=max(map(len, chains)), layers=0, plan_s=plan_s)
         chains = [plan.backlog + chain if chain else [] for plan, chain in zip(plans, fresh)]

@@ -11,6 +11,7 @@ forward instead of one forward per layer (:mod:`cast_core.drafter`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 
@@ -81,7 +82,11 @@ class LookupAcceptance:
 
     def expected(self, n: int, length: int) -> float:
         """``E_n(L)`` for ``L = length``."""
-        return sum(self.chance(n, j) for j in range(1, length + 1))
+        return self.expected_curve(n, length)[length]
+
+    def expected_curve(self, n: int, length: int) -> list[float]:
+        """``[E_n(0), E_n(1), .., E_n(length)]`` (cumulative sums of ``P_n(a >= j)``)."""
+        return list(itertools.accumulate((self.chance(n, j) for j in range(1, length + 1)), initial=0.0))
 
     def observe(self, n: int, length: int, accepted: int) -> None:
         """Record a verified lookup of ``length`` tokens (matched suffix ``n``) whose first ``accepted`` were accepted."""

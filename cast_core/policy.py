@@ -478,9 +478,10 @@ class CastPolicy(TreePolicy):
         if not self.config.lookup_only:
             return 0
         longest = min(max((len(g) for g, _ in guesses), default=0), len(ctx.target) - 2)
+        curves = {n: self._lookup_runs.expected_curve(n, longest) for n in {n for _, n in guesses}}
         best, best_rate = 0, baseline
         for length in range(1, longest + 1):
-            gain = float(np.mean([1.0 + self._lookup_runs.expected(n, min(length, len(g))) for g, n in guesses]))
+            gain = float(np.mean([1.0 + curves[n][min(length, len(g))] for g, n in guesses]))
             rate = gain / float(ctx.target[1 + length])
             if rate > best_rate:
                 best, best_rate = length, rate
