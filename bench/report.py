@@ -152,6 +152,17 @@ def _fmt(x: float | None, digits: int = 2, suffix: str = "x") -> str:
     return "n/a" if x is None else f"{x:.{digits}f}{suffix}"
 
 
+def _machine_kind(result: BenchResult) -> str:
+    """``cpu_model (flag, flag, ...)``: the CPU a result was measured on, with the matmul flags it recorded."""
+    m = result.machine
+    return f"{m.get('cpu_model')} ({', '.join(m.get('cpu_flags') or []) or 'no flags recorded'})"
+
+
+def _same_machine(a: BenchResult, b: BenchResult) -> bool:
+    """Whether two results ran on the same kind of CPU (model name and recorded matmul flags alike)."""
+    return _machine_kind(a) == _machine_kind(b)
+
+
 def targets_table(result: BenchResult, floor: BenchResult | None = None) -> str:
     """Issue 3's targets, each with the measured value and whether it is met (the floor also on ``floor``'s cells)."""
     rows: list[tuple[str, float | None, float, str]] = []  # (target, measured, bound, sense)
@@ -171,10 +182,11 @@ def targets_table(result: BenchResult, floor: BenchResult | None = None) -> str:
         floor_cells = [c for c in floor.cells if c.method == "cast"] if floor is not None else []
         if floor_cells:
             low = min(floor_cells, key=lambda c: c.speedup_vs_vanilla.median)
+            elsewhere = "" if _same_machine(result, floor) else f"; on {_machine_kind(floor)}, commit `{str(floor.machine.get('git_commit') or 'n/a')[:7]}`"
             rows.append(
                 (
                     f"cast / vanilla, worst cell of the floor check ({low.dataset}, B={low.batch_size}; "
-                    f"{len(low.groups)} back-to-back pairs)",
+                    f"{len(low.groups)} back-to-back pairs{elsewhere})",
                     low.speedup_vs_vanilla.median,
                     FLOOR,
                     ">=",

@@ -173,6 +173,9 @@ def test_floor_check_pairs_vanilla_and_cast_back_to_back_and_reports_them(result
         assert f"| toy_a | 2 | 3 | {s.median:.3f}x ({s.min:.2f}–{s.max:.2f}) |" in body
         assert f"worst cell of the floor check (toy_a, B=2; 3 back-to-back pairs) | >= 0.97x | {s.median:.2f}x |" in body
         assert "floor check" not in generate_report("floor", path.parent, None)  # the check itself reported as a run
+        elsewhere = floor.model_copy(update={"machine": {**floor.machine, "cpu_model": "Other CPU", "cpu_flags": ["avx2"], "git_commit": "abcdef123"}})
+        save_result(elsewhere, path.parent)  # a floor check from another machine says so beside its worst cell
+        assert "(toy_a, B=2; 3 back-to-back pairs; on Other CPU (avx2), commit `abcdef1`) |" in generate_report("tiny", path.parent, None)
     finally:
         floor_path.unlink()
 
