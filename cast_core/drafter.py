@@ -438,10 +438,11 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
     for batch_size, seconds in plain.items():
         gate.observe_plain(batch_size, float(np.mean(seconds)))
     for batch_size, steps in drafted.items():
-        cost, basis = np.mean([step.judge(now, gate.plain_seconds(batch_size)) for step, _, _ in steps], axis=0).tolist()
+        timed = gate.plain_seconds(batch_size)
+        cost, basis = np.mean([step.judge(now, timed) for step, _, _ in steps], axis=0).tolist()
         most_left = max(left for _, _, left in steps)
         critical = float(np.mean([n for _, n, left in steps if left == most_left]))
-        gate.observe(batch_size, critical, cost, basis if basis > 0 else None)
+        gate.observe(batch_size, critical, cost, basis if basis > 0 and timed is None else None)
 
 
 def _assemble(

@@ -32,11 +32,17 @@ step at ``B`` has been timed, that is the profile's (or the predicted cost's),
 measured on another day, perhaps under another load: 12 % slower than
 profiled makes a 1.12x drafted step read 1.0x. So the record keeps its basis
 ``t_basis`` (the plain seconds its costs were judged against), and once
-``MIN_PLAIN_SAMPLES`` plain steps at ``B`` are timed, each rescales it to
+``MIN_PLAIN_SAMPLES`` plain steps at ``B`` are timed, it is rescaled, once, to
 ``t_plain^B``, the median of the last ``PLAIN_SAMPLES`` (one plain step's
 time is noisy too)::
 
     K <- K * t_basis / t_plain^B
+
+Steps judged against timed plain steps are never rescaled: each was judged
+against the plain step of its own time, and the plain step grows with the
+context (B=8, Intel Xeon with AMX: 0.25 s at a HumanEval batch's start, 0.29 s
+100 steps on), so rescaling the record by each new median read drafting's
+gain high by as much and reopened a gate closed at 0.84x.
 
 A gate closed on a stale basis reopens as soon as the rescaled record clears
 ``min_speedup`` by ``REOPEN_MARGIN``: closing costs the few plain steps that
@@ -82,6 +88,18 @@ costs more where drafting pays least: at B=8 on the
 2-core AMD EPYC, 8 judged steps at 0.8x lost 2.4 s of a 36 s HumanEval group.
 With 8 rows (2 steps at B=4), MT-bench B=4 closed on the 8-token warm-up's
 two steps, the first feeding whole prompts.
+
+Past ``min_judged``, while ``rho^B < min_speedup`` but the gate is not closed
+(below), drafting is thinned to the chance that it pays: a step drafts when
+the running sum of ``P = Phi((rho^B - min_speedup) K / S)`` (the normal
+approximation of ``P(rho > min_speedup)``) reaches 1, and is plain otherwise.
+A record between break-even and its closing bound would otherwise draft
+every step at an expected loss: at HumanEval B=8 on the Intel Xeon with AMX,
+steps committing 1 to 10 tokens held ``S / K`` at 0.1-0.15, and the gate
+drafted 16 steps at 0.8-1.0x before closing, the group running 0.76x vanilla.
+Thinned, the plain steps between cost nothing beyond their own time, are
+timed, and the record recovers through the steps that still draft where
+drafting pays.
 
 Past ``min_judged``, the gate closes only where ``rho^B`` is below
 ``min_speedup`` by ``z`` (``close_confidence``) standard errors::
@@ -189,6 +207,7 @@ class _BatchGate:
     basis_s: float | None = None
     skip_left: int = 0
     backoff: int = 0
+    draft_credit: float = 0.0  # running sum of P(drafting pays) over the steps thinned below break-even
 
     @property
     def has_record(self) -> bool:
@@ -315,15 +334,16 @@ class DraftGate:
         ``tokens_left``: ``N``, mean tokens the cut rows have left (``math.inf``: unbounded);
         ``extra_cost``: ``dC``, plain steps feeding them whole costs over the window.
         False (feed whole) iff nothing is known at ``batch_size``, or the gate is open there and
-        ``(1 - 1 / rho^B) * N >= dC``.
+        ``(1 - 1 / rho_low) * N >= dC`` with ``rho_low = (T - z S) / K``: ``rho^B`` less
+        ``close_confidence`` (``z``) standard errors.
         """
         gate = self._at(batch_size)
-        rho = self._rho(gate)
-        if rho is None:
+        if not gate.has_record:
             return False
         if self._closed(gate):
             return True
-        gain = (1.0 - 1.0 / rho) * tokens_left if rho > 1.0 else 0.0
+        rho_low = (gate.tokens - self.close_confidence * gate.tokens_spread()) / gate.cost
+        gain = (1.0 - 1.0 / rho_low) * tokens_left if rho_low > 1.0 else 0.0
         return gain < extra_cost
 
     def catch_up(
@@ -368,14 +388,37 @@ class DraftGate:
             gaps.append((head, skipped) if skipped else (0, 0))
         return fed, gaps
 
+    def draft_chance(self, batch_size: int) -> float:
+        """``P(rho > min_speedup)``: 1 while ``rho^B >= min_speedup`` or fewer than ``min_judged`` rows were judged,
+        else ``Phi((rho^B - min_speedup) K / S)`` (0 without spread to judge by)."""
+        gate = self._at(batch_size)
+        rho = self._rho(gate)
+        if rho is None or rho >= self.min_speedup or gate.judged < self.min_judged:
+            return 1.0
+        spread = gate.tokens_spread()
+        if spread <= 0:
+            return 0.0
+        return 0.5 * (1.0 + math.erf((gate.tokens - self.min_speedup * gate.cost) / (spread * math.sqrt(2.0))))
+
     def should_draft(self, batch_size: int) -> bool:
         """Whether this step at ``batch_size`` drafts (a skipped step counts down to the next probe; near
-        break-even on the profile's basis, steps are plain until ``MIN_PLAIN_SAMPLES`` are timed)."""
+        break-even on the profile's basis, steps are plain until ``MIN_PLAIN_SAMPLES`` are timed; below
+        break-even, an open gate drafts when the running sum of ``draft_chance`` reaches 1)."""
         gate = self._at(batch_size)
         if gate.skip_left > 0:
             gate.skip_left -= 1
             return False
-        return not self._needs_timing(gate)
+        if self._needs_timing(gate):
+            return False
+        chance = 1.0 if self._closed(gate) else self.draft_chance(batch_size)  # a closed gate's probe is due
+        if chance >= 1.0:
+            gate.draft_credit = 0.0
+            return True
+        gate.draft_credit += chance
+        if gate.draft_credit < 1.0:
+            return False
+        gate.draft_credit -= 1.0
+        return True
 
     def _needs_timing(self, gate: _BatchGate) -> bool:
         """Whether ``gate`` judges on an untimed (profiled) plain step with ``rho^B`` within ``TIMING_MARGIN`` of ``min_speedup``."""
@@ -385,10 +428,13 @@ class DraftGate:
         return abs(rho / self.min_speedup - 1.0) < TIMING_MARGIN
 
     def observe_plain(self, batch_size: int, seconds: float) -> None:
-        """Record the wall time of one plain step at ``batch_size``; rescale the record to ``t_plain^B``.
+        """Record the wall time of one plain step at ``batch_size``; rescale a record judged on the profile to ``t_plain^B``.
 
-        ``K <- K * t_basis / t_plain^B`` once ``MIN_PLAIN_SAMPLES`` are timed; where that lifts ``rho^B`` to
-        ``(1 + REOPEN_MARGIN) * min_speedup`` or more, the gate stops skipping.
+        ``K <- K * t_basis / t_plain^B``, once, when ``MIN_PLAIN_SAMPLES`` are timed; where that lifts ``rho^B`` to
+        ``(1 + REOPEN_MARGIN) * min_speedup`` or more, the gate stops skipping. Steps judged against timed plain
+        steps are never rescaled: each was judged against the plain step of its own time, and the plain step
+        grows with the context (at B=8 on the Intel Xeon with AMX, 0.25 s at a HumanEval batch's start, 0.29 s
+        100 steps on), so rescaling them by a later median would read drafting's gain high by as much.
         """
         if seconds <= 0:
             return
@@ -397,7 +443,7 @@ class DraftGate:
         plain = gate.plain_s
         if gate.has_record and gate.basis_s is not None and plain is not None:
             gate.rescale_costs(gate.basis_s / plain)
-            gate.basis_s = plain
+            gate.basis_s = None
             if gate.tokens >= (1.0 + REOPEN_MARGIN) * self.min_speedup * gate.cost:
                 gate.skip_left = gate.backoff = 0
 
@@ -405,7 +451,8 @@ class DraftGate:
         """Record one drafted step at ``batch_size`` (``batch_size`` judged row steps); open or close the gate.
 
         ``tokens``: ``n``, tokens it committed per row; ``cost``: its ``C`` in plain steps;
-        ``basis_s``: the plain step seconds ``C`` was judged against (None: unknown, never rescaled).
+        ``basis_s``: the profile's plain step seconds ``C`` was judged against (None: judged against
+        timed plain steps, or unknown; never rescaled).
         ``T, K <- d T + n, d K + C`` with ``d = exp(-C / window)``.
         """
         if tokens < 0 or cost <= 0:

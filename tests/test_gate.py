@@ -101,7 +101,12 @@ def test_a_few_noisy_steps_below_break_even_do_not_close_the_gate_steady_losses_
         point.observe(2, n, c)
         confident.observe(2, n, c)
     assert point.speedup(2) == pytest.approx(confident.speedup(2)) and confident.speedup(2) < 0.8
-    assert point.is_closed(2) and not confident.is_closed(2) and confident.should_draft(2)
+    assert point.is_closed(2) and not confident.is_closed(2)
+    chance = confident.draft_chance(2)  # P(rho > 1) under the normal approximation: 1 - Phi(1.77)
+    assert chance == pytest.approx(0.5 * (1 + math.erf((confident.speedup(2) - 1) / confident.speedup_error(2) / math.sqrt(2))))
+    assert 0.02 < chance < 0.06
+    drafted = sum(confident.should_draft(2) for _ in range(100))
+    assert drafted == int(100 * chance), "below break-even an open gate drafts the share of steps it is likely to pay in"
     steady = DraftGate(min_judged=12)
     for n, c in [(1.6, 2.0), (1.5, 2.1), (1.7, 2.0), (1.6, 1.9), (1.5, 2.0), (1.6, 2.1)]:  # 0.78x
         steady.observe(2, n, c)
@@ -164,26 +169,23 @@ def test_timed_plain_steps_rescale_the_record_and_reopen_a_gate_closed_on_a_stal
     gate.observe_plain(1, 0.25)  # median 0.25: the record was 1.15x all along
     assert gate.speedup(1) == pytest.approx(1.15) and not gate.is_closed(1)
     assert gate.should_draft(1), "the reopened gate stops skipping at once"
-    gate.observe(1, 2.2, 2.0, basis_s=0.25)
+    gate.observe(1, 2.2, 2.0)  # judged against the timed plain step (the drafter passes no profile basis then)
     for _ in range(3):
-        gate.observe_plain(1, 0.35)  # the last 5: 0.40 0.25 0.35 0.35 0.35, median 0.35
+        gate.observe_plain(1, 0.35)  # the last 5: 0.40 0.25 0.35 0.35 0.35, median 0.35 (a longer context)
     assert gate.plain_seconds(1) == pytest.approx(0.35)
-    assert gate.speedup(1) == pytest.approx(6.8 / (6.0 * 0.25 / 0.35)), "the record follows the plain step it divides by"
+    assert gate.speedup(1) == pytest.approx(6.8 / (2 * 2.5 * 0.20 / 0.25 + 2.0)), "rescaled once: each step stays judged against its own time's plain step"
 
 
 def test_a_rescale_reopens_a_closed_gate_only_past_a_margin_over_min_speedup() -> None:
     """Closed at 0.97x; timings that lift the record to 1.02x (noise) keep the probe schedule, 1.1x reopens."""
-    gate = DraftGate(window=math.inf, min_judged=1, probe_budget=0.01)
-    gate.observe(8, 2.91, 3.0, basis_s=0.25)  # 0.97x
-    assert gate.is_closed(8) and not gate.should_draft(8)
-    for _ in range(3):
-        gate.observe_plain(8, 0.25 * 1.02 / 0.97)  # plain steps a little slower: 1.02x
-    assert gate.speedup(8) == pytest.approx(1.02) and not gate.is_closed(8)
-    assert not gate.should_draft(8), "within the margin the gate still waits for its probe"
-    for _ in range(3):
-        gate.observe_plain(8, 0.25 * 1.1 / 0.97)
-    assert gate.speedup(8) == pytest.approx(1.1)
-    assert gate.should_draft(8), "past the margin it reopens at once"
+    for timed, reopens in ((1.02, False), (1.1, True)):
+        gate = DraftGate(window=math.inf, min_judged=1, probe_budget=0.01)
+        gate.observe(8, 2.91, 3.0, basis_s=0.25)  # 0.97x
+        assert gate.is_closed(8) and not gate.should_draft(8)
+        for _ in range(3):
+            gate.observe_plain(8, 0.25 * timed / 0.97)  # plain steps a little slower: 1.02x, or more: 1.1x
+        assert gate.speedup(8) == pytest.approx(timed) and not gate.is_closed(8)
+        assert gate.should_draft(8) == reopens, "within the margin the gate still waits for its probe; past it, it reopens at once"
 
 
 def test_near_break_even_on_the_profiles_basis_plain_steps_are_timed_before_drafting_on() -> None:
@@ -223,7 +225,8 @@ def _cost_per_token(tokens: int) -> float:
 
 
 def test_a_long_catch_up_is_fed_whole_only_where_drafting_repays_it() -> None:
-    """Whole iff nothing is known yet, or the gate is open and (1 - 1/rho) * N >= dC = C_D(L) - C_D(L_w)."""
+    """Whole iff nothing is known yet, or the gate is open and (1 - 1/rho_low) * N >= dC = C_D(L) - C_D(L_w),
+    rho_low being rho less close_confidence standard errors."""
     gate = DraftGate(min_judged=2, probe_context=10)
     prompts = [list(range(100)), list(range(30)), [7]]  # a cut of 100 -> 14 (4 sinks + 10) and 30 -> 14
     whole = (prompts, None)
@@ -238,6 +241,11 @@ def test_a_long_catch_up_is_fed_whole_only_where_drafting_repays_it() -> None:
     gate.observe(8, 1.0, 1.0)
     gate.observe(8, 1.0, 1.0)
     assert not gate.is_closed(8) and gate.windows_catch_up(8, math.inf, 0.1), "1x: a whole feed buys nothing"
+    spread = DraftGate(window=math.inf, min_judged=8)
+    spread.observe(2, 3.6, 2.0)
+    spread.observe(2, 1.2, 2.0)  # 1.2x on average, S = 2.4: rho less 2 standard errors is 0, and a whole feed is not sure to pay
+    assert spread.speedup(2) == pytest.approx(1.2) and not spread.is_closed(2)
+    assert spread.windows_catch_up(2, 60.0, 8.6) and gate.windows_catch_up(2, 60.0, 8.6) is False, "same rho, no spread: whole"
     closed = DraftGate(min_speedup=5.0, min_judged=2)
     closed.observe(1, 9.0, 2.0)
     closed.observe(1, 9.0, 2.0)  # 4.5x, under min_speedup 5: a probe does not go on to repay a whole feed
@@ -408,3 +416,17 @@ def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> Non
     assert rho == pytest.approx(1.0 / 2.0)
     rho, _ = judged([20, 20, 20], [4, 1, 2])
     assert rho == pytest.approx(7 / 3 / 2.0)
+
+
+def test_draft_chance_is_one_at_or_above_break_even_and_before_min_judged() -> None:
+    """Thinning applies only to a judged record below break-even; a closed gate's due probe still drafts."""
+    gate = DraftGate(window=math.inf, min_judged=4)
+    gate.observe(2, 1.5, 2.0)
+    assert gate.speedup(2) < 1 and gate.draft_chance(2) == 1.0, "2 of 4 rows judged: keep learning"
+    gate.observe(2, 3.0, 2.0)
+    assert gate.speedup(2) > 1 and gate.draft_chance(2) == 1.0 and all(gate.should_draft(2) for _ in range(5))
+    flat = DraftGate(window=math.inf, min_judged=1, close_confidence=0.0, probe_budget=1.0)
+    flat.observe(2, 1.8, 2.0)  # one step: no spread, 0.9x closes (z = 0), and its probe comes due after the skip
+    assert flat.draft_chance(2) == 0.0 and flat.is_closed(2)
+    decisions = [flat.should_draft(2) for _ in range(3)]
+    assert decisions == [False, False, True], "the closed gate probes on its schedule, not on the chance"
