@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 import time
@@ -51,10 +52,31 @@ def reference_engine(target: Path, drafter: Path) -> Engine:
     return Engine.from_pretrained(target, drafter, policy="cast", dtype="float32", cost_profile=CostProfile.synthetic(0.01, 0.002, 0.003, 0.0002))
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, below the kernel's ephemeral range and not handed out before.
+
+    An ephemeral port (what binding port 0 returns) can be taken by a process the test starts
+    (Ray's GCS, raylet and workers bind ephemeral ports) before the server binds it: a CI run
+    failed with ``Failed to bind to address '127.0.0.1:40699'``.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(max(1024, ephemeral_low - 12000), ephemeral_low)
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def tiny_config(target: Path, drafter: Path, **overrides: Any) -> dict[str, Any]:
