@@ -144,7 +144,8 @@ class Drafter:
             chains = [guess[:lookup_only] for guess, _ in guesses]
             return DraftResult(tree=DraftTree.chains(roots, chains), nodes_drafted=max(map(len, chains)), layers=0, plan_s=plan_s)
         chains = [plan.backlog + chain if chain else [] for plan, chain in zip(plans, fresh)]
-        had_backlog = any(plan.backlog for plan in live)
+        # a row new to the drafter feeds its prompt: a one-off debt, not the cost of drafting
+        feeds_prompt = any(plan.backlog for plan, pos, a in zip(plans, state.next_pos.tolist(), active) if a and pos == 0)
         for plan in live:
             plan.backlog = []
         for plan, chain in zip(plans, chains):
@@ -162,11 +163,13 @@ class Drafter:
             raise
         result.plan_s += plan_s
         if ctx is not None:
-            # a backlog is a one-off debt of skipped steps, not the cost of drafting: charge the fresh chain only
-            catch_up = ctx.drafter_cost(max(len(c) + len(a) for c, a in zip(fresh, ahead)))
+            # the tokens of the plain steps since the last drafted one (thinned, skipped) are this step's to feed:
+            # charged, as drafting at this rate keeps paying them; a prompt is not: charge the fresh chain only,
+            # and the step's clock skips the catch-up's excess over a fresh chain's
+            charged = fresh if feeds_prompt else chains
+            catch_up = ctx.drafter_cost(max(len(c) + len(a) for c, a in zip(charged, ahead)))
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
-            # nor is the wall time of feeding it: the step's clock skips the catch-up's excess over a fresh chain's
-            excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if had_backlog and ctx.step_s > 0 else 0.0
+            excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if feeds_prompt and ctx.step_s > 0 else 0.0
             for plan in live:
                 plan.last_step = DraftedStep(ctx.batch_size, t0 + excess, ctx.step_s, float(catch_up + layer_costs + verify))
         return result

@@ -6,8 +6,10 @@ file (dequantised by transformers at load time — slow, use the converted folde
 where possible). :func:`resolve_model` turns a path or a known short name into a
 folder, fetching the known models on first use.
 
-Models are returned in eval mode, with gradients off and ``sdpa`` attention,
-which takes the boolean/additive 4D tree masks the verifier passes.
+Models are returned in eval mode, with gradients off and ``sdpa`` attention
+that attends grouped query heads to their shared key/value head without
+copying the cache (:mod:`cast_core.attention`); it takes the boolean/additive
+4D tree masks the verifier passes.
 A drafter must share the target's tokenizer (:func:`check_tokenizers_compatible`);
 embedding matrices may still differ in size (padding rows), which is fine.
 """
@@ -24,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from cast_core.attention import GROUPED_SDPA
 from cast_core.fetch import KNOWN_MODELS, default_cache_dir, fetch_model
 
 __all__ = [
@@ -86,7 +89,8 @@ def load_model(
         device: Torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
 
     Returns:
-        The model in eval mode with ``requires_grad`` off and ``sdpa`` attention.
+        The model in eval mode with ``requires_grad`` off and grouped ``sdpa`` attention
+        (:mod:`cast_core.attention`).
 
     Raises:
         ValueError: unknown ``dtype`` or ``device``, or a path of the wrong kind.
@@ -99,7 +103,7 @@ def load_model(
         raise ValueError(f"device: invalid value {device!r} ({err})") from None
     folder, gguf_file = _split_source(path)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_file, dtype=torch_dtype, attn_implementation="sdpa"
+        folder, gguf_file=gguf_file, dtype=torch_dtype, attn_implementation=GROUPED_SDPA
     )
     model.to(torch_device)
     model.eval()

@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from cast_core.attention import GROUPED_SDPA
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and a spinning OpenMP pool is
@@ -41,7 +43,8 @@ def tiny_pair(
     peak: float = 30.0,
     seed: int = 0,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(target, drafter): a tiny random target and a noisy copy of it as drafter."""
+    """(target, drafter): a tiny random target and a noisy copy of it as drafter, both with the
+    grouped-query attention :func:`cast_core.models.load_model` gives real models."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -53,6 +56,7 @@ def tiny_pair(
         eos_token_id=TINY_EOS,
         bos_token_id=1,
         tie_word_embeddings=False,
+        attn_implementation=GROUPED_SDPA,
     )
     config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
     cls = LlamaForCausalLM if family == "llama" else Qwen2ForCausalLM

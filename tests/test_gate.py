@@ -14,7 +14,7 @@ from cast_core.cost import CostProfile
 from cast_core.decoder import SpecDecoder
 from cast_core.drafter import Drafter, _report_speedups
 from cast_core.gate import DraftGate
-from cast_core.policy import CastPolicy, DepthHistory, DraftedStep, RowPlan
+from cast_core.policy import CastPolicy, CostContext, DepthHistory, DraftedStep, RowPlan
 from cast_core.sampling import SamplingParams
 from cast_core.verifier import Verifier
 
@@ -393,6 +393,35 @@ def test_only_plain_steps_after_plain_steps_are_timed(exact_pair_case) -> None:
     plain = drafted.count(False)
     assert drafted[0] and drafted[-1] and 2 <= plain <= 4, drafted
     assert len(policy.gate._at(1).plain_times) == plain - 1
+
+
+def test_a_drafted_step_is_charged_the_backlog_of_plain_steps_but_not_a_prompt(exact_pair_case) -> None:
+    """A drafted step's predicted cost counts its catch-up forward whole when that feeds the tokens of the plain
+    steps before it (drafting at that rate keeps paying them), and only the fresh chain when it feeds a prompt.
+
+    A gate that never opens drafts the first step (the prompt), skips, then probes; the drafter's catch-up
+    forward (its first of the step) is priced at ``C_D(B, n)``, here about 0.3 plain steps a token.
+    """
+    (target, drafter), prompts, _ = exact_pair_case
+    profile = CostProfile.synthetic(0.01, 0.0002, 0.003, 0.003)
+    policy = CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, min_judged=1, max_skip=4, probe_context=64, lookup_tokens=0))
+    decoder = SpecDecoder(Verifier(target), Drafter(drafter, target.config.vocab_size), policy, profile)
+    decoder.admit(0, prompts[0], SamplingParams())
+    widths: list[int] = []
+    hook = drafter.model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    charged: list[tuple[int, float]] = []  # (catch-up width, predicted cost) per drafted step
+    try:
+        while len(charged) < 2:
+            before = len(widths)
+            stats = decoder.step()[1]
+            if stats.drafter_forwards:
+                charged.append((widths[before], decoder.rows[0].plan.last_step.predicted_cost))
+    finally:
+        hook.remove()
+    price = CostContext.from_profile(profile, 1, 64, 64).drafter_cost
+    (prompt_width, prompt_cost), (backlog_width, backlog_cost) = charged
+    assert prompt_width == len(prompts[0]) and prompt_cost < price(prompt_width), "a prompt is not charged"
+    assert backlog_width >= 3 and backlog_cost >= price(backlog_width), "skipped steps' tokens are charged"
 
 
 def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> None:

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from cast_core import fetch
+from cast_core.attention import GROUPED_SDPA
 from cast_core.models import (
     check_tokenizers_compatible,
     default_cache_dir,
@@ -63,7 +64,7 @@ def test_load_model_roundtrip(tmp_path: Path, config_cls: type, dtype: str | tor
     assert model.dtype == expected_dtype
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == GROUPED_SDPA
     loaded = model.state_dict()
     assert loaded.keys() == weights.keys()
     for name, tensor in weights.items():

@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from cast_core import profiler
+from cast_core.attention import GROUPED_SDPA
 from cast_core.cost import CostProfile, device_name, profile_slug
 from cast_core.profiler import batch_state, causal_block, forward_block, measure_profile, register_cli
 
@@ -41,7 +42,7 @@ def test_causal_block_layout() -> None:
     assert torch.equal(block[0], block[1])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", GROUPED_SDPA])
 def test_profiled_forward_equals_plain_causal_forward(model: PreTrainedModel, attn: str) -> None:
     """batch_state(ctx) + forward_block(n new tokens) gives the logits of one plain causal forward
     over ctx + n tokens; after discard_tail() the same forward gives them again."""
