@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from cast_core.attention import GROUPED_SDPA
 from cast_core.fetch import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -483,13 +484,26 @@ def find_profile(
     search_dirs: Sequence[Path] | None = None,
 ) -> CostProfile | None:
     """Load ``<dir>/<profile_slug(device, target, drafter, dtype)>.json`` from the first of
-    ``search_dirs`` (default :func:`default_search_dirs`) that has it; ``None`` if none does."""
+    ``search_dirs`` (default :func:`default_search_dirs`) that has it; ``None`` if none does.
+
+    Warns where the profile was timed with another attention than the engine's (``notes.attn_implementation``).
+    """
     name = profile_slug(device, target, drafter, dtype) + ".json"
     for directory in default_search_dirs() if search_dirs is None else search_dirs:
         path = Path(directory) / name
         if path.is_file():
             logger.info("cost profile for %s / %s / %s / %s: %s", device, target, drafter, dtype_name(dtype), path)
-            return CostProfile.load(path)
+            profile = CostProfile.load(path)
+            attention = profile.notes.get("attn_implementation", GROUPED_SDPA)
+            if attention != GROUPED_SDPA:
+                logger.warning(
+                    "cost profile %s was measured with %r attention, the engine runs %r: multi-token forwards "
+                    "(trees) may be priced high; re-measure it with `cast profile`",
+                    path,
+                    attention,
+                    GROUPED_SDPA,
+                )
+            return profile
     return None
 
 

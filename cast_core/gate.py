@@ -12,7 +12,11 @@ with what drafted steps actually achieved::
                                  a plain step's at batch size B -- measured on
                                  the skipped steps, else read from a measured
                                  profile; with neither, the step's predicted
-                                 cost from its cost context
+                                 cost from its cost context. Both include the
+                                 catch-up of the plain steps' tokens before it
+                                 (thinned, skipped): drafting at that rate keeps
+                                 paying it; a new row's prompt is left out
+                                 (``cast_core.drafter``)
     n     = 1 + a                tokens it committed (a = accepted drafts) to the
                                  rows with the most tokens left, whose progress
                                  ends the batch (``cast_core.drafter._report_speedups``)

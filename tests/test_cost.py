@@ -14,6 +14,7 @@ import pydantic
 import pytest
 import torch
 
+from cast_core.attention import GROUPED_SDPA
 from cast_core.cost import (
     PACKAGED_PROFILES_DIR,
     CostProfile,
@@ -284,6 +285,18 @@ def test_find_profile_search_order(tmp_path: Path, profile: CostProfile) -> None
     other.save(first / f"{other.slug}.json")
     found = find_profile(profile.device, "Org/Target-1.5B", "Org/Drafter-0.5B", "bfloat16", [first, second])
     assert found is not None and found.notes == {"source": "first"}
+
+
+@pytest.mark.parametrize("attention, warns", [("sdpa", True), (GROUPED_SDPA, False), (None, False)])
+def test_find_profile_warns_on_another_attention(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, attention: str | None, warns: bool
+) -> None:
+    """A profile timed with stock sdpa (which copied the KV cache per query head on tree forwards) prices trees high."""
+    profile = make_profile(notes={} if attention is None else {"attn_implementation": attention})
+    profile.save(tmp_path / f"{profile.slug}.json")
+    with caplog.at_level(logging.WARNING, logger="cast_core.cost"):
+        assert find_profile(profile.device, "Org/Target-1.5B", "Org/Drafter-0.5B", "bfloat16", [tmp_path]) == profile
+    assert ("re-measure" in caplog.text) == warns
 
 
 def test_find_profile_default_dirs_use_cast_cache_dir(
