@@ -15,9 +15,11 @@ top of a ``ctx``-token KV cache, with
 The KV cache of one context bucket is built by a batch-1 prefill of random tokens
 and copied along the batch (KV *values* do not change the cost of dense kernels).
 After each timed forward ``discard_tail()`` restores the context, so every repeat
-sees exactly ``ctx`` cached tokens. For one ``(B, ctx)`` the token counts are timed round-robin
-(``warmup`` untimed rounds, then ``repeats`` timed ones), so a slow spell of a shared machine
-hits every n alike, and each point records the median of its ``repeats`` timings: the cost a
+sees exactly ``ctx`` cached tokens. For one ``(B, ctx)`` the token counts and the two models
+are timed round-robin (``warmup`` untimed rounds, then ``repeats`` timed ones), so a slow spell
+of a shared machine hits every n and both models alike (timed table after table, minutes apart,
+the drafter's forward on the 2-core Intel Xeon with AMX read 0.44-0.50 of a target step at B=1
+where decoding paid 0.39), and each point records the median of its ``repeats`` timings: the cost a
 decoding step pays (some kernels, such as a CPU's one-token matrix-vector path, are fast only
 some of the time, which a minimum would hide). On CUDA the device is synchronised before the
 clock is read.
@@ -97,9 +99,8 @@ def _model_dtype(model: PreTrainedModel) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
-def _measure_table(
-    model: PreTrainedModel,
-    name: str,
+def _measure_tables(
+    models: Sequence[tuple[str, PreTrainedModel, DraftHead | None]],
     device: torch.device,
     batch_sizes: Sequence[int],
     context_buckets: Sequence[int],
@@ -107,42 +108,51 @@ def _measure_table(
     repeats: int,
     warmup: int,
     bar: tqdm,
-    head: DraftHead | None = None,
-) -> CostTable:
-    """Forward seconds of ``model`` on the whole grid (module docstring for the method); ``head``: the
-    output head it scores with (None: its whole vocabulary)."""
-    generator = torch.Generator().manual_seed(_SEED)
-    vocab = model.config.vocab_size
+) -> list[CostTable]:
+    """Forward seconds of each ``(name, model, head)`` on the whole grid (module docstring for the method),
+    one table per model; ``head``: the output head it scores with (None: its whole vocabulary).
+
+    Per ``(context, batch)`` cell the models take turns within every round, so the ratios the policy prices
+    (a drafter forward over a target step) come from one state of the machine."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    seconds = [[[0.0] * len(token_counts) for _ in context_buckets] for _ in batch_sizes]
+    generators = [torch.Generator().manual_seed(_SEED) for _ in models]
+    seconds = [[[[0.0] * len(token_counts) for _ in context_buckets] for _ in batch_sizes] for _ in models]
 
     for c, context in enumerate(context_buckets):
-        prompt = torch.randint(vocab, (context,), generator=generator).tolist()
+        prompts = [torch.randint(model.config.vocab_size, (context,), generator=gen).tolist() for (_, model, _), gen in zip(models, generators)]
         for b, batch in enumerate(batch_sizes):
-            state = batch_state(model, prompt, batch, device)
-            ids = [torch.randint(vocab, (batch, tokens), generator=generator).to(device) for tokens in token_counts]
-            timings: list[list[float]] = [[] for _ in token_counts]
-            for i in range(warmup + repeats):  # round-robin over n: a slow spell of the machine hits every n alike
+            states = [batch_state(model, prompt, batch, device) for (_, model, _), prompt in zip(models, prompts)]
+            ids = [
+                [torch.randint(model.config.vocab_size, (batch, tokens), generator=gen).to(device) for tokens in token_counts]
+                for (_, model, _), gen in zip(models, generators)
+            ]
+            timings = [[[] for _ in token_counts] for _ in models]
+            for i in range(warmup + repeats):  # round-robin over n and the models: a slow spell hits all alike
                 for k, tokens in enumerate(token_counts):
-                    bar.set_postfix_str(f"{name} B={batch} ctx={context} n={tokens}", refresh=False)
-                    sync()
-                    start = time.perf_counter()
-                    forward_block(model, state, ids[k], head)
-                    sync()
-                    if i >= warmup:
-                        timings[k].append(time.perf_counter() - start)
-                    state.discard_tail()
-            for k in range(len(token_counts)):
-                seconds[b][c][k] = statistics.median(timings[k])
-                bar.update()
-            del state
-    return CostTable(
-        model=name,
-        batch_sizes=list(batch_sizes),
-        context_buckets=list(context_buckets),
-        token_counts=list(token_counts),
-        seconds=seconds,
-    )
+                    for m, (name, model, head) in enumerate(models):
+                        bar.set_postfix_str(f"{name} B={batch} ctx={context} n={tokens}", refresh=False)
+                        sync()
+                        start = time.perf_counter()
+                        forward_block(model, states[m], ids[m][k], head)
+                        sync()
+                        if i >= warmup:
+                            timings[m][k].append(time.perf_counter() - start)
+                        states[m].discard_tail()
+            for m in range(len(models)):
+                for k in range(len(token_counts)):
+                    seconds[m][b][c][k] = statistics.median(timings[m][k])
+                    bar.update()
+            del states
+    return [
+        CostTable(
+            model=name,
+            batch_sizes=list(batch_sizes),
+            context_buckets=list(context_buckets),
+            token_counts=list(token_counts),
+            seconds=table,
+        )
+        for (name, _, _), table in zip(models, seconds)
+    ]
 
 
 def measure_profile(
@@ -182,18 +192,19 @@ def measure_profile(
     started = time.perf_counter()
     draft_head = DraftVocab(drafter_model, target_model.config.vocab_size, draft_vocab).head()
     with torch.inference_mode(), tqdm(total=2 * points, desc="cast profile", unit="pt", disable=not progress) as bar:
-        tables = {
-            role: _measure_table(model, name, torch_device, *axes, repeats=repeats, warmup=warmup, bar=bar, head=head)
-            for role, model, name, head in (
-                ("target", target_model, target_name, None),
-                ("drafter", drafter_model, drafter_name, draft_head),
-            )
-        }
+        target_table, drafter_table = _measure_tables(
+            [(target_name, target_model, None), (drafter_name, drafter_model, draft_head)],
+            torch_device,
+            *axes,
+            repeats=repeats,
+            warmup=warmup,
+            bar=bar,
+        )
     return CostProfile(
         device=device_name(torch_device),
         dtype=dtype_name(dtype),
-        target=tables["target"],
-        drafter=tables["drafter"],
+        target=target_table,
+        drafter=drafter_table,
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         torch_threads=torch.get_num_threads(),
         notes={
