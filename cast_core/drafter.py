@@ -138,7 +138,7 @@ class Drafter:
                 plan.backlog.extend(chain)
             for plan, (guess, ngram), a in zip(plans, guesses, active):
                 if a:
-                    plan.last_step = LookupStep(ctx.batch_size, ngram, guess[:lookup_only]) if lookup_only else PlainStep(ctx.batch_size, t0, timed=not after_draft)
+                    plan.last_step = LookupStep(ctx.batch_size, ngram, guess[:lookup_only]) if lookup_only else PlainStep(ctx.batch_size, t0, ctx.step_s, timed=not after_draft)
             if not lookup_only:
                 return DraftResult(tree=DraftTree.roots(roots), nodes_drafted=0, layers=0, plan_s=plan_s)
             chains = [guess[:lookup_only] for guess, _ in guesses]
@@ -427,7 +427,7 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
     batching), every row's tokens count and this reads drafting's gain low: the gate errs towards
     plain decoding, which costs little near break-even.
     """
-    plain: dict[int, list[float]] = {}
+    plain: dict[int, list[tuple[float, float]]] = {}
     drafted: dict[int, list[tuple[DraftedStep, int, float]]] = {}
     for plan, tokens in zip(plans, pending):
         step, plan.last_step = plan.last_step, None
@@ -435,17 +435,18 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
         if step is not None and plan.tokens_left is not None:
             plan.tokens_left = max(0, plan.tokens_left - len(tokens))
         if isinstance(step, PlainStep) and step.timed:
-            plain.setdefault(step.batch_size, []).append(now - step.started)
+            plain.setdefault(step.batch_size, []).append((now - step.started, step.reference_s or 1.0))
         elif isinstance(step, DraftedStep):
             drafted.setdefault(step.batch_size, []).append((step, len(tokens), left))
-    for batch_size, seconds in plain.items():
-        gate.observe_plain(batch_size, float(np.mean(seconds)))
+    for batch_size, timings in plain.items():
+        seconds, reference = np.mean(timings, axis=0).tolist()
+        gate.observe_plain(batch_size, seconds, reference)
     for batch_size, steps in drafted.items():
-        timed = gate.plain_seconds(batch_size)
-        cost, basis = np.mean([step.judge(now, timed) for step, _, _ in steps], axis=0).tolist()
+        judged = [step.judge(now, gate.plain_scale(batch_size)) for step, _, _ in steps]
+        cost, on_profile = float(np.mean([c for c, _ in judged])), all(p for _, p in judged)
         most_left = max(left for _, _, left in steps)
         critical = float(np.mean([n for _, n, left in steps if left == most_left]))
-        gate.observe(batch_size, critical, cost, basis if basis > 0 and timed is None else None)
+        gate.observe(batch_size, critical, cost, on_profile)
 
 
 def _assemble(

@@ -34,19 +34,24 @@ steps judged so far.
 ``rho^B`` is only as good as the plain step it divides by. Before a skipped
 step at ``B`` has been timed, that is the profile's (or the predicted cost's),
 measured on another day, perhaps under another load: 12 % slower than
-profiled makes a 1.12x drafted step read 1.0x. So the record keeps its basis
-``t_basis`` (the plain seconds its costs were judged against), and once
-``MIN_PLAIN_SAMPLES`` plain steps at ``B`` are timed, it is rescaled, once, to
-``t_plain^B``, the median of the last ``PLAIN_SAMPLES`` (one plain step's
-time is noisy too)::
+profiled makes a 1.12x drafted step read 1.0x. And the plain step grows with
+the context (B=8, Intel Xeon with AMX: 0.25 s at a HumanEval batch's start,
+0.29 s 100 steps on), so a drafted step late in a batch judged against plain
+steps timed early reads drafting's gain low: at HumanEval B=4 a gate judging
+against a 0.18 s median closed at 0.71x where vanilla's steps took
+0.25-0.30 s and drafting with the gate open ran 1.17x. So a timed plain step
+is kept as its machine scale, its wall time over the profile's plain step
+``t_ref(B, ctx)`` at its own context, and a drafted step at context ``ctx``
+is judged against ``m^B t_ref(B, ctx)``, ``m^B`` the median scale of the
+last ``PLAIN_SAMPLES`` timed (one plain step's time is noisy too). Without a
+measured profile ``t_ref`` is 1 s, and ``m^B`` is the plain step in seconds.
+A record judged on the profile's step before any timing is rescaled, once,
+when ``MIN_PLAIN_SAMPLES`` plain steps at ``B`` are timed::
 
-    K <- K * t_basis / t_plain^B
+    K <- K / m^B
 
 Steps judged against timed plain steps are never rescaled: each was judged
-against the plain step of its own time, and the plain step grows with the
-context (B=8, Intel Xeon with AMX: 0.25 s at a HumanEval batch's start, 0.29 s
-100 steps on), so rescaling the record by each new median read drafting's
-gain high by as much and reopened a gate closed at 0.84x.
+against the plain step of its own time and context.
 
 A gate closed on a stale basis reopens as soon as the rescaled record clears
 ``min_speedup`` by ``REOPEN_MARGIN``: closing costs the few plain steps that
@@ -207,8 +212,8 @@ class _BatchGate:
     tokens_sq: float = 0.0
     cross: float = 0.0
     cost_sq: float = 0.0
-    plain_times: deque[float] = field(default_factory=lambda: deque(maxlen=PLAIN_SAMPLES))
-    basis_s: float | None = None
+    plain_times: deque[float] = field(default_factory=lambda: deque(maxlen=PLAIN_SAMPLES))  # t / t_ref per timed plain step
+    on_profile: bool = False  # the last judged step's C divided by the profile's plain step (rescaled once timings come)
     skip_left: int = 0
     backoff: int = 0
     draft_credit: float = 0.0  # running sum of P(drafting pays) over the steps thinned below break-even
@@ -219,8 +224,8 @@ class _BatchGate:
         return self.cost > 0
 
     @property
-    def plain_s(self) -> float | None:
-        """``t_plain^B``: median of the recent plain step times (None before ``MIN_PLAIN_SAMPLES``)."""
+    def plain_scale(self) -> float | None:
+        """``m^B``: median of the recent plain steps' ``t / t_ref`` (None before ``MIN_PLAIN_SAMPLES``)."""
         return statistics.median(self.plain_times) if len(self.plain_times) >= MIN_PLAIN_SAMPLES else None
 
     def add(self, tokens: float, cost: float, decay: float) -> None:
@@ -319,9 +324,11 @@ class DraftGate:
         gate = self._at(batch_size)
         return gate.tokens_spread() / gate.cost if gate.has_record else None
 
-    def plain_seconds(self, batch_size: int) -> float | None:
-        """``t_plain^B``: median wall time of recent plain (skipped) steps at ``batch_size`` (None before ``MIN_PLAIN_SAMPLES``)."""
-        return self._at(batch_size).plain_s
+    def plain_scale(self, batch_size: int) -> float | None:
+        """``m^B``: median over recent plain (skipped) steps at ``batch_size`` of their wall time over the profile's
+        plain step at their context (over 1 s without a profile: their seconds); None before ``MIN_PLAIN_SAMPLES``.
+        A drafted step at context ``ctx`` is judged against ``m^B * t_ref(B, ctx)``."""
+        return self._at(batch_size).plain_scale
 
     def threshold_scale(self, batch_size: int) -> float:
         """``max(1, rho^B)``: what a marginal node must beat, in tokens per target step."""
@@ -427,36 +434,38 @@ class DraftGate:
     def _needs_timing(self, gate: _BatchGate) -> bool:
         """Whether ``gate`` judges on an untimed (profiled) plain step with ``rho^B`` within ``TIMING_MARGIN`` of ``min_speedup``."""
         rho = self._rho(gate)
-        if rho is None or gate.basis_s is None or gate.plain_s is not None:
+        if rho is None or not gate.on_profile or gate.plain_scale is not None:
             return False
         return abs(rho / self.min_speedup - 1.0) < TIMING_MARGIN
 
-    def observe_plain(self, batch_size: int, seconds: float) -> None:
-        """Record the wall time of one plain step at ``batch_size``; rescale a record judged on the profile to ``t_plain^B``.
+    def observe_plain(self, batch_size: int, seconds: float, reference_s: float = 1.0) -> None:
+        """Record the wall time of one plain step at ``batch_size`` as ``seconds / reference_s`` (``reference_s``: the
+        profile's plain step at the step's context, ``t_ref``; 1 without a profile); rescale a record judged on the
+        profile to ``m^B``.
 
-        ``K <- K * t_basis / t_plain^B``, once, when ``MIN_PLAIN_SAMPLES`` are timed; where that lifts ``rho^B`` to
+        ``K <- K / m^B``, once, when ``MIN_PLAIN_SAMPLES`` are timed; where that lifts ``rho^B`` to
         ``(1 + REOPEN_MARGIN) * min_speedup`` or more, the gate stops skipping. Steps judged against timed plain
         steps are never rescaled: each was judged against the plain step of its own time, and the plain step
         grows with the context (at B=8 on the Intel Xeon with AMX, 0.25 s at a HumanEval batch's start, 0.29 s
         100 steps on), so rescaling them by a later median would read drafting's gain high by as much.
         """
-        if seconds <= 0:
+        if seconds <= 0 or reference_s <= 0:
             return
         gate = self._at(batch_size)
-        gate.plain_times.append(seconds)
-        plain = gate.plain_s
-        if gate.has_record and gate.basis_s is not None and plain is not None:
-            gate.rescale_costs(gate.basis_s / plain)
-            gate.basis_s = None
+        gate.plain_times.append(seconds / reference_s)
+        scale = gate.plain_scale
+        if gate.has_record and gate.on_profile and scale is not None:
+            gate.rescale_costs(1.0 / scale)
+            gate.on_profile = False
             if gate.tokens >= (1.0 + REOPEN_MARGIN) * self.min_speedup * gate.cost:
                 gate.skip_left = gate.backoff = 0
 
-    def observe(self, batch_size: int, tokens: float, cost: float, basis_s: float | None = None) -> None:
+    def observe(self, batch_size: int, tokens: float, cost: float, on_profile: bool = False) -> None:
         """Record one drafted step at ``batch_size`` (``batch_size`` judged row steps); open or close the gate.
 
         ``tokens``: ``n``, tokens it committed per row; ``cost``: its ``C`` in plain steps;
-        ``basis_s``: the profile's plain step seconds ``C`` was judged against (None: judged against
-        timed plain steps, or unknown; never rescaled).
+        ``on_profile``: whether ``C`` divides by the profile's plain step (rescaled by ``m^B`` once plain
+        steps are timed; False: judged against timed plain steps, or a predicted cost, never rescaled).
         ``T, K <- d T + n, d K + C`` with ``d = exp(-C / window)``.
         """
         if tokens < 0 or cost <= 0:
@@ -464,7 +473,7 @@ class DraftGate:
         gate = self._at(batch_size)
         gate.add(tokens, cost, math.exp(-cost / self.window))
         gate.judged += batch_size
-        gate.basis_s = basis_s
+        gate.on_profile = on_profile
         if not self._closed(gate):
             gate.backoff = 0
         elif gate.skip_left == 0:

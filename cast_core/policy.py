@@ -194,6 +194,7 @@ class PlainStep:
     Attributes:
         batch_size: ``B`` it ran at.
         started: ``time.perf_counter()`` at its drafting call.
+        reference_s: ``t_ref``, the profile's plain step at its batch size and context (0: no measured profile).
         timed: whether its wall time is reported to the gate. The first plain step after a
             drafted one is not: it ran 0.31-0.49 s against 0.26-0.36 s for later plain steps
             (MT-bench, B = 4..8, 2-core Intel Xeon), and with 3-5 timings a median landing on it reads
@@ -202,6 +203,7 @@ class PlainStep:
 
     batch_size: int
     started: float
+    reference_s: float
     timed: bool = True
 
 
@@ -222,17 +224,19 @@ class DraftedStep:
     plain_step_s: float
     predicted_cost: float
 
-    def judge(self, now: float, plain_s: float | None) -> tuple[float, float]:
-        """``(C, basis)`` of the step, ``now`` being the next drafting call.
+    def judge(self, now: float, scale: float | None) -> tuple[float, bool]:
+        """``(C, on_profile)`` of the step, ``now`` being the next drafting call.
 
-        ``C = wall / plain`` with ``plain`` the measured plain step (``plain_s``), else the
-        profile's (``plain_step_s``), and ``basis = plain``; with neither, ``C = predicted_cost``
-        and ``basis = 0`` (no plain step to rescale from).
+        ``C = wall / plain``: ``plain = m^B * t_ref`` with ``scale`` = ``m^B``, timed plain steps' median
+        machine scale (``DraftGate.plain_scale``), and ``t_ref`` = ``plain_step_s`` (1 s without a profile);
+        else the profile's ``plain_step_s`` (``on_profile``); with neither, ``C = predicted_cost``.
         """
-        wall, plain = now - self.started, plain_s or self.plain_step_s
-        if plain > 0 and wall > 0:
-            return wall / plain, plain
-        return self.predicted_cost, 0.0
+        wall = now - self.started
+        if scale is not None and wall > 0:
+            return wall / (scale * (self.plain_step_s or 1.0)), False
+        if self.plain_step_s > 0 and wall > 0:
+            return wall / self.plain_step_s, True
+        return self.predicted_cost, False
 
 
 @dataclass

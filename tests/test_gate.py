@@ -133,9 +133,9 @@ def test_a_dear_probe_buys_a_long_skip_and_plain_steps_are_timed() -> None:
     assert skipped == 100  # (4 - 1) / 0.03: the probe's 3 lost steps are 3 % of the 100 it buys
     gate.observe_plain(8, 0.3)
     gate.observe_plain(8, 0.5)
-    assert gate.plain_seconds(8) is None, "fewer than 3 timed plain steps say little"
+    assert gate.plain_scale(8) is None, "fewer than 3 timed plain steps say little"
     gate.observe_plain(8, 0.4)
-    assert gate.plain_seconds(8) == pytest.approx(0.4) and gate.plain_seconds(1) is None  # the median
+    assert gate.plain_scale(8) == pytest.approx(0.4) and gate.plain_scale(1) is None  # the median (seconds: no profile step given)
 
 
 def test_a_new_batch_size_weighs_its_neighbours_record_a_quarter_window_and_takes_over_its_skip() -> None:
@@ -161,18 +161,18 @@ def test_timed_plain_steps_rescale_the_record_and_reopen_a_gate_closed_on_a_stal
     """Drafted steps judged against a profiled 0.20 s plain step, on a machine where it takes 0.25 s."""
     gate = DraftGate(window=math.inf, min_judged=2, probe_budget=0.1)
     for _ in range(2):
-        gate.observe(1, 2.3, 2.5, basis_s=0.20)  # 2.3 tokens per 0.5 s drafted step, over 0.20 s: 0.92x
+        gate.observe(1, 2.3, 2.5, on_profile=True)  # 2.3 tokens per 0.5 s drafted step, over 0.20 s: 0.92x
     assert gate.is_closed(1) and not gate.should_draft(1)
-    gate.observe_plain(1, 0.25)
-    gate.observe_plain(1, 0.40)  # an outlier among the first timings: no rescale before 3 of them
+    gate.observe_plain(1, 0.25, 0.20)
+    gate.observe_plain(1, 0.40, 0.20)  # an outlier among the first timings: no rescale before 3 of them
     assert gate.speedup(1) == pytest.approx(0.92) and gate.is_closed(1)
-    gate.observe_plain(1, 0.25)  # median 0.25: the record was 1.15x all along
+    gate.observe_plain(1, 0.25, 0.20)  # median 0.25: the record was 1.15x all along
     assert gate.speedup(1) == pytest.approx(1.15) and not gate.is_closed(1)
     assert gate.should_draft(1), "the reopened gate stops skipping at once"
     gate.observe(1, 2.2, 2.0)  # judged against the timed plain step (the drafter passes no profile basis then)
     for _ in range(3):
-        gate.observe_plain(1, 0.35)  # the last 5: 0.40 0.25 0.35 0.35 0.35, median 0.35 (a longer context)
-    assert gate.plain_seconds(1) == pytest.approx(0.35)
+        gate.observe_plain(1, 0.35, 0.20)  # scales, the last 5: 2.0 1.25 1.75 1.75 1.75, median 1.75
+    assert gate.plain_scale(1) == pytest.approx(1.75)
     assert gate.speedup(1) == pytest.approx(6.8 / (2 * 2.5 * 0.20 / 0.25 + 2.0)), "rescaled once: each step stays judged against its own time's plain step"
 
 
@@ -180,10 +180,10 @@ def test_a_rescale_reopens_a_closed_gate_only_past_a_margin_over_min_speedup() -
     """Closed at 0.97x; timings that lift the record to 1.02x (noise) keep the probe schedule, 1.1x reopens."""
     for timed, reopens in ((1.02, False), (1.1, True)):
         gate = DraftGate(window=math.inf, min_judged=1, probe_budget=0.01)
-        gate.observe(8, 2.91, 3.0, basis_s=0.25)  # 0.97x
+        gate.observe(8, 2.91, 3.0, on_profile=True)  # 0.97x
         assert gate.is_closed(8) and not gate.should_draft(8)
         for _ in range(3):
-            gate.observe_plain(8, 0.25 * timed / 0.97)  # plain steps a little slower: 1.02x, or more: 1.1x
+            gate.observe_plain(8, 0.25 * timed / 0.97, 0.25)  # plain steps a little slower: 1.02x, or more: 1.1x
         assert gate.speedup(8) == pytest.approx(timed) and not gate.is_closed(8)
         assert gate.should_draft(8) == reopens, "within the margin the gate still waits for its probe; past it, it reopens at once"
 
@@ -191,16 +191,16 @@ def test_a_rescale_reopens_a_closed_gate_only_past_a_margin_over_min_speedup() -
 def test_near_break_even_on_the_profiles_basis_plain_steps_are_timed_before_drafting_on() -> None:
     """Profiled plain step 0.256 s, timed 0.239 s: a 1.05x record is really 0.98x, and only timing shows it."""
     gate = DraftGate(min_judged=1, probe_budget=0.1)
-    gate.observe(4, 2.1, 2.0, basis_s=0.256)
+    gate.observe(4, 2.1, 2.0, on_profile=True)
     assert not gate.is_closed(4)
     decisions = []
     for _ in range(3):
         decisions.append(gate.should_draft(4))
-        gate.observe_plain(4, 0.239)
+        gate.observe_plain(4, 0.239, 0.256)
     assert decisions == [False, False, False], "plain steps until 3 are timed"
     assert gate.speedup(4) == pytest.approx(2.1 / (2.0 * 0.256 / 0.239)) and gate.is_closed(4)
     clear = DraftGate(min_judged=1)
-    clear.observe(4, 3.0, 2.0, basis_s=0.256)  # 1.5x: far from break-even, no timing needed
+    clear.observe(4, 3.0, 2.0, on_profile=True)  # 1.5x: far from break-even, no timing needed
     assert clear.should_draft(4)
     inherited = DraftGate(min_judged=1)
     inherited.observe(2, 2.1, 2.0)  # no basis: nothing a timing could rescale
@@ -213,9 +213,9 @@ def test_a_record_without_a_basis_or_a_truly_slow_one_is_not_rescaled_open() -> 
     for _ in range(3):
         gate.observe_plain(2, 0.5)
     assert gate.speedup(2) == pytest.approx(0.8) and gate.is_closed(2)
-    gate.observe(8, 1.5, 3.0, basis_s=0.3)
+    gate.observe(8, 1.5, 3.0, on_profile=True)
     for _ in range(3):
-        gate.observe_plain(8, 0.33)  # 0.55x against the timed step: still closed, still skipping
+        gate.observe_plain(8, 0.33, 0.3)  # 0.55x against the timed step: still closed, still skipping
     assert gate.speedup(8) == pytest.approx(0.55) and gate.is_closed(8) and not gate.should_draft(8)
 
 
@@ -461,3 +461,18 @@ def test_draft_chance_is_one_at_or_above_break_even_and_before_min_judged() -> N
     assert flat.draft_chance(2) == 0.0 and flat.is_closed(2)
     decisions = [flat.should_draft(2) for _ in range(3)]
     assert decisions == [False, False, True], "the closed gate probes on its schedule, not on the chance"
+
+
+def test_a_drafted_step_is_judged_against_the_plain_step_of_its_own_context() -> None:
+    """Plain steps timed at a short context (0.20 s where the profile reads 0.16 s: scale 1.25) judge a drafted
+    step at a longer context (profile 0.24 s) against 1.25 * 0.24 = 0.30 s, not the 0.20 s they took."""
+    gate = DraftGate(min_judged=1)
+    for _ in range(3):
+        gate.observe_plain(4, 0.20, 0.16)
+    assert gate.plain_scale(4) == pytest.approx(1.25)
+    late = DraftedStep(batch_size=4, started=10.0, plain_step_s=0.24, predicted_cost=2.0)
+    assert late.judge(10.6, gate.plain_scale(4)) == (pytest.approx(2.0), False)
+    assert late.judge(10.6, None) == (pytest.approx(2.5), True), "untimed: the profile's step, rescaled later"
+    unprofiled = DraftedStep(batch_size=4, started=10.0, plain_step_s=0.0, predicted_cost=3.0)
+    assert unprofiled.judge(10.6, 0.3) == (pytest.approx(2.0), False), "no profile: the timed seconds"
+    assert unprofiled.judge(10.6, None) == (3.0, False)
