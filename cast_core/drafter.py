@@ -435,7 +435,7 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
         if step is not None and plan.tokens_left is not None:
             plan.tokens_left = max(0, plan.tokens_left - len(tokens))
         if isinstance(step, PlainStep) and step.timed:
-            plain.setdefault(step.batch_size, []).append((now - step.started, step.reference_s or 1.0))
+            plain.setdefault(step.batch_size, []).append((now - step.started, step.plain_step_s or 1.0))
         elif isinstance(step, DraftedStep):
             drafted.setdefault(step.batch_size, []).append((step, len(tokens), left))
     for batch_size, timings in plain.items():

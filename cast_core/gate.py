@@ -212,7 +212,7 @@ class _BatchGate:
     tokens_sq: float = 0.0
     cross: float = 0.0
     cost_sq: float = 0.0
-    plain_times: deque[float] = field(default_factory=lambda: deque(maxlen=PLAIN_SAMPLES))  # t / t_ref per timed plain step
+    plain_scales: deque[float] = field(default_factory=lambda: deque(maxlen=PLAIN_SAMPLES))  # t / t_ref per timed plain step
     on_profile: bool = False  # the last judged step's C divided by the profile's plain step (rescaled once timings come)
     skip_left: int = 0
     backoff: int = 0
@@ -226,7 +226,7 @@ class _BatchGate:
     @property
     def plain_scale(self) -> float | None:
         """``m^B``: median of the recent plain steps' ``t / t_ref`` (None before ``MIN_PLAIN_SAMPLES``)."""
-        return statistics.median(self.plain_times) if len(self.plain_times) >= MIN_PLAIN_SAMPLES else None
+        return statistics.median(self.plain_scales) if len(self.plain_scales) >= MIN_PLAIN_SAMPLES else None
 
     def add(self, tokens: float, cost: float, decay: float) -> None:
         """Age the record by ``decay`` and add a step of ``tokens`` for ``cost``."""
@@ -452,7 +452,7 @@ class DraftGate:
         if seconds <= 0 or reference_s <= 0:
             return
         gate = self._at(batch_size)
-        gate.plain_times.append(seconds / reference_s)
+        gate.plain_scales.append(seconds / reference_s)
         scale = gate.plain_scale
         if gate.has_record and gate.on_profile and scale is not None:
             gate.rescale_costs(1.0 / scale)

@@ -194,7 +194,7 @@ class PlainStep:
     Attributes:
         batch_size: ``B`` it ran at.
         started: ``time.perf_counter()`` at its drafting call.
-        reference_s: ``t_ref``, the profile's plain step at its batch size and context (0: no measured profile).
+        plain_step_s: ``t_ref``, the profile's plain step at its batch size and context (0: no measured profile).
         timed: whether its wall time is reported to the gate. The first plain step after a
             drafted one is not: it ran 0.31-0.49 s against 0.26-0.36 s for later plain steps
             (MT-bench, B = 4..8, 2-core Intel Xeon), and with 3-5 timings a median landing on it reads
@@ -203,7 +203,7 @@ class PlainStep:
 
     batch_size: int
     started: float
-    reference_s: float
+    plain_step_s: float
     timed: bool = True
 
 

@@ -394,7 +394,7 @@ def test_only_plain_steps_after_plain_steps_are_timed(exact_pair_case) -> None:
     decoder.step()  # judges the second probe; the skip's plain steps were judged as they went
     plain = drafted.count(False)
     assert drafted[0] and drafted[-1] and 2 <= plain <= 4, drafted
-    assert len(policy.gate._at(1).plain_times) == plain - 1
+    assert len(policy.gate._at(1).plain_scales) == plain - 1
 
 
 def test_a_drafted_step_is_charged_the_backlog_of_plain_steps_but_not_a_prompt(exact_pair_case) -> None:
