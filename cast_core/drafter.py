@@ -45,7 +45,7 @@ import torch
 from cast_core.forward import feed_chain_ahead, forward_logits
 from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
-from cast_core.policy import CostContext, DraftedStep, LookupStep, PlainStep, RowPlan, TreePolicy
+from cast_core.policy import CostContext, DraftedStep, LookupStep, PlainStep, RowPlan, TreePolicy, reference_step_s
 from cast_core.tree import DraftTree
 from cast_core.vocab import DEFAULT_CORE_SIZE, DraftHead, DraftVocab
 
@@ -435,14 +435,15 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
         if step is not None and plan.tokens_left is not None:
             plan.tokens_left = max(0, plan.tokens_left - len(tokens))
         if isinstance(step, PlainStep) and step.timed:
-            plain.setdefault(step.batch_size, []).append((now - step.started, step.plain_step_s or 1.0))
+            plain.setdefault(step.batch_size, []).append((now - step.started, reference_step_s(step.plain_step_s)))
         elif isinstance(step, DraftedStep):
             drafted.setdefault(step.batch_size, []).append((step, len(tokens), left))
     for batch_size, timings in plain.items():
         seconds, reference = np.mean(timings, axis=0).tolist()
         gate.observe_plain(batch_size, seconds, reference)
     for batch_size, steps in drafted.items():
-        judged = [step.judge(now, gate.plain_scale(batch_size)) for step, _, _ in steps]
+        scale = gate.plain_scale(batch_size)
+        judged = [step.judge(now, scale) for step, _, _ in steps]
         cost, on_profile = float(np.mean([c for c, _ in judged])), all(p for _, p in judged)
         most_left = max(left for _, _, left in steps)
         critical = float(np.mean([n for _, n, left in steps if left == most_left]))

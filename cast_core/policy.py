@@ -187,6 +187,15 @@ class DepthHistory:
         self.ratios.append(phi)
 
 
+def reference_step_s(plain_step_s: float) -> float:
+    """``t_ref``: the profile's plain step ``plain_step_s``, or 1 s where there is no measured profile (0).
+
+    The gate keeps a timed plain step as ``t / t_ref`` and judges a drafted step against ``m^B * t_ref``;
+    both sides read ``t_ref`` here, so the two agree.
+    """
+    return plain_step_s or 1.0
+
+
 @dataclass
 class PlainStep:
     """A step the speedup gate skipped the drafter for (its wall time is a plain step's).
@@ -233,7 +242,7 @@ class DraftedStep:
         """
         wall = now - self.started
         if scale is not None and wall > 0:
-            return wall / (scale * (self.plain_step_s or 1.0)), False
+            return wall / (scale * reference_step_s(self.plain_step_s)), False
         if self.plain_step_s > 0 and wall > 0:
             return wall / self.plain_step_s, True
         return self.predicted_cost, False
