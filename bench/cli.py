@@ -63,6 +63,7 @@ def run_bench(args: argparse.Namespace) -> int:
             drafter=args.drafter,
             dtype=args.dtype,
             device=args.device,
+            drafter_quantization=args.drafter_quantization,
             datasets=args.datasets,
             methods=args.methods,
             batch_sizes=args.batch_sizes,
@@ -75,7 +76,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValidationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    pair = ModelPair.load(config.target, config.drafter, config.dtype, config.device)
+    pair = ModelPair.load(config.target, config.drafter, config.dtype, config.device, config.drafter_quantization)
     results_dir = Path(args.results_dir)
     result = run_benchmark(
         config,
@@ -117,6 +118,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
             drafter=args.drafter,
             dtype=args.dtype,
             device=args.device,
+            drafter_quantization=args.drafter_quantization,
             datasets=args.datasets,
             batch_sizes=args.batch_sizes,
             prompts=args.prompts,
@@ -128,7 +130,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     except ValidationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    pair = ModelPair.load(config.target, config.drafter, config.dtype, config.device)
+    pair = ModelPair.load(config.target, config.drafter, config.dtype, config.device, config.drafter_quantization)
     result = run_sweep(config, pair, _load_prompts(pair, config.datasets, "tuning"), progress=not args.quiet)
     path = save_sweep(result, Path(args.results_dir))
     for trial in sorted(result.trials, key=lambda t: -t.score):
@@ -141,7 +143,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
 def run_overhead(args: argparse.Namespace) -> int:
     """``cast bench overhead``: profile one policy on one group of tuning prompts."""
 
-    pair = ModelPair.load(args.target, args.drafter, args.dtype, args.device)
+    pair = ModelPair.load(args.target, args.drafter, args.dtype, args.device, args.drafter_quantization)
     group = make_groups(load_prompts(args.dataset, pair.tokenizer, "tuning"), args.batch_size, args.batch_size)[0]
     print(
         profile_overhead(

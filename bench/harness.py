@@ -58,6 +58,9 @@ class BenchConfig(BaseModel):
     drafter: str = Field(DEFAULT_DRAFTER, description="Drafter model: known name or local path.")
     dtype: str = Field("bfloat16", description="Model dtype of every method.")
     device: str = Field("cpu", description="Torch device.")
+    drafter_quantization: str = Field(
+        "auto", description="The drafter's linear layers: int8, none, or auto (cast_core.quantize.resolve_quantization)."
+    )
     datasets: list[str] = Field(list(DATASET_NAMES), min_length=1, description="Datasets to run, in order.")
     methods: list[str] = Field(
         list(METHOD_NAMES), min_length=1, description="Methods to compare; must include 'vanilla' (the reference)."
@@ -358,7 +361,7 @@ def run_benchmark(
     (dataset, batch size), e.g. to save it, so an interrupted run keeps what it measured.
     """
     started = datetime.now(timezone.utc)
-    machine = machine_info(config.dtype, config.device)
+    machine = machine_info(config.dtype, config.device) | {"drafter_quantization": pair.drafter_quantization}
     methods = build_methods(pair, config.methods, config.static, config.cast)
     draft_vocab = DraftVocab(pair.drafter, int(pair.target.config.vocab_size))  # the engine's default, as CAST drafts
     encode = {p.id: pair.encode(p.text) for ps in prompts.values() for p in ps}

@@ -36,9 +36,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cast_core import CastConfig, Engine, StaticConfig
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
-from cast_core.cost import CostProfile, device_name, dtype_name, resolve_profile
-from cast_core.models import DTYPES, check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
+from cast_core.cost import CostProfile, device_name, dtype_name, resolve_drafter_quantization, resolve_profile
+from cast_core.models import DTYPES, check_tokenizers_compatible, load_drafter, load_model, load_tokenizer, resolve_model
 from cast_core.policy import make_policy
+from cast_core.quantize import add_quantization_arg, drafter_profile_name
 
 METHOD_NAMES = ("vanilla", "hf_generate", "hf_assisted", "static", "cast")
 
@@ -49,6 +50,7 @@ class ModelPair:
 
     Attributes:
         target_name, drafter_name: names recorded in results (folder names for loaded models).
+        drafter_quantization: the drafter's linear layers as loaded, ``none`` or ``int8`` (:mod:`cast_core.quantize`).
         eos_token_ids: ids that end a sequence (the engine's rule: the target's
             generation config, else the tokenizer's EOS).
     """
@@ -59,6 +61,7 @@ class ModelPair:
     cost_profile: CostProfile
     target_name: str
     drafter_name: str
+    drafter_quantization: str = "none"
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
@@ -78,28 +81,36 @@ class ModelPair:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     @classmethod
-    def load(cls, target: str, drafter: str, dtype: str = "bfloat16", device: str = "cpu") -> "ModelPair":
-        """Load both models once (known names are fetched on first use) and resolve the cost profile."""
+    def load(
+        cls, target: str, drafter: str, dtype: str = "bfloat16", device: str = "cpu", drafter_quantization: str = "auto"
+    ) -> "ModelPair":
+        """Load both models once (known names are fetched on first use) and resolve the cost profile
+        (the drafter's, named with its quantization)."""
         target_path, drafter_path = resolve_model(target), resolve_model(drafter)
         tokenizer = load_tokenizer(target_path)
         check_tokenizers_compatible(tokenizer, load_tokenizer(drafter_path))
-        profile = resolve_profile(device_name(device), target_path.name, drafter_path.name, dtype_name(dtype))
+        kind = device_name(device)
+        quantization = resolve_drafter_quantization(drafter_quantization, kind, target_path.name, drafter_path.name, dtype)
+        drafter_model, _ = load_drafter(drafter_path, dtype, device, quantization)
+        drafter_key = drafter_profile_name(drafter_path.name, quantization)
         return cls(
             target=load_model(target_path, dtype, device),
-            drafter=load_model(drafter_path, dtype, device),
+            drafter=drafter_model,
             tokenizer=tokenizer,
-            cost_profile=profile,
+            cost_profile=resolve_profile(kind, target_path.name, drafter_key, dtype_name(dtype)),
             target_name=Path(target_path).name,
             drafter_name=Path(drafter_path).name,
+            drafter_quantization=quantization,
         )
 
 
 def add_model_pair_args(parser: argparse.ArgumentParser) -> None:
-    """``--target --drafter --dtype --device``: the arguments of ``ModelPair.load``."""
+    """``--target --drafter --dtype --device --drafter-quantization``: the arguments of ``ModelPair.load``."""
     parser.add_argument("--target", default=DEFAULT_TARGET, help="target model: known name or local path")
     parser.add_argument("--drafter", default=DEFAULT_DRAFTER, help="drafter model: known name or local path")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="model dtype")
     parser.add_argument("--device", default="cpu", help="torch device")
+    add_quantization_arg(parser)
 
 
 def add_counts(*counts: list[int]) -> list[int]:

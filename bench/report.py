@@ -121,10 +121,20 @@ def plot_acceptance(result: BenchResult, path: Path) -> Path:
     return path
 
 
+def drafter_weights(result: BenchResult) -> str:
+    """The drafter's linear layers as the run loaded them: ``int8`` or ``none`` (results before the field: ``none``)."""
+    return str(result.machine.get("drafter_quantization", "none"))
+
+
+def _drafter_label(result: BenchResult) -> str:
+    """The drafter's name, with ``(int8 linears)`` where it ran so."""
+    return result.config.drafter + (" (int8 linears)" if drafter_weights(result) == "int8" else "")
+
+
 def _subtitle(result: BenchResult) -> str:
     m, c = result.machine, result.config
     return (
-        f"{c.target} / {c.drafter}, {c.dtype}, greedy, {c.max_new_tokens} new tokens, "
+        f"{c.target} / {_drafter_label(result)}, {c.dtype}, greedy, {c.max_new_tokens} new tokens, "
         f"{m.get('cpu_model')} ({m.get('torch_threads')} threads), {str(m.get('date'))[:10]}"
     )
 
@@ -138,13 +148,14 @@ def paired_ratio(result: BenchResult, dataset: str, batch_size: int, a: str, b: 
 
 
 def reproduce_command(result: BenchResult, name: str) -> str:
-    """The ``cast bench run`` command line that repeats ``result`` (flags at their defaults left out)."""
+    """The ``cast bench run`` command line that repeats ``result`` (flags at their defaults left out; the drafter's
+    quantization always given, as ``auto`` resolves by machine)."""
     c = result.config
     datasets = "" if c.datasets == list(DATASET_NAMES) else " --datasets " + " ".join(c.datasets)
     methods = "" if c.methods == list(METHOD_NAMES) else " --methods " + " ".join(c.methods)
     return (
         f"cast bench run --name {name}{datasets}{methods} --prompts {c.prompts}{_prompts_at_flag(c.prompts_at)} "
-        f"--batch-sizes {' '.join(map(str, c.batch_sizes))} --max-new-tokens {c.max_new_tokens}{_threshold_flags(c.cast)}"
+        f"--batch-sizes {' '.join(map(str, c.batch_sizes))} --max-new-tokens {c.max_new_tokens} --drafter-quantization {drafter_weights(result)}{_threshold_flags(c.cast)}"
     )
 
 
@@ -393,7 +404,7 @@ def markdown(
         f"{m.get('usable_cpus')} usable cores, {m.get('torch_threads')} torch threads; torch {m.get('torch')}, "
         f"transformers {m.get('transformers')}; {str(m.get('date'))[:10]}; load average at start/end "
         f"{_load(m.get('load_average_start'))} / {_load(m.get('load_average_end'))}; run took {result.elapsed_s / 60:.1f} min.",
-        f"Setup: target {c.target}, drafter {c.drafter}, {c.dtype}, greedy, {c.max_new_tokens} new tokens; "
+        f"Setup: target {c.target}, drafter {_drafter_label(result)}, {c.dtype}, greedy, {c.max_new_tokens} new tokens; "
         f"{c.prompts} reported prompts per dataset and batch size{_prompts_at_note(c.prompts_at)} (rounded up to whole batches); methods interleaved "
         f"group by group in one process, warm-up excluded; tokens/s = generated tokens / wall time (prefill included), "
         f"median over groups; speedups are paired per group. Static = EAGLE-2 (top-k {c.static.top_k}, depth "

@@ -50,6 +50,7 @@ from bench.methods import add_model_pair_args
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET, Engine
 from cast_core.models import load_tokenizer, resolve_model
 from cast_core.policy import POLICY_NAMES
+from cast_core.quantize import is_quantized
 
 METRICS_FLUSH_S = 60.0
 SERVE_TIMEOUT_S = 600.0
@@ -66,6 +67,7 @@ class ServingBenchConfig(BaseModel):
     drafter: str = Field(DEFAULT_DRAFTER, description="Drafter model: known name or local path.")
     dtype: str = Field("bfloat16", description="Model dtype of both sides.")
     device: str = Field("cpu", description="Torch device of both sides.")
+    drafter_quantization: str = Field("auto", description="The drafter's linear layers on both sides: int8, none, or auto (cast_core.quantize).")
     policy: str = Field("cast", description="Tree policy of both sides.")
     dataset: str = Field("humaneval", description=f"Dataset of the prompts, one of {', '.join(DATASET_NAMES)}.")
     prompts: int = Field(8, ge=1, description="Prompts per concurrency level (rounded up to whole groups).")
@@ -226,6 +228,7 @@ def _app_config(config: ServingBenchConfig, threads: int) -> dict[str, Any]:
         "drafter": config.drafter,
         "dtype": config.dtype,
         "device": config.device,
+        "drafter_quantization": config.drafter_quantization,
         "policy": config.policy,
         "torch_threads": threads,
         "router": zero_cpu,
@@ -348,9 +351,16 @@ def run_serving_benchmark(config: ServingBenchConfig, prompts: list[tuple[str, s
         prompts = [(p.id, p.text) for p in load_prompts(config.dataset, tokenizer, "reported", limit=config.prompts)]
     encoded = [(pid, tokenizer(text, add_special_tokens=True)["input_ids"]) for pid, text in prompts]
     engine = Engine.from_pretrained(
-        config.target, config.drafter, policy=config.policy, dtype=config.dtype, device=config.device, max_batch_size=max(config.concurrency)
+        config.target,
+        config.drafter,
+        policy=config.policy,
+        dtype=config.dtype,
+        device=config.device,
+        max_batch_size=max(config.concurrency),
+        drafter_quantization=config.drafter_quantization,
     )
-    machine = machine_info(config.dtype, config.device)
+    quantized = engine.drafter_model is not None and is_quantized(engine.drafter_model)
+    machine = machine_info(config.dtype, config.device) | {"drafter_quantization": "int8" if quantized else "none"}
     try:
         served = _start(config, threads)
         levels: list[LevelResult] = []
@@ -430,6 +440,7 @@ def _cmd_serving(args: Any) -> int:
         drafter=args.drafter,
         dtype=args.dtype,
         device=args.device,
+        drafter_quantization=args.drafter_quantization,
         policy=args.policy,
         dataset=args.dataset,
         prompts=args.prompts,

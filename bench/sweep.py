@@ -42,6 +42,9 @@ class SweepConfig(BaseModel):
     drafter: str = Field(DEFAULT_DRAFTER, description="Drafter model: known name or local path.")
     dtype: str = Field("bfloat16", description="Model dtype.")
     device: str = Field("cpu", description="Torch device.")
+    drafter_quantization: str = Field(
+        "auto", description="The drafter's linear layers: int8, none, or auto (cast_core.quantize.resolve_quantization)."
+    )
     datasets: list[str] = Field(list(DATASET_NAMES), min_length=1, description="Datasets (tuning subsets) to run.")
     batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes every trial runs.")
     prompts: int = Field(2, ge=1, description="Tuning prompts per dataset and batch size, rounded up to whole batches.")
@@ -111,7 +114,7 @@ def _cell_rate(method: Method, groups: list[list[list[int]]], max_new_tokens: in
 def run_sweep(config: SweepConfig, pair: ModelPair, prompts: dict[str, list[Prompt]], progress: bool = True) -> SweepResult:
     """Coordinate search over ``config.order``; ``prompts`` maps each dataset to its tuning prompts."""
     started = datetime.now(timezone.utc)
-    machine = machine_info(config.dtype, config.device)
+    machine = machine_info(config.dtype, config.device) | {"drafter_quantization": pair.drafter_quantization}
     cells = [
         (d, b, [[pair.encode(p.text) for p in g] for g in make_groups(prompts[d], b, config.prompts)])
         for d in config.datasets

@@ -13,6 +13,7 @@ from cast_core import fetch, profiler
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET, Engine
 from cast_core.models import DTYPES
 from cast_core.policy import POLICY_NAMES
+from cast_core.quantize import add_quantization_arg
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -25,6 +26,7 @@ def run_generate(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             cost_profile=args.cost_profile,
+            drafter_quantization=args.drafter_quantization,
         )
         prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         events = engine.stream(
@@ -66,6 +68,7 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="model dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--cost-profile", default=None, help="cost profile JSON (default: look up by device)")
+    add_quantization_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from cast_core.attention import GROUPED_SDPA
 from cast_core.fetch import default_cache_dir
+from cast_core.quantize import drafter_profile_name, resolve_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -507,6 +508,16 @@ def find_profile(
     return None
 
 
+def resolve_drafter_quantization(setting: str, device: str, target: str, drafter: str, dtype: str | torch.dtype) -> str:
+    """:func:`cast_core.quantize.resolve_quantization` on ``device`` (a device kind, :func:`device_name`),
+    told which of the drafter's profiles (plain, ``+int8``) :func:`find_profile` finds."""
+
+    def measured(quantization: str) -> bool:
+        return find_profile(device, target, drafter_profile_name(drafter, quantization), dtype) is not None
+
+    return resolve_quantization(setting, device, measured)
+
+
 def resolve_profile(
     device: str,
     target: str,
@@ -519,18 +530,20 @@ def resolve_profile(
     profile = find_profile(device, target, drafter, dtype, search_dirs)
     if profile is not None:
         return profile
+    drafter_model, _, quantization = drafter.partition("+")  # an int8 drafter's profile is named <drafter>+int8
     logger.warning(
         "no measured cost profile %s.json for device %r, target %r, drafter %r, dtype %s; "
         "falling back to a SYNTHETIC affine cost model f = base + per_token * B * n "
-        "(run `cast profile --target %s --drafter %s --dtype %s` to measure one)",
+        "(run `cast profile --target %s --drafter %s --dtype %s%s` to measure one)",
         profile_slug(device, target, drafter, dtype),
         device,
         target,
         drafter,
         dtype_name(dtype),
         target,
-        drafter,
+        drafter_model,
         dtype_name(dtype),
+        f" --drafter-quantization {quantization}" if quantization else "",
     )
     return CostProfile.synthetic(
         FALLBACK_TARGET_BASE_S,

@@ -17,12 +17,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cast_core.cost import CostProfile, device_name, dtype_name, find_profile, resolve_profile
+from cast_core.cost import CostProfile, device_name, dtype_name, find_profile, resolve_drafter_quantization, resolve_profile
 from cast_core.decoder import SpecDecoder, StepStats
 from cast_core.drafter import Drafter
-from cast_core.models import check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
+from cast_core.models import check_tokenizers_compatible, load_drafter, load_model, load_tokenizer, resolve_model
 from cast_core.output import OutputTracker
 from cast_core.policy import POLICY_NAMES, CastConfig, StaticConfig, TreePolicy, make_policy
+from cast_core.quantize import drafter_profile_name
 from cast_core.sampling import SamplingParams
 from cast_core.verifier import Verifier
 from cast_core.vocab import DEFAULT_CORE_SIZE
@@ -181,19 +182,24 @@ class Engine:
         static_config: StaticConfig | None = None,
         cast_config: CastConfig | None = None,
         draft_vocab: int | None = DEFAULT_CORE_SIZE,
+        drafter_quantization: str = "auto",
     ) -> "Engine":
         """Load models by path or known name (fetched on first use) and pick the cost profile.
 
         ``cost_profile``: a profile, a JSON path, or None to look one up for this
-        device, model pair and dtype (a synthetic affine profile, with a warning,
-        if none was measured). Policy ``none`` loads no drafter; it uses a measured
-        profile of the pair, where one is found, to pad its plain steps.
+        device, model pair (the drafter named with its quantization) and dtype (a synthetic
+        affine profile, with a warning, if none was measured). Policy ``none`` loads no
+        drafter; it uses a measured profile of the pair, where one is found, to pad its plain steps.
+        ``drafter_quantization``: ``auto`` (int8 linears on a CPU, unless only the plain drafter's
+        profile was measured there), ``none`` or ``int8`` (:mod:`cast_core.quantize`; the output is the
+        target's either way).
         """
         if policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}; got {policy!r}")
         target_path = resolve_model(str(target))
         tokenizer = load_tokenizer(target_path)
         target_model = load_model(target_path, dtype, device)
+        kind = device_name(device)
         drafter_model = None
         profile: CostProfile | None = None
         if isinstance(cost_profile, CostProfile):
@@ -205,11 +211,14 @@ class Engine:
                 raise ValueError(f"drafter: policy {policy!r} needs a drafter model")
             drafter_path = resolve_model(str(drafter))
             check_tokenizers_compatible(tokenizer, load_tokenizer(drafter_path))
-            drafter_model = load_model(drafter_path, dtype, device)
+            quantization = resolve_drafter_quantization(drafter_quantization, kind, target_path.name, drafter_path.name, dtype)
+            drafter_model, _ = load_drafter(drafter_path, dtype, device, quantization)
             if profile is None:
-                profile = resolve_profile(device_name(device), target_path.name, drafter_path.name, dtype_name(dtype))
+                drafter_key = drafter_profile_name(drafter_path.name, quantization)
+                profile = resolve_profile(kind, target_path.name, drafter_key, dtype_name(dtype))
         elif profile is None and drafter is not None:
-            profile = find_profile(device_name(device), target_path.name, str(drafter), dtype_name(dtype))
+            quantization = resolve_drafter_quantization(drafter_quantization, kind, target_path.name, str(drafter), dtype)
+            profile = find_profile(kind, target_path.name, drafter_profile_name(str(drafter), quantization), dtype_name(dtype))
         return cls(
             target_model,
             tokenizer,

@@ -10,6 +10,7 @@ Models are returned in eval mode, with gradients off and ``sdpa`` attention
 that attends grouped query heads to their shared key/value head without
 copying the cache (:mod:`cast_core.attention`); it takes the boolean/additive
 4D tree masks the verifier passes.
+A drafter may run with int8 linear layers (:func:`load_drafter`, :mod:`cast_core.quantize`).
 A drafter must share the target's tokenizer (:func:`check_tokenizers_compatible`);
 embedding matrices may still differ in size (padding rows), which is fine.
 """
@@ -28,11 +29,13 @@ from transformers import (
 
 from cast_core.attention import GROUPED_SDPA
 from cast_core.fetch import KNOWN_MODELS, default_cache_dir, fetch_model
+from cast_core.quantize import quantize_linears, resolve_quantization
 
 __all__ = [
     "DTYPES",
     "check_tokenizers_compatible",
     "default_cache_dir",
+    "load_drafter",
     "load_model",
     "load_tokenizer",
     "resolve_dtype",
@@ -109,6 +112,25 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_drafter(
+    path: str | Path, dtype: torch.dtype | str = "float32", device: str = "cpu", quantization: str = "auto"
+) -> tuple[PreTrainedModel, str]:
+    """:func:`load_model`, with int8 linear layers where ``quantization`` resolves to ``int8``
+    (:func:`cast_core.quantize.resolve_quantization`: ``auto`` is ``int8`` on a CPU).
+
+    Returns the model and the quantization applied (``none`` or ``int8``), which names its cost profile
+    (:func:`cast_core.quantize.drafter_profile_name`).
+
+    Raises:
+        ValueError: as :func:`load_model`, or naming ``drafter_quantization``.
+    """
+    applied = resolve_quantization(quantization, device)
+    model = load_model(path, dtype, device)
+    if applied == "int8":
+        quantize_linears(model)
+    return model, applied
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

@@ -51,7 +51,8 @@ from transformers import PreTrainedModel
 from cast_core.cost import CostProfile, CostTable, device_name, dtype_name, user_profiles_dir
 from cast_core.forward import forward_logits, prefill_prompts
 from cast_core.kv import KVState
-from cast_core.models import DTYPES, load_model, resolve_model
+from cast_core.models import DTYPES, load_drafter, load_model, resolve_model
+from cast_core.quantize import add_quantization_arg, drafter_profile_name
 from cast_core.vocab import DEFAULT_CORE_SIZE, DraftHead, DraftVocab
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8)
@@ -260,6 +261,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CORE_SIZE,
         help=f"leading token ids the drafter scores, as the engine's draft_vocab (default: {DEFAULT_CORE_SIZE}; 0: all)",
     )
+    add_quantization_arg(parser)
     parser.add_argument(
         "--out",
         type=Path,
@@ -272,7 +274,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
     """Load both models, measure, write the JSON; exit status 0, or 2 on a bad model/dtype/device."""
     try:
         target = load_model(resolve_model(args.target), args.dtype, args.device)
-        drafter = load_model(resolve_model(args.drafter), args.dtype, args.device)
+        drafter, quantization = load_drafter(resolve_model(args.drafter), args.dtype, args.device, args.drafter_quantization)
     except (ValueError, FileNotFoundError) as err:
         print(f"cast profile: error: {err}", file=sys.stderr)
         return 2
@@ -280,7 +282,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
         target,
         drafter,
         args.target,
-        args.drafter,
+        drafter_profile_name(args.drafter, quantization),
         args.device,
         args.dtype,
         batch_sizes=args.batch_sizes,

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 from cast_core.models import DTYPES
 from cast_core.policy import CastConfig, StaticConfig
+from cast_core.cost import resolve_drafter_quantization
+from cast_core.quantize import Quantization, drafter_profile_name, resolve_quantization
 from cast_core.vocab import DEFAULT_CORE_SIZE
 
 PolicyName = Literal["none", "static", "cast"]
@@ -160,6 +162,12 @@ class AppConfig(BaseModel):
         description="Torch device of the model replicas: cpu, or cuda (each GPU replica sees its own GPU as cuda:0; "
         "drafter and verifier replicas then reserve num_gpus=1 unless their ray_actor_options say otherwise).",
     )
+    drafter_quantization: Quantization = Field(
+        "auto",
+        description="The drafter's linear layers: int8 (CPU only; cheaper drafts, the same output), none, or auto = int8 "
+        "on a CPU unless only the plain drafter's cost profile was measured there (cast_core.quantize). An int8 "
+        "drafter's cost profile is named <drafter>+int8.",
+    )
     cast: CastConfig = Field(default_factory=CastConfig, description="CAST thresholds and bounds.")
     static: StaticConfig = Field(default_factory=StaticConfig, description="Fixed tree shape of the static policy.")
     cost_profile: str | None = Field(
@@ -223,6 +231,7 @@ class AppConfig(BaseModel):
     def _check(self) -> "AppConfig":
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        resolve_quantization(self.drafter_quantization, self.device)
         if self.planner.num_replicas != 1:
             raise ValueError("planner.num_replicas: the planner is the single cluster view; use 1")
         return self
@@ -231,6 +240,15 @@ class AppConfig(BaseModel):
     def served_model_id(self) -> str:
         """Model id shown to clients."""
         return self.model_id or Path(self.target).name
+
+    def drafter_quantization_on(self, device: str) -> str:
+        """The drafter's quantization on ``device``, a device kind (``cast_core.cost.resolve_drafter_quantization``)."""
+        target, drafter = Path(self.target).name, Path(self.drafter).name
+        return resolve_drafter_quantization(self.drafter_quantization, device, target, drafter, self.dtype)
+
+    def drafter_profile_key(self, device: str) -> str:
+        """The drafter's name in the cost profiles of ``device``, a device kind: with its quantization there."""
+        return drafter_profile_name(Path(self.drafter).name, self.drafter_quantization_on(device))
 
     def pool_options(self, role: Literal["drafter", "verifier"]) -> dict[str, Any]:
         """``ray_actor_options`` of the drafter or verifier deployment, pool placement included."""

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cast_core.drafter import Drafter
-from cast_core.models import load_model, load_tokenizer, resolve_model
+from cast_core.models import load_drafter, load_tokenizer, resolve_model
 from cast_core.policy import CostContext, TreePolicy, make_policy
 from cast_core.sessions import DrafterSessions, SessionNotFound
 from services.config import AppConfig
@@ -67,7 +67,8 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
         # that the target accepts all its ids, so drafting within the tokenizer's ids needs no target.
         drafter_path = resolve_model(self.config.drafter)
         vocab_size = len(load_tokenizer(drafter_path))
-        model = load_model(drafter_path, self.config.dtype, self.config.device)
+        quantization = self.config.drafter_quantization_on(self.info.device)
+        model, _ = load_drafter(drafter_path, self.config.dtype, self.config.device, quantization)
         self._sessions = DrafterSessions(Drafter(model, vocab_size, self.config.draft_vocab), self._policy, self.config.max_sessions_per_replica)
 
     def on_sessions_changed(self) -> None:

@@ -63,7 +63,7 @@ class PlannerReplica:
         if self._fixed is not None:
             return self._fixed
         if device not in self._profiles:
-            target, drafter = Path(self.config.target).name, Path(self.config.drafter).name
+            target, drafter = Path(self.config.target).name, self.config.drafter_profile_key(device)
             self._profiles[device] = resolve_profile(device, target, drafter, self.config.dtype)
         return self._profiles[device]
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from cast_core.models import DTYPES, resolve_model
 from cast_core.policy import POLICY_NAMES
+from cast_core.quantize import add_quantization_arg
 
 GRPC_SERVICER = "services.grpc_api.lenient.add_cast_servicer"
 
@@ -30,7 +31,7 @@ def build_config(args: argparse.Namespace) -> Any:
     from services.config import AppConfig
 
     overrides: dict[str, Any] = {}
-    for flag in ("target", "drafter", "policy", "dtype", "device", "torch_threads", "cost_profile", "model_id"):
+    for flag in ("target", "drafter", "policy", "dtype", "device", "drafter_quantization", "torch_threads", "cost_profile", "model_id"):
         value = getattr(args, flag)
         if value is not None:
             overrides[flag] = value
@@ -114,6 +115,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default=None, choices=POLICY_NAMES, help="tree policy (default cast)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="model dtype (default bfloat16)")
     p.add_argument("--device", default=None, help="torch device of the model replicas (default cpu)")
+    add_quantization_arg(p, default=None)
     p.add_argument("--cost-profile", default=None, help="cost profile JSON for every device (default: look up per device)")
     p.add_argument("--model-id", default=None, help="model id shown to clients (default: the target's name)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per model replica (default: all cores on CPU)")

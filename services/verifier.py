@@ -25,7 +25,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cast_core.cost import CostProfile, device_name, find_profile
+from cast_core.cost import CostProfile, find_profile
 from cast_core.models import check_tokenizers_compatible, load_model, load_tokenizer, resolve_model
 from cast_core.sampling import SamplingParams
 from cast_core.sessions import SessionNotFound, VerifierSessions
@@ -76,7 +76,7 @@ class VerifierReplica(ModelReplica[VerifierSessions]):
         config = self.config
         if config.cost_profile:
             return CostProfile.load(config.cost_profile)
-        return find_profile(device_name(config.device), target_path.name, config.drafter, config.dtype)
+        return find_profile(self.info.device, target_path.name, config.drafter_profile_key(self.info.device), config.dtype)
 
     def on_sessions_changed(self) -> None:
         super().on_sessions_changed()

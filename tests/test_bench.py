@@ -167,7 +167,7 @@ def test_floor_check_pairs_vanilla_and_cast_back_to_back_and_reports_them(result
         assert "### The 0.97x floor, in back-to-back pairs" in body
         assert (
             "cast bench run --name floor --datasets toy_a --methods vanilla cast --prompts 6 --batch-sizes 2 "
-            "--max-new-tokens 6 --c1 0.5 --c2 0.5 --c3 0.5 --min-speedup 1.1`" in body
+            "--max-new-tokens 6 --drafter-quantization none --c1 0.5 --c2 0.5 --c3 0.5 --min-speedup 1.1`" in body
         )
         assert "; 3 groups at B=2, of the reported prompts" in body
         assert f"| toy_a | 2 | 3 | {s.median:.3f}x ({s.min:.2f}–{s.max:.2f}) |" in body

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from cast_core import profiler
 from cast_core.attention import GROUPED_SDPA
 from cast_core.cost import CostProfile, device_name, profile_slug
+from cast_core.quantize import drafter_profile_name, resolve_quantization
 from cast_core.profiler import batch_state, causal_block, forward_block, measure_profile, register_cli
 
 
@@ -123,23 +124,19 @@ def test_cli_defaults_and_grid_parsing() -> None:
         _cli().parse_args(["profile", "--target", "a", "--drafter", "b", "--tokens", "1,x"])
 
 
-@pytest.mark.parametrize("out", ["default", "dir", "file"])
+@pytest.mark.parametrize(("out", "quantization"), [("default", "auto"), ("dir", "none"), ("file", "int8")])
 def test_cli_writes_profile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: PreTrainedModel, out: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: PreTrainedModel, out: str, quantization: str
 ) -> None:
-    loaded: list[tuple[str, str, str]] = []
-
-    def fake_load(path: Path, dtype: str, device: str) -> PreTrainedModel:
-        loaded.append((str(path), dtype, device))
-        return model
-
-    monkeypatch.setattr(profiler, "resolve_model", lambda name: Path("/models") / name)
-    monkeypatch.setattr(profiler, "load_model", fake_load)
+    """Real saved models; an int8 drafter (``auto`` on this CPU) gets a profile of its own, ``<drafter>+int8``."""
+    for name in ("tiny-t", "tiny-d"):
+        model.save_pretrained(tmp_path / name)
     monkeypatch.setenv("CAST_CACHE_DIR", str(tmp_path / "cache"))
-    slug = profile_slug(device_name("cpu"), "tiny-t", "tiny-d", "float32")
+    drafter_key = drafter_profile_name("tiny-d", resolve_quantization(quantization, "cpu"))
+    slug = profile_slug(device_name("cpu"), "tiny-t", drafter_key, "float32")
     argv = (
-        "profile --target tiny-t --drafter tiny-d --dtype float32 --device cpu "
-        "--batch-sizes 1 --contexts 8 --tokens 1,2 --repeats 1 --warmup 0"
+        f"profile --target {tmp_path / 'tiny-t'} --drafter {tmp_path / 'tiny-d'} --dtype float32 --device cpu "
+        f"--batch-sizes 1 --contexts 8 --tokens 1,2 --repeats 1 --warmup 0 --drafter-quantization {quantization}"
     ).split()
     expected = {
         "default": tmp_path / "cache" / "profiles" / f"{slug}.json",
@@ -150,9 +147,10 @@ def test_cli_writes_profile(
         argv += ["--out", str(tmp_path if out == "dir" else expected)]
     args = _cli().parse_args(argv)
     assert args.func(args) == 0
-    assert loaded == [("/models/tiny-t", "float32", "cpu"), ("/models/tiny-d", "float32", "cpu")]
     profile = CostProfile.load(expected)
-    assert (profile.target.model, profile.drafter.model, profile.target.token_counts) == ("tiny-t", "tiny-d", [1, 2])
+    assert profile.slug == slug
+    assert (Path(profile.target.model).name, Path(profile.drafter.model).name) == ("tiny-t", drafter_key)
+    assert profile.target.token_counts == [1, 2]
 
 
 def test_cli_reports_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,97 @@
+"""Int8 drafter linears: close to the float layer, only the decoder's, lossless decoding, profile naming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cast_core.cost import CostProfile, device_name
+from cast_core.engine import Engine
+from cast_core.models import load_drafter
+from cast_core.quantize import Int8Linear, drafter_profile_name, int8_supported, quantize_linears, resolve_quantization
+from services.config import AppConfig
+from tests.conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair, tiny_tokenizer
+
+needs_int8 = pytest.mark.skipif(not int8_supported(), reason="torch build without x86/fbgemm int8 kernels")
+
+
+@needs_int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_is_close_to_the_float_layer(dtype: torch.dtype, bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=bias).to(dtype)
+    x = torch.randn(3, 5, 96, dtype=dtype)
+    expected = linear(x).float()
+    got = Int8Linear(linear)(x)
+    assert got.dtype == dtype and got.shape == (3, 5, 40)
+    error = (got.float() - expected).norm() / expected.norm()
+    assert error < 0.03
+
+
+@needs_int8
+def test_quantize_linears_keeps_the_output_head_and_the_logits_close() -> None:
+    _, drafter = tiny_pair("qwen2", torch.float32, noise=0.0)
+    ids = torch.tensor([random_prompts(1, max_len=16, seed=3)[0]])
+    before = drafter(ids).logits
+    head = drafter.get_output_embeddings()
+    replaced = quantize_linears(drafter)
+    assert replaced == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert drafter.get_output_embeddings() is head and isinstance(head, torch.nn.Linear)
+    after = drafter(ids).logits
+    assert ((after - before).norm() / before.norm()).item() < 0.05
+
+
+def test_resolve_quantization() -> None:
+    auto_cpu = "int8" if int8_supported() else "none"
+    assert resolve_quantization("auto", "cpu") == auto_cpu
+    assert resolve_quantization("auto", "cpu-2core-AMD EPYC-avx512bf16") == auto_cpu  # a profile's device kind
+    assert resolve_quantization("auto", "cuda:0") == "none"
+    assert resolve_quantization("auto", "NVIDIA H100 80GB HBM3") == "none"
+    assert resolve_quantization("none", "cpu") == "none"
+    # auto keeps a plain drafter whose profile was measured where the int8 one's was not
+    assert resolve_quantization("auto", "cpu", lambda q: q == "none") == "none"
+    assert resolve_quantization("auto", "cpu", lambda q: True) == auto_cpu
+    assert resolve_quantization("auto", "cpu", lambda q: False) == auto_cpu
+    with pytest.raises(ValueError, match="drafter_quantization"):
+        resolve_quantization("int8", "cuda:0")
+    with pytest.raises(ValueError, match="drafter_quantization"):
+        resolve_quantization("int4", "cpu")
+    assert drafter_profile_name("qwen2.5-coder-0.5b-instruct", "int8") == "qwen2.5-coder-0.5b-instruct+int8"
+    assert drafter_profile_name("qwen2.5-coder-0.5b-instruct", "none") == "qwen2.5-coder-0.5b-instruct"
+
+
+@needs_int8
+def test_int8_drafter_decodes_losslessly_and_finds_its_own_profile(tmp_path, monkeypatch) -> None:
+    """``from_pretrained`` on a CPU: int8 drafter by default, the target's greedy output, the ``+int8`` profile."""
+    target, drafter = tiny_pair("qwen2", torch.float32)
+    for name, model in (("target", target), ("drafter", drafter)):
+        model.save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
+    model, applied = load_drafter(tmp_path / "drafter", "float32", "cpu", "none")
+    assert applied == "none" and not any(isinstance(m, Int8Linear) for m in model.modules())
+    monkeypatch.setenv("CAST_CACHE_DIR", str(tmp_path / "cache"))
+    profile = CostProfile.synthetic(
+        0.01, 0.002, 0.003, 0.0002, device=device_name("cpu"), dtype="float32", target="target", drafter="drafter+int8"
+    )
+    profile.save(tmp_path / "cache" / "profiles" / f"{profile.slug}.json")
+    engine = Engine.from_pretrained(target=tmp_path / "target", drafter=tmp_path / "drafter", dtype="float32")
+    assert any(isinstance(m, Int8Linear) for m in engine.drafter_model.modules())
+    assert engine.cost_profile == profile
+    for prompt in random_prompts(3, seed=5):
+        assert engine.generate([prompt], max_new_tokens=12)[0].token_ids == reference_greedy(target, prompt, 12, TINY_EOS)
+
+
+def test_app_config_picks_the_drafter_its_packaged_profiles_price(tmp_path, monkeypatch) -> None:
+    """auto: int8 where the int8 drafter's profile is packaged (AMD EPYC), the plain drafter where only its is (Intel Xeon)."""
+    monkeypatch.setenv("CAST_CACHE_DIR", str(tmp_path))  # the packaged profiles alone
+    with pytest.raises(ValueError, match="drafter_quantization"):
+        AppConfig(device="cuda", drafter_quantization="int8")
+    config = AppConfig(drafter="/models/qwen2.5-coder-0.5b-instruct", drafter_quantization="auto")
+    assert config.drafter_profile_key("NVIDIA L4") == "qwen2.5-coder-0.5b-instruct"
+    expected = "qwen2.5-coder-0.5b-instruct+int8" if int8_supported() else "qwen2.5-coder-0.5b-instruct"
+    assert config.drafter_profile_key("cpu-2core-AMD EPYC-avx512bf16") == expected
+    assert config.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-amx") == "qwen2.5-coder-0.5b-instruct"
+    forced = AppConfig(drafter_quantization="int8") if int8_supported() else None
+    if forced is not None:
+        assert forced.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-amx") == "qwen2.5-coder-0.5b-instruct+int8"
