@@ -5,12 +5,13 @@ token and acceptance treats drafts as deterministic (:mod:`cast_core.acceptance`
 so a drafter computed less exactly changes which trees are drafted, never the
 output, greedy or sampled. What it changes is the price of a draft: on the
 2-core AMD EPYC (avx512_bf16, 2 threads) a one-token forward of Qwen2.5-0.5B
-over a 512-token cache took 58 ms in bfloat16 and 32 ms with int8 linears; at
-8 rows x 10 tokens, 259 ms and 182 ms. The bfloat16 matrix-vector product there
-streams its weights at about 15 GB/s where the memory reads 65 GB/s; the int8
-kernel reads a quarter of the float32 bytes and runs the dot products in int8.
+over a 512-token cache took 60 ms in bfloat16 and 31 ms with int8 linears; 8
+rows x 8 tokens, 243 ms and 145 ms (the cost profiles, median of 5). The
+bfloat16 matrix-vector products there stream the decoder's 716 MB of weights at
+about 15 GB/s where the memory reads 65 GB/s; the int8 kernel reads half the
+bytes and runs the dot products in int8.
 
-Each ``torch.nn.Linear`` of the decoder (not the output head, which
+Each ``torch.nn.Linear`` of the model but its output head (which
 :mod:`cast_core.vocab` slices by token id) becomes an :class:`Int8Linear`:
 
     W_q[o, :] = round(W[o, :] / s_o),   s_o = max_i |W[o, i]| / 127   (per output channel)
