@@ -89,8 +89,9 @@ def add_quantization_arg(parser: argparse.ArgumentParser, default: str | None = 
         "--drafter-quantization",
         default=default,
         choices=QUANTIZATIONS,
-        help="the drafter's linear layers: int8 (CPU only; cheaper drafts, the same output), none, "
-        "or auto = int8 on a CPU (default); an int8 drafter's cost profile is named <drafter>+int8",
+        help="the drafter's linear layers: int8 (CPU only; cheaper drafts, the same output), none, or auto "
+        "(default): int8 on a CPU, except, when decoding, where only the plain drafter's cost profile was "
+        "measured; an int8 drafter's cost profile is named <drafter>+int8",
     )
 
 
