@@ -208,8 +208,9 @@ def _git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def machine_info(dtype: str, device: str) -> dict[str, object]:
-    """CPU model and flags, cores, torch threads, dtype, library versions, date, load and git commit."""
+def machine_info(dtype: str, device: str, drafter_quantization: str = "none") -> dict[str, object]:
+    """CPU model and flags, cores, torch threads, dtype, the drafter's quantization as loaded (``none`` or ``int8``),
+    library versions, date, load and git commit."""
     cpu_model, cpu_flags = cpu_info()
     return {
         "cpu_model": cpu_model,
@@ -220,6 +221,7 @@ def machine_info(dtype: str, device: str) -> dict[str, object]:
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_model,
         "dtype": dtype,
+        "drafter_quantization": drafter_quantization,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -361,7 +363,7 @@ def run_benchmark(
     (dataset, batch size), e.g. to save it, so an interrupted run keeps what it measured.
     """
     started = datetime.now(timezone.utc)
-    machine = machine_info(config.dtype, config.device) | {"drafter_quantization": pair.drafter_quantization}
+    machine = machine_info(config.dtype, config.device, pair.drafter_quantization)
     methods = build_methods(pair, config.methods, config.static, config.cast)
     draft_vocab = DraftVocab(pair.drafter, int(pair.target.config.vocab_size))  # the engine's default, as CAST drafts
     encode = {p.id: pair.encode(p.text) for ps in prompts.values() for p in ps}

@@ -360,7 +360,7 @@ def run_serving_benchmark(config: ServingBenchConfig, prompts: list[tuple[str, s
         drafter_quantization=config.drafter_quantization,
     )
     quantized = engine.drafter_model is not None and is_quantized(engine.drafter_model)
-    machine = machine_info(config.dtype, config.device) | {"drafter_quantization": "int8" if quantized else "none"}
+    machine = machine_info(config.dtype, config.device, "int8" if quantized else "none")
     try:
         served = _start(config, threads)
         levels: list[LevelResult] = []

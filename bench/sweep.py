@@ -114,7 +114,7 @@ def _cell_rate(method: Method, groups: list[list[list[int]]], max_new_tokens: in
 def run_sweep(config: SweepConfig, pair: ModelPair, prompts: dict[str, list[Prompt]], progress: bool = True) -> SweepResult:
     """Coordinate search over ``config.order``; ``prompts`` maps each dataset to its tuning prompts."""
     started = datetime.now(timezone.utc)
-    machine = machine_info(config.dtype, config.device) | {"drafter_quantization": pair.drafter_quantization}
+    machine = machine_info(config.dtype, config.device, pair.drafter_quantization)
     cells = [
         (d, b, [[pair.encode(p.text) for p in g] for g in make_groups(prompts[d], b, config.prompts)])
         for d in config.datasets

@@ -17,10 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from cast_core.cost import resolve_drafter_quantization
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 from cast_core.models import DTYPES
 from cast_core.policy import CastConfig, StaticConfig
-from cast_core.cost import resolve_drafter_quantization
 from cast_core.quantize import Quantization, drafter_profile_name, resolve_quantization
 from cast_core.vocab import DEFAULT_CORE_SIZE
 
