@@ -69,7 +69,7 @@ def accept_sampled(
     kids = tree.children(b)
     node, nodes, out = 0, [0], []
     while True:
-        residual = target_probs(logits[node], params)
+        residual = target_probs(logits[node], params).cpu()  # the request's generator draws on the CPU
         accepted = None
         for child in kids[node]:
             total = float(residual.sum())
@@ -80,7 +80,7 @@ def accept_sampled(
             residual[tokens[child]] = 0.0
         if accepted is None:
             if float(residual.sum()) <= 0:
-                residual = target_probs(logits[node], params)  # unreachable for exact arithmetic
+                residual = target_probs(logits[node], params).cpu()  # unreachable for exact arithmetic
             token = int(torch.multinomial(residual, 1, generator=generator))
             out.append(token)
             return AcceptedPath(nodes=nodes, tokens=out)

@@ -208,7 +208,7 @@ class Drafter:
         path_node = np.full(bsz, -1)  # per row, the tree node (index) holding the lookup's path down to the current layer
         deepest = np.zeros((2, bsz), dtype=np.int64)  # per row, the deepest such node and its depth (root: 0, 0)
         conf, local = torch.topk(self._probs(fed_logits[:, 0]), k, dim=-1)  # [B, k]
-        tok = head.ids[local]
+        conf, tok = conf.cpu(), head.ids[local].cpu()  # the tree is built on the CPU, whatever the model's device
         node_tok, node_parent, node_depth, node_conf = [tok], [torch.zeros_like(tok)], [torch.ones_like(tok)], [conf]
         # visibility of each node over drafter tail slots (its fed ancestors), grown as nodes are fed
         layer_vis = torch.zeros((bsz, k, 0), dtype=torch.bool)
@@ -246,7 +246,7 @@ class Drafter:
             logits = forward_logits(self.model, state, node_tok[-1], positions.expand(bsz, n_keep), vis, head=head)
             probs = self._probs(logits)  # [B, n_keep, |V_D|]
             c_conf, c_local = torch.topk(probs, k, dim=-1)  # [B, n_keep, k]
-            c_tok = head.ids[c_local]
+            c_conf, c_tok = c_conf.cpu(), head.ids[c_local].cpu()
             path = node_conf[-1][:, :, None] * c_conf
             conf, flat = torch.topk(path.reshape(bsz, -1), min(k, n_keep * k), dim=-1)  # [B, k]
             parent_local = torch.div(flat, k, rounding_mode="floor")
@@ -332,15 +332,16 @@ def _follow_lookup(
 def _lookup_probs(fed_logits: torch.Tensor, ahead: list[list[int]], head: DraftHead) -> torch.Tensor:
     """``[B, W]``: ``p_D(ahead[b][j] | root, ahead[b][:j])`` from the catch-up forward's logits over ``V_D``
     (0 outside ``V_D`` and past a row's lookup): ``exp(logit[a_j] - logsumexp(logits))``, one value per
-    position rather than a softmax over all of ``V_D`` at every position."""
+    position rather than a softmax over all of ``V_D`` at every position. On the CPU, whatever the model's device."""
     bsz, width = fed_logits.shape[:2]
     tokens = torch.zeros((bsz, width), dtype=torch.long)
     for b, a in enumerate(ahead):
         tokens[b, : len(a)] = torch.tensor(a, dtype=torch.long)
-    local = head.local(tokens)
+    local = head.local(tokens.to(head.ids.device))
     logits = fed_logits.float()
-    picked = torch.gather(logits, 2, local.clamp(min=0)[:, :, None])[:, :, 0]
-    probs = torch.exp(picked - torch.logsumexp(logits, dim=-1))
+    picked = torch.gather(logits, 2, local.clamp(min=0).to(logits.device)[:, :, None])[:, :, 0]
+    probs = torch.exp(picked - torch.logsumexp(logits, dim=-1)).cpu()
+    local = local.cpu()
     real = (local >= 0) & (torch.arange(width)[None, :] < torch.tensor([len(a) for a in ahead])[:, None])
     return torch.where(real, probs, 0.0)
 

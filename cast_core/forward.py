@@ -48,7 +48,8 @@ def forward_logits(
             None: the model's whole vocabulary.
 
     Returns:
-        ``[B, k, V]`` float logits (``[B, q, V]`` when ``positions`` is None; ``V = len(head.ids)`` with a head).
+        ``[B, k, V]`` float logits (``[B, q, V]`` when ``positions`` is None; ``V = len(head.ids)`` with a head),
+        on the model's device.
     """
     split = _split_head(model)
     if split is None:
@@ -56,14 +57,14 @@ def forward_logits(
         if positions is not None:
             if positions.shape[1] == 0:
                 return None
-            logits = torch.gather(logits, 1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
+            logits = torch.gather(logits, 1, positions.to(logits.device)[:, :, None].expand(-1, -1, logits.shape[-1]))
         return logits if head is None else head.select(logits)
     decoder, lm_head = split
     hidden = state.forward(decoder, input_ids, position_ids, tail_visible, output="hidden")
     if positions is not None:
         if positions.shape[1] == 0:
             return None
-        hidden = torch.gather(hidden, 1, positions[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        hidden = torch.gather(hidden, 1, positions.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1]))
     return lm_head(hidden) if head is None else head.project(hidden)
 
 
@@ -128,7 +129,7 @@ def feed_chain_ahead(
     ids = torch.zeros((len(chains), width), dtype=torch.long)
     for b, tokens in enumerate(fed):
         ids[b, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    positions = state.next_pos[:, None] + torch.arange(width)[None, :]
+    positions = state.next_pos[:, None] + torch.arange(width, device=state.device)[None, :]
     if gaps is not None:
         kept_head = torch.tensor([h for h, _ in gaps])[:, None]
         skipped = torch.tensor([s for _, s in gaps])[:, None]

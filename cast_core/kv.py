@@ -36,7 +36,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+#: Attention kernels the engine's forwards may use: every SDPA backend but cuDNN's. cuDNN builds an
+#: execution plan for each new shape, and a speculative engine meets new shapes every step (the cache
+#: grows by the accepted tokens, trees vary in width): on an NVIDIA H200 (torch 2.11) the first
+#: decoding pass over fresh shapes ran 97 ms a step with it and 46 ms without, against 36 ms for a
+#: second pass over the same shapes (B=8, ``bench/device_check.py`` era diagnostics).
+ENGINE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SlotLayer(CacheLayerMixin):
@@ -229,7 +237,10 @@ class KVState:
             tail_visible: ``[B, q, T + q]`` bool over the tail written earlier in
                 this step (``T`` slots) and the new tokens. Each query must see
                 itself.
+
+        The three may live anywhere (trees are built on the CPU); they are moved to the cache's device.
         """
+        input_ids, position_ids, tail_visible = (t.to(self.device) for t in (input_ids, position_ids, tail_visible))
         b, q = input_ids.shape
         base, tail = self.base, self.length - self.base
         if tail_visible.shape != (b, q, tail + q):
@@ -238,13 +249,14 @@ class KVState:
         dtype = model.dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(dtype).min)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask[:, None],
-            position_ids=position_ids,
-            cache=self.cache,
-            use_cache=True,
-        )
+        with sdpa_kernel(ENGINE_SDPA_BACKENDS):
+            out = model(
+                input_ids=input_ids,
+                attention_mask=mask[:, None],
+                position_ids=position_ids,
+                cache=self.cache,
+                use_cache=True,
+            )
         return out.last_hidden_state if output == "hidden" else out.logits
 
     @torch.inference_mode()

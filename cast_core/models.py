@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -82,7 +83,7 @@ def _split_source(path: str | Path) -> tuple[Path, str | None]:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | str = "float32", device: str = "cpu"
+    path: str | Path, dtype: torch.dtype | str = "float32", device: str = "cpu", random_weights: bool = False
 ) -> PreTrainedModel:
     """Load a causal LM from a local HF folder or ``.gguf`` file, ready for inference.
 
@@ -90,6 +91,9 @@ def load_model(
         path: Folder with ``config.json`` + safetensors, or a ``.gguf`` file.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"`` or a torch.dtype.
         device: Torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
+        random_weights: Build the architecture from the folder's ``config.json`` alone, with freshly
+            initialised weights, on ``device`` (no weight files needed). A forward's cost depends on
+            the shapes alone, so this is for timing (``cast profile --random-weights``), never for output.
 
     Returns:
         The model in eval mode with ``requires_grad`` off and grouped ``sdpa`` attention
@@ -105,9 +109,14 @@ def load_model(
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device: invalid value {device!r} ({err})") from None
     folder, gguf_file = _split_source(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_file, dtype=torch_dtype, attn_implementation=GROUPED_SDPA
-    )
+    if random_weights:
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        with torch_device:  # initialise where it runs: a GPU fills a 1.5B model in moments
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=GROUPED_SDPA)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf_file, dtype=torch_dtype, attn_implementation=GROUPED_SDPA
+        )
     model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
@@ -115,7 +124,11 @@ def load_model(
 
 
 def load_drafter(
-    path: str | Path, dtype: torch.dtype | str = "float32", device: str = "cpu", quantization: str = "auto"
+    path: str | Path,
+    dtype: torch.dtype | str = "float32",
+    device: str = "cpu",
+    quantization: str = "auto",
+    random_weights: bool = False,
 ) -> tuple[PreTrainedModel, str]:
     """:func:`load_model`, with int8 linear layers where ``quantization`` resolves to ``int8``
     (:func:`cast_core.quantize.resolve_quantization`: ``auto`` is ``int8`` on a CPU).
@@ -127,7 +140,7 @@ def load_drafter(
         ValueError: as :func:`load_model`, or naming ``drafter_quantization``.
     """
     applied = resolve_quantization(quantization, device)
-    model = load_model(path, dtype, device)
+    model = load_model(path, dtype, device, random_weights)
     if applied == "int8":
         quantize_linears(model)
     return model, applied

@@ -263,6 +263,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_quantization_arg(parser)
     parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="time models built from each folder's config.json with random weights (a forward's cost "
+        "depends on shapes, not values): profiles a device from the model configs alone, no weight files",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="output JSON file, or an existing directory to write <slug>.json into "
@@ -271,11 +277,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_profile_command(args: argparse.Namespace) -> int:
-    """Load both models, measure, write the JSON; exit status 0, or 2 on a bad model/dtype/device."""
+    """Load (or build) both models, measure, write the JSON; exit status 0, or 2 on a bad model/dtype/device."""
     try:
-        target = load_model(resolve_model(args.target), args.dtype, args.device)
-        drafter, quantization = load_drafter(resolve_model(args.drafter), args.dtype, args.device, args.drafter_quantization)
-    except (ValueError, FileNotFoundError) as err:
+        target = load_model(resolve_model(args.target), args.dtype, args.device, args.random_weights)
+        drafter, quantization = load_drafter(
+            resolve_model(args.drafter), args.dtype, args.device, args.drafter_quantization, args.random_weights
+        )
+    except (ValueError, OSError) as err:  # OSError: a folder without weight files
         print(f"cast profile: error: {err}", file=sys.stderr)
         return 2
     profile = measure_profile(
@@ -292,6 +300,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         draft_vocab=args.draft_vocab or None,
     )
+    profile.notes["weights"] = "random, built from config.json" if args.random_weights else "loaded"
     if args.out is None:
         out = user_profiles_dir() / f"{profile.slug}.json"
     elif args.out.is_dir():

@@ -157,7 +157,7 @@ class DraftTree:
 
     def position_ids(self, next_pos: torch.Tensor) -> torch.Tensor:
         """``[B, n]`` positions: ``next_pos[b] + depth[b, i]``."""
-        return next_pos[:, None] + self.depth
+        return next_pos[:, None] + self.depth.to(next_pos.device)
 
     def children(self, b: int) -> list[list[int]]:
         """Children of every node of row ``b``, each list by decreasing confidence."""

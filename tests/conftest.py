@@ -3,6 +3,9 @@
 The tiny target has peaked logits (a scaled LM head) so greedy decoding has
 clear winners; the tiny drafter is the target with small weight noise, so it
 agrees often but not always (both acceptance and rejection paths run).
+
+The tiny models run on ``$CAST_TEST_DEVICE`` (default ``cpu``): ``CAST_TEST_DEVICE=cuda pytest
+tests/test_engine.py tests/test_sampling.py`` holds the engine to the target's own output on a GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ torch.set_num_threads(1)
 
 TINY_VOCAB = 128
 TINY_EOS = 2
+TEST_DEVICE = os.environ.get("CAST_TEST_DEVICE", "cpu")
 
 
 def tiny_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
@@ -44,7 +48,7 @@ def tiny_pair(
     seed: int = 0,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(target, drafter): a tiny random target and a noisy copy of it as drafter, both with the
-    grouped-query attention :func:`cast_core.models.load_model` gives real models."""
+    grouped-query attention :func:`cast_core.models.load_model` gives real models, on ``TEST_DEVICE``."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -72,7 +76,7 @@ def tiny_pair(
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * noise)
     target.requires_grad_(False)
     drafter.requires_grad_(False)
-    return target, drafter
+    return target.to(TEST_DEVICE), drafter.to(TEST_DEVICE)
 
 
 def random_prompts(n: int, vocab_size: int = TINY_VOCAB, max_len: int = 20, seed: int = 1) -> list[list[int]]:
@@ -84,7 +88,7 @@ def random_prompts(n: int, vocab_size: int = TINY_VOCAB, max_len: int = 20, seed
 
 def reference_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
     """transformers' own greedy ``generate`` on one prompt, EOS removed."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),

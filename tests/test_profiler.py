@@ -157,3 +157,25 @@ def test_cli_reports_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
     args = _cli().parse_args(["profile", "--target", "no-such-model-xyz", "--drafter", "b", "--device", "cpu"])
     assert args.func(args) == 2
     assert "no-such-model-xyz" in capsys.readouterr().err
+
+
+def test_cli_random_weights_profiles_from_config_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: PreTrainedModel
+) -> None:
+    """A folder with config.json and no weights: refused with a clear error, profiled with ``--random-weights``."""
+    for name in ("cfg-t", "cfg-d"):
+        model.config.save_pretrained(tmp_path / name)
+    argv = (
+        f"profile --target {tmp_path / 'cfg-t'} --drafter {tmp_path / 'cfg-d'} --dtype float32 --device cpu "
+        f"--batch-sizes 1,2 --contexts 8 --tokens 1,4 --repeats 1 --warmup 0 --drafter-quantization none "
+        f"--out {tmp_path / 'p.json'}"
+    ).split()
+    args = _cli().parse_args(argv)
+    assert args.func(args) == 2
+    assert "cfg-t" in capsys.readouterr().err
+    args = _cli().parse_args(argv + ["--random-weights"])
+    assert args.func(args) == 0
+    profile = CostProfile.load(tmp_path / "p.json")
+    assert profile.notes["weights"] == "random, built from config.json"
+    assert (profile.target.batch_sizes, profile.target.token_counts) == ([1, 2], [1, 4])
+    assert all(s > 0 for rows in profile.drafter.seconds for row in rows for s in row)

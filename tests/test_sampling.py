@@ -48,7 +48,7 @@ def chi2_statistic(observed: Counter, expected: dict, n: int) -> tuple[float, in
 def joint_first_two(model: torch.nn.Module, params: SamplingParams, prompt: list[int] = PROMPT) -> dict:
     """Exact P(first two tokens after ``prompt``); an EOS first token ends the sequence: cell (EOS, None)."""
     with torch.no_grad():
-        p1 = target_probs(model(input_ids=torch.tensor([prompt])).logits[0, -1], params)
+        p1 = target_probs(model(input_ids=torch.tensor([prompt], device=model.device)).logits[0, -1], params)
         out = {}
         for x1 in range(VOCAB):
             if p1[x1] == 0:
@@ -56,7 +56,7 @@ def joint_first_two(model: torch.nn.Module, params: SamplingParams, prompt: list
             if x1 == TINY_EOS:
                 out[(x1, None)] = float(p1[x1])
                 continue
-            p2 = target_probs(model(input_ids=torch.tensor([prompt + [x1]])).logits[0, -1], params)
+            p2 = target_probs(model(input_ids=torch.tensor([prompt + [x1]], device=model.device)).logits[0, -1], params)
             for x2 in range(VOCAB):
                 out[(x1, x2)] = float(p1[x1] * p2[x2])
     return out
