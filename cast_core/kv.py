@@ -41,9 +41,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 #: Attention kernels the engine's forwards may use: every SDPA backend but cuDNN's. cuDNN builds an
 #: execution plan for each new shape, and a speculative engine meets new shapes every step (the cache
-#: grows by the accepted tokens, trees vary in width): on an NVIDIA H200 (torch 2.11) the first
-#: decoding pass over fresh shapes ran 97 ms a step with it and 46 ms without, against 36 ms for a
-#: second pass over the same shapes (B=8, ``bench/device_check.py`` era diagnostics).
+#: grows by the accepted tokens, trees vary in width): on an NVIDIA H200 (torch 2.11) a first
+#: pass of plain decoding over fresh shapes at B=1 ran 73.7 ms a step with it and 29.0 ms without,
+#: CAST 95.1 and 36.7 ms (``bench/results/h200/``).
 ENGINE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
