@@ -20,7 +20,7 @@ from bench.datasets import DATASET_NAMES, Prompt, Subset, load_prompts
 from bench.harness import RESULTS_DIR, BenchConfig, make_groups, run_benchmark, save_result
 from bench.methods import METHOD_NAMES, ModelPair, add_model_pair_args
 from bench.overhead import profile_overhead
-from bench.report import CAST_FLAGS, FLOOR_NAME, README, cells_table, generate_report, targets_table
+from bench.report import B1_CHECK_NAME, CAST_FLAGS, FLOOR_NAME, README, cells_table, generate_report, targets_table
 from bench.serving import register as register_serving
 from bench.sweep import SweepConfig, run_sweep, save_sweep
 from cast_core import CastConfig
@@ -89,7 +89,8 @@ def run_bench(args: argparse.Namespace) -> int:
     print(targets_table(result))
     for dataset in config.datasets:
         print(f"\n{dataset}\n{cells_table(result, dataset)}")
-    report = "`cast bench report` adds it to the README as the floor check" if config.name == FLOOR_NAME else (
+    checks = {FLOOR_NAME: "the floor check", B1_CHECK_NAME: "the batch-1 check"}
+    report = f"`cast bench report` adds it to the README as {checks[config.name]}" if config.name in checks else (
         f"`cast bench report --name {config.name}` updates plots + README"
     )
     print(f"\nwrote {path} ({result.elapsed_s / 60:.1f} min); {report}")

@@ -11,7 +11,7 @@ from bench.datasets import DATASET_NAMES, TUNING_SIZE, Prompt, load_prompts
 from bench.harness import BenchConfig, explain_mismatch, first_difference, load_result, make_groups, run_benchmark, save_result
 from bench.methods import METHOD_NAMES, ModelPair
 from bench.overhead import profile_overhead
-from bench.report import END, START, generate_report, pooled_ratio, write_readme_section
+from bench.report import END, START, generate_report, paired_ratio, pooled_ratio, write_readme_section
 from bench.sweep import SweepConfig, load_sweep, run_sweep, save_sweep
 from cast_core import CastConfig, StaticConfig
 from cast_core.cost import CostProfile
@@ -178,6 +178,36 @@ def test_floor_check_pairs_vanilla_and_cast_back_to_back_and_reports_them(result
         assert "(toy_a, B=2; 3 back-to-back pairs; on Other CPU (avx2), commit `abcdef1`) |" in generate_report("tiny", path.parent, None)
     finally:
         floor_path.unlink()
+
+
+def test_batch1_check_is_reported_beside_the_full_runs_batch1_targets(result, pair) -> None:
+    res, path = result
+    config = BenchConfig(
+        name="b1_check",
+        target="tiny-target",
+        drafter="tiny-drafter",
+        dtype="float32",
+        datasets=["toy_a"],
+        methods=["vanilla", "hf_assisted", "cast"],
+        batch_sizes=[1],
+        prompts=3,
+        max_new_tokens=6,
+        warmup_tokens=2,
+        cast=CAST,
+    )
+    b1 = run_benchmark(config, pair, {"toy_a": toy_prompts("toy_a", 3, 5)}, progress=False)
+    b1_path = save_result(b1, path.parent)
+    try:  # the other report tests share this results folder
+        body = generate_report("tiny", path.parent, None)
+        assert "### Batch 1 on more prompts" in body
+        assert "`cast bench run --name b1_check --datasets toy_a --methods vanilla hf_assisted cast --prompts 3 --batch-sizes 1 " in body
+        ratio = paired_ratio(b1, "toy_a", 1, "cast", "hf_assisted")
+        assert f"| toy_a, B=1 (batch-1 check, 3 prompts): cast / hf_assisted | >= 1.15x | {ratio:.2f}x |" in body
+        assert f"| toy_a, B=1: cast / hf_assisted | >= 1.15x | {paired_ratio(res, 'toy_a', 1, 'cast', 'hf_assisted'):.2f}x |" in body
+        assert "| toy_a | 3 | " in body and "toy_b, B=1 (batch-1 check" not in body
+        assert "Batch 1 on more prompts" not in generate_report("b1_check", path.parent, None)  # the check itself reported as a run
+    finally:
+        b1_path.unlink()
 
 
 def test_run_takes_the_gates_min_speedup_and_rejects_a_bad_one(capsys) -> None:
