@@ -120,6 +120,12 @@ def test_explain_mismatch_reports_plain_top2(pair) -> None:
     assert m.logit_gap > 0 and m.plain_top2 != m.plain_top1
 
 
+def check_config(name: str, methods: list[str], **fields) -> BenchConfig:
+    """A check run's config on toy_a (a floor or batch-1 check): ``methods`` and the given ``fields``, 6 new tokens."""
+    common = dict(target="tiny-target", drafter="tiny-drafter", dtype="float32", datasets=["toy_a"], max_new_tokens=6)
+    return BenchConfig(name=name, methods=methods, warmup_tokens=2, **{"cast": CAST, **common, **fields})
+
+
 def test_report_renders_plots_and_readme_table(result, tmp_path) -> None:
     res, path = result
     readme = tmp_path / "README.md"
@@ -139,18 +145,8 @@ def test_report_renders_plots_and_readme_table(result, tmp_path) -> None:
 
 def test_floor_check_pairs_vanilla_and_cast_back_to_back_and_reports_them(result, pair) -> None:
     res, path = result
-    config = BenchConfig(
-        name="floor",
-        target="tiny-target",
-        drafter="tiny-drafter",
-        dtype="float32",
-        datasets=["toy_a"],
-        methods=["vanilla", "cast"],
-        batch_sizes=[2],
-        prompts=6,
-        max_new_tokens=6,
-        warmup_tokens=2,
-        cast=CAST.model_copy(update={"min_speedup": 1.1}),
+    config = check_config(
+        "floor", ["vanilla", "cast"], batch_sizes=[2], prompts=6, cast=CAST.model_copy(update={"min_speedup": 1.1})
     )
     floor = run_benchmark(config, pair, {"toy_a": toy_prompts("toy_a", 6, 3)}, progress=False)
     cast, vanilla = floor.cell("toy_a", "cast", 2), floor.cell("toy_a", "vanilla", 2)
@@ -182,19 +178,7 @@ def test_floor_check_pairs_vanilla_and_cast_back_to_back_and_reports_them(result
 
 def test_batch1_check_is_reported_beside_the_full_runs_batch1_targets(result, pair) -> None:
     res, path = result
-    config = BenchConfig(
-        name="b1_check",
-        target="tiny-target",
-        drafter="tiny-drafter",
-        dtype="float32",
-        datasets=["toy_a"],
-        methods=["vanilla", "hf_assisted", "cast"],
-        batch_sizes=[1],
-        prompts=3,
-        max_new_tokens=6,
-        warmup_tokens=2,
-        cast=CAST,
-    )
+    config = check_config("b1_check", ["vanilla", "hf_assisted", "cast"], batch_sizes=[1], prompts=3)
     b1 = run_benchmark(config, pair, {"toy_a": toy_prompts("toy_a", 3, 5)}, progress=False)
     b1_path = save_result(b1, path.parent)
     try:  # the other report tests share this results folder
