@@ -187,8 +187,9 @@ def targets_table(result: BenchResult, floor: BenchResult | None = None, b1: Ben
     goals = {"humaneval": 1.75, "mtbench": 1.45}
     for dataset in _datasets(result):
         runs = [(result, "")]
-        if b1 is not None and b1.cell(dataset, "cast", 1) is not None:
-            runs.append((b1, f" (batch-1 check, {len(b1.cell(dataset, 'cast', 1).groups)} prompts)"))
+        b1_cast = b1.cell(dataset, "cast", 1) if b1 is not None else None
+        if b1_cast is not None:
+            runs.append((b1, f" (batch-1 check, {len(b1_cast.groups)} prompts)"))
         for run, label in runs:
             rows.append((f"{dataset}, B=1{label}: cast / hf_assisted", paired_ratio(run, dataset, 1, "cast", "hf_assisted"), 1.15, ">="))
             if dataset in goals:
@@ -559,6 +560,13 @@ def write_readme_section(readme: Path, body: str) -> None:
     readme.write_text(text, encoding="utf-8")
 
 
+def _check_result(results_dir: Path, check: str, name: str) -> BenchResult | None:
+    """The check run ``<results_dir>/<check>.json`` (floor, batch 1) beside the run ``name``; None where there is
+    none, or where ``name`` is that check itself."""
+    path = results_dir / f"{check}.json"
+    return load_result(path) if path.exists() and name != check else None
+
+
 def generate_report(name: str = "benchmark", results_dir: Path = RESULTS_DIR, readme: Path | None = README) -> str:
     """Plots into ``results_dir`` and the README section from ``<results_dir>/<name>.json``; returns the Markdown.
 
@@ -571,10 +579,7 @@ def generate_report(name: str = "benchmark", results_dir: Path = RESULTS_DIR, re
     sweep = load_sweep(sweep_path) if sweep_path.exists() else None
     serving_path = results_dir / "serving.json"
     serving = load_serving(serving_path) if serving_path.exists() else None
-    floor_path = results_dir / f"{FLOOR_NAME}.json"
-    floor = load_result(floor_path) if floor_path.exists() and name != FLOOR_NAME else None
-    b1_path = results_dir / f"{B1_CHECK_NAME}.json"
-    b1 = load_result(b1_path) if b1_path.exists() and name != B1_CHECK_NAME else None
+    floor, b1 = (_check_result(results_dir, check, name) for check in (FLOOR_NAME, B1_CHECK_NAME))
     prefix = ""
     if readme is not None:
         try:

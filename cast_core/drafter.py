@@ -339,7 +339,7 @@ def _lookup_probs(fed_logits: torch.Tensor, ahead: list[list[int]], head: DraftH
         tokens[b, : len(a)] = torch.tensor(a, dtype=torch.long)
     local = head.local(tokens.to(head.ids.device))
     logits = fed_logits.float()
-    picked = torch.gather(logits, 2, local.clamp(min=0).to(logits.device)[:, :, None])[:, :, 0]
+    picked = torch.gather(logits, 2, local.clamp(min=0)[:, :, None])[:, :, 0]  # head.ids live with the logits
     probs = torch.exp(picked - torch.logsumexp(logits, dim=-1)).cpu()
     local = local.cpu()
     real = (local >= 0) & (torch.arange(width)[None, :] < torch.tensor([len(a) for a in ahead])[:, None])
