@@ -35,6 +35,7 @@ import torch
 import transformers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from bench.datasets import DATASET_NAMES, Prompt
 from bench.methods import METHOD_NAMES, MethodRun, ModelPair, RunStats, add_counts, build_methods
@@ -254,21 +255,26 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 @torch.inference_mode()
+def plain_top2(target: PreTrainedModel, context: list[int]) -> tuple[int, int, float]:
+    """``(top1, top2, gap)`` of a plain target forward on ``context``: its two best next tokens and their logit gap."""
+    ids = torch.tensor([context], device=target.device)
+    top = torch.topk(target(input_ids=ids).logits[0, -1].float(), 2)
+    return int(top.indices[0]), int(top.indices[1]), float(top.values[0] - top.values[1])
+
+
 def explain_mismatch(pair: ModelPair, prompt: Prompt, prompt_ids: list[int], vanilla: list[int], other: list[int]) -> Mismatch:
     """Top-2 logits of a plain target forward at the first token where ``other`` leaves ``vanilla``."""
     pos = first_difference(vanilla, other)
     assert pos is not None, "outputs are equal"
-    ids = torch.tensor([prompt_ids + vanilla[:pos]], device=pair.target.device)
-    logits = pair.target(input_ids=ids).logits[0, -1].float()
-    top = torch.topk(logits, 2)
+    top1, top2, gap = plain_top2(pair.target, prompt_ids + vanilla[:pos])
     return Mismatch(
         prompt_id=prompt.id,
         position=pos,
         vanilla_token=vanilla[pos] if pos < len(vanilla) else None,
         method_token=other[pos] if pos < len(other) else None,
-        plain_top1=int(top.indices[0]),
-        plain_top2=int(top.indices[1]),
-        logit_gap=float(top.values[0] - top.values[1]),
+        plain_top1=top1,
+        plain_top2=top2,
+        logit_gap=gap,
     )
 
 

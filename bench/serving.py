@@ -43,9 +43,10 @@ from typing import Any
 import httpx
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.datasets import DATASET_NAMES, load_prompts
-from bench.harness import RESULTS_DIR, machine_info
+from bench.harness import RESULTS_DIR, machine_info, plain_top2
 from bench.methods import add_model_pair_args
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET, Engine
 from cast_core.models import load_tokenizer, resolve_model
@@ -95,6 +96,24 @@ class StepBreakdown(BaseModel):
     inprocess_step_s: float = Field(description="In-process engine wall time per (batched) step, for comparison.")
 
 
+class ServingMismatch(BaseModel):
+    """Where an HTTP output first leaves the in-process output of the same prompt, and how close the target's call was.
+
+    Both sides decode greedily with the same models in bf16; a batch of another composition rounds the logits
+    differently, so outputs may part where the target's two best tokens are nearly tied (a small ``logit_gap``).
+    """
+
+    prompt_id: str = Field(description="Dataset id of the prompt.")
+    position: int = Field(description="Generated tokens the outputs share: the in-process token at this index is the first the HTTP text leaves.")
+    inprocess_token: int | None = Field(description="The in-process output's token there (None: it ended first).")
+    plain_top1: int = Field(description="Argmax of a plain target forward on prompt + the shared tokens.")
+    plain_top2: int = Field(description="Second-best token of that forward.")
+    logit_gap: float = Field(description="Top-1 minus top-2 logit of that forward.")
+    http_follows: str = Field(description="Which of that forward's two best tokens the HTTP text goes on with: top1, top2 or other.")
+    inprocess_text: str = Field(description="The in-process output from the difference on (at most 40 characters).")
+    http_text: str = Field(description="The HTTP output from the difference on (at most 40 characters).")
+
+
 class LevelResult(BaseModel):
     """One concurrency level."""
 
@@ -109,6 +128,9 @@ class LevelResult(BaseModel):
     ratio: float = Field(description="HTTP / in-process throughput.")
     outputs_match: bool = Field(description="Every HTTP output equals the in-process output of its prompt.")
     mismatched_prompts: list[str] = Field(description="Ids of the prompts whose outputs differ.")
+    mismatches: list[ServingMismatch] = Field(
+        default_factory=list, description="First difference of each differing output, with the plain target's top-2 there."
+    )
     breakdown: StepBreakdown | None = Field(description="Per-step overhead (None if the metrics did not arrive).")
 
 
@@ -288,6 +310,40 @@ async def _http_group(served: _Served, prompts: list[list[int]], max_tokens: int
         return list(replies), time.perf_counter() - started
 
 
+EXCERPT_CHARS = 40
+
+
+def shared_tokens(tokenizer: PreTrainedTokenizerBase, token_ids: list[int], text: str) -> int:
+    """The largest ``k`` with ``decode(token_ids[:k])`` a prefix of ``text``: tokens two outputs share when one is
+    known by its ids and the other only by its text."""
+    k = 0
+    while k < len(token_ids) and text.startswith(tokenizer.decode(token_ids[: k + 1])):
+        k += 1
+    return k
+
+
+def explain_serving_mismatch(
+    target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_id: str, prompt_ids: list[int], inprocess: list[int], http_text: str
+) -> ServingMismatch:
+    """The first token where ``http_text`` leaves the in-process output ``inprocess``, with the plain target's top-2 there."""
+    pos = shared_tokens(tokenizer, inprocess, http_text)
+    top1, top2, gap = plain_top2(target, prompt_ids + inprocess[:pos])
+    shared = inprocess[:pos]
+    follows = next((name for name, tok in (("top1", top1), ("top2", top2)) if http_text.startswith(tokenizer.decode(shared + [tok]))), "other")
+    cut = len(tokenizer.decode(shared))
+    return ServingMismatch(
+        prompt_id=prompt_id,
+        position=pos,
+        inprocess_token=inprocess[pos] if pos < len(inprocess) else None,
+        plain_top1=top1,
+        plain_top2=top2,
+        logit_gap=gap,
+        http_follows=follows,
+        inprocess_text=tokenizer.decode(inprocess)[cut : cut + EXCERPT_CHARS],
+        http_text=http_text[cut : cut + EXCERPT_CHARS],
+    )
+
+
 def _measure_level(
     engine: Engine, served: _Served, config: ServingBenchConfig, prompts: list[tuple[str, list[int]]], c: int, steps_so_far: int
 ) -> tuple[LevelResult, int]:
@@ -300,7 +356,7 @@ def _measure_level(
     metrics_before, timings_before = served.wait_steps(steps_so_far), served.timings()
     http_tokens = inproc_tokens = inproc_steps = 0
     http_wall = inproc_wall = 0.0
-    mismatched: list[str] = []
+    mismatches: list[ServingMismatch] = []
     for g, group in enumerate(groups):
         ids = [p for _, p in group]
         for side in (("inprocess", "http") if g % 2 == 0 else ("http", "inprocess")):
@@ -315,7 +371,11 @@ def _measure_level(
                 http_wall += wall
                 http_tokens += sum(r["usage"]["completion_tokens"] for r in replies)
                 steps_so_far += sum(r["cast"]["steps"] for r in replies)
-        mismatched += [pid for (pid, _), gen, reply in zip(group, gens, replies) if reply["choices"][0]["text"] != gen.text]
+        mismatches += [
+            explain_serving_mismatch(engine.target, engine.tokenizer, pid, prompt_ids, gen.token_ids, reply["choices"][0]["text"])
+            for (pid, prompt_ids), gen, reply in zip(group, gens, replies)
+            if reply["choices"][0]["text"] != gen.text
+        ]
     metrics_after, timings_after = served.wait_steps(steps_so_far), served.timings()
     metrics = (metrics_before, metrics_after) if metrics_before is not None and metrics_after is not None else None
     http_tps, inproc_tps = http_tokens / http_wall, inproc_tokens / inproc_wall
@@ -329,8 +389,9 @@ def _measure_level(
         inprocess_wall_s=inproc_wall,
         inprocess_tokens_per_s=inproc_tps,
         ratio=http_tps / inproc_tps,
-        outputs_match=not mismatched,
-        mismatched_prompts=mismatched,
+        outputs_match=not mismatches,
+        mismatched_prompts=[m.prompt_id for m in mismatches],
+        mismatches=mismatches,
         breakdown=breakdown(metrics, (timings_before, timings_after), inproc_wall / max(inproc_steps, 1)),
     )
     return level, steps_so_far
@@ -401,6 +462,8 @@ def serving_table(result: ServingResult) -> str:
             else ["n/a"] * len(_SPLIT_FIELDS)
         )
         match = "yes" if lv.outputs_match else f"no ({len(lv.mismatched_prompts)})"
+        if lv.mismatches:
+            match += "; top-2 gaps " + ", ".join(f"{m.logit_gap:.2f}" for m in sorted(lv.mismatches, key=lambda m: m.logit_gap))
         lines.append(f"| {lv.concurrency} | {lv.http_tokens_per_s:.1f} | {lv.inprocess_tokens_per_s:.1f} | {lv.ratio:.2f} | " + " | ".join(split) + f" | {match} |")
     m = result.machine
     lines.append("")

@@ -8,10 +8,11 @@ import torch
 
 from bench.cli import main as bench_main
 from bench.datasets import DATASET_NAMES, TUNING_SIZE, Prompt, load_prompts
-from bench.harness import BenchConfig, explain_mismatch, first_difference, load_result, make_groups, run_benchmark, save_result
+from bench.harness import BenchConfig, explain_mismatch, first_difference, load_result, make_groups, plain_top2, run_benchmark, save_result
 from bench.methods import METHOD_NAMES, ModelPair
 from bench.overhead import profile_overhead
 from bench.report import END, START, generate_report, paired_ratio, pooled_ratio, write_readme_section
+from bench.serving import explain_serving_mismatch, shared_tokens
 from bench.sweep import SweepConfig, load_sweep, run_sweep, save_sweep
 from cast_core import CastConfig, StaticConfig
 from cast_core.cost import CostProfile
@@ -434,3 +435,21 @@ def test_teacher_forced_guesses_rank_within_the_draft_vocabulary() -> None:
             assert guesses.ranks[i] == rank
             assert guesses.confidences[i] == pytest.approx(float(torch.softmax(logits[scored], -1).max()), abs=1e-4)
             seen.add(token)
+
+
+def test_explain_serving_mismatch_finds_the_first_token_the_text_leaves(pair) -> None:
+    """An HTTP text known only as text is matched token by token against the in-process ids; at the first token it
+    leaves, the plain target's top-2 says which of the two the HTTP text went on with."""
+    ids = pair.encode("t5 t6 t7")
+    ref = reference_greedy(pair.target, ids, 6, TINY_EOS)
+    assert len(ref) >= 4
+    assert shared_tokens(pair.tokenizer, ref, pair.tokenizer.decode(ref)) == len(ref)
+    top1, top2, gap = plain_top2(pair.target, ids + ref[:2])
+    assert top1 == ref[2] and gap > 0
+    http_text = pair.tokenizer.decode(ref[:2] + [top2] + ref[3:])
+    m = explain_serving_mismatch(pair.target, pair.tokenizer, "toy/0", ids, ref, http_text)
+    assert (m.position, m.inprocess_token, m.plain_top1, m.plain_top2, m.http_follows) == (2, ref[2], top1, top2, "top2")
+    assert m.logit_gap == pytest.approx(gap)
+    shared = len(pair.tokenizer.decode(ref[:2]))
+    assert (m.http_text, m.inprocess_text) == (http_text[shared : shared + 40], pair.tokenizer.decode(ref)[shared : shared + 40])
+    assert m.http_text != m.inprocess_text
