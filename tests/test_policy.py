@@ -85,11 +85,28 @@ def test_depth_pruning_follows_cost() -> None:
     assert histories[0].alpha() < 1.0
 
 
+def test_depth_prices_verifying_one_more_node() -> None:
+    """c^(i) = C_D(n_i) + C_T(i + 2) - C_T(i + 1): a layer's best draft pays only once verified. With the same
+    drafter, a flat verify curve (B=1 on a CPU) grows a layer that a steep one (B=8: 0.26-0.30 plain steps a
+    token on the 2-core AMD EPYC) does not; deeper layers are priced where the chain they extend ends."""
+    policy = CastPolicy(CastConfig(c2=1.25, adaptive_thresholds=False))
+    drafter = np.r_[0.0, np.full(10, 0.2)]
+    flat = CostContext(drafter=drafter, target=np.r_[0.0, np.ones(11)], batch_size=1, context=0)
+    steep = CostContext(drafter=drafter, target=np.r_[0.0, 1.0 + 0.28 * np.arange(11)], batch_size=8, context=0)
+    kept = np.array([[0.4]])  # 0.4 >= 1.25 * 0.2, but not >= 1.25 * (0.2 + 0.28)
+    assert policy.grow(1, kept, flat, [DepthHistory(4)]) and not policy.grow(1, kept, steep, [DepthHistory(4)])
+    assert policy.grow(1, np.array([[0.7]]), steep, [DepthHistory(4)])
+    bend = CostContext(drafter=drafter, target=np.r_[0.0, 1.0, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], batch_size=4, context=0)
+    assert policy.grow(1, kept, bend, [DepthHistory(4)]), "layer 2: a chain of 3 tokens verifies at a plain step's cost"
+    assert not policy.grow(2, kept, bend, [DepthHistory(4)]), "layer 3: the 4th token costs a plain step more"
+    assert steep.target_cost(30) == pytest.approx(1.0 + 0.28 * 29), "past the curve's end, its last slope"
+
+
 def test_scaled_depth_threshold_stops_growth_once_c2_rho_cost_exceeds_one() -> None:
     """alpha * u <= 1 (u sums path confidences), so with thresholds scaled by rho^B no second layer grows once
     C2 * rho^B * c_D > 1: with the defaults and a drafter forward of 0.59 plain steps, that is rho^B > 1.36."""
     policy = CastPolicy()
-    ctx = CostContext(drafter=np.r_[0.0, np.full(10, 0.59)], target=np.arange(80.0), batch_size=1, context=0)
+    ctx = CostContext(drafter=np.r_[0.0, np.full(10, 0.59)], target=np.r_[0.0, np.ones(79)], batch_size=1, context=0)
     sure = np.array([[0.99]])
     policy.gate.observe(1, tokens=2.6, cost=2.0)  # rho^1 = 1.3: threshold 1.25 * 1.3 * 0.59 = 0.96
     assert policy.grow(1, sure, ctx, [DepthHistory(4)])

@@ -1,0 +1,62 @@
+"""Gate held open: CAST trees by max_depth at B=4 and B=8 vs vanilla, interleaved (diagnostic)."""
+import sys, time, json
+import torch
+sys.path.insert(0, '/work/main')
+from bench.methods import ModelPair
+from bench.datasets import load_prompts
+from cast_core.engine import Engine
+from cast_core import decoder as dec
+from cast_core.policy import CastConfig
+
+subset, dataset = sys.argv[1], sys.argv[2]
+variants = json.loads(sys.argv[3])  # name -> CastConfig overrides
+torch.set_num_threads(2)
+pair = ModelPair.load('qwen2.5-coder-1.5b-instruct', 'qwen2.5-coder-0.5b-instruct', drafter_quantization='int8')
+prompts = load_prompts(dataset, pair.tokenizer, subset)
+ids = [pair.encode(p.text) for p in prompts]
+acc = {'steps': 0, 'drafted': 0, 'fw': 0, 'ver': 0, 'draft_s': 0.0, 'verify_s': 0.0}
+orig = dec.SpecDecoder.step
+def step(self):
+    out, st = orig(self)
+    acc['steps'] += 1; acc['drafted'] += st.drafter_forwards > 0; acc['fw'] += st.drafter_forwards
+    acc['ver'] += max(st.tokens_verified); acc['draft_s'] += st.draft_s; acc['verify_s'] += st.verify_s
+    return out, st
+dec.SpecDecoder.step = step
+engines = {'vanilla': Engine(pair.target, pair.tokenizer, None, policy='none', cost_profile=pair.cost_profile, max_batch_size=8)}
+import types, numpy as np
+def vchain_grow(self, layer, kept, ctx, histories, covered=0.0):
+    if layer >= self.config.max_depth:
+        return False
+    alpha = float(np.mean([h.alpha() for h in histories])) if histories else 1.0
+    utility = float(kept.sum(axis=1).mean())
+    n = min(layer + 2, len(ctx.target) - 1)
+    cost = float(ctx.drafter[kept.shape[1]]) + float(ctx.target[n] - ctx.target[n - 1])
+    return alpha * utility - covered >= self._threshold(self.config.c2, ctx) * cost
+for name, over in variants.items():
+    over = dict(over); vchain = over.pop('_vchain', False)
+    engines[name] = Engine(pair.target, pair.tokenizer, pair.drafter, policy='cast', cost_profile=pair.cost_profile, max_batch_size=8, cast_config=CastConfig(**over))
+    if vchain:
+        engines[name].policy.grow = types.MethodType(vchain_grow, engines[name].policy)
+def run(name, group, n):
+    e = engines[name]; e.max_batch_size = len(group)
+    for k in acc: acc[k] = 0
+    t = time.perf_counter(); gens = e.generate(group, max_new_tokens=n)
+    return time.perf_counter() - t, [g.token_ids for g in gens], dict(acc)
+plan = [(int(b), ids[int(s):int(s) + int(b)]) for b, s in (x.split(':') for x in sys.argv[4].split(','))]
+warmed = set(); tot = {}
+for gi, (b, group) in enumerate(plan):
+    if b not in warmed:
+        for name in engines: run(name, group, 8)
+        warmed.add(b)
+    order = list(engines) if gi % 2 == 0 else list(engines)[::-1]
+    res = {name: run(name, group, 128) for name in order}
+    wv = res['vanilla'][0]
+    line = f"{dataset} B={b} g{gi}: vanilla {wv:.1f}s"
+    for n in variants:
+        w, out, a = res[n]
+        d = max(a['drafted'], 1)
+        line += f" | {n} {wv/w:.3f}x steps {a['steps']} drafted {a['drafted']} fw/d {a['fw']/d:.1f} ver/d {a['ver']/d:.1f} draft {a['draft_s']:.1f}s verify {a['verify_s']:.1f}s match {sum(x==y for x,y in zip(res['vanilla'][1],out))}"
+        tot.setdefault((b, n), [0.0, 0.0]); tot[(b, n)][0] += wv; tot[(b, n)][1] += w
+    print(line, flush=True)
+for (b, n), (v, w) in sorted(tot.items()):
+    print(f"{dataset} B={b} {n} pooled {v/w:.3f}x", flush=True)
