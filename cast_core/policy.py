@@ -37,8 +37,9 @@ Policies:
   steps a token, more than a drafter forward), so the price deepens trees
   where verifying is cheap and keeps them shallow where it is not. With the
   speedup gate held open on the tuning prompts (2-core AMD EPYC, int8
-  drafter), B=8 ran 1.01x vanilla on HumanEval and 1.00x on MT-bench with it,
-  0.88x and 0.84x without (3.2-2.4 against 8.7-5.8 drafter forwards a step).
+  drafter, ``bench/results/depth_price_ab``), B=8 ran 1.01x / 0.96x vanilla
+  (HumanEval / MT-bench) with it, 0.88x / 0.86x without (HumanEval: 3.2-2.4
+  against 8.7-5.8 drafter forwards a step).
   With context lookup (``cast_core.lookup``, beyond the paper) the lookup's
   node at depth ``i + 1``, where its path so far is among layer ``i``'s kept
   nodes, is drafted without a forward; its ``v`` (batch mean) is subtracted
