@@ -326,9 +326,9 @@ def explain_serving_mismatch(
     target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_id: str, prompt_ids: list[int], inprocess: list[int], http_text: str
 ) -> ServingMismatch:
     """The first token where ``http_text`` leaves the in-process output ``inprocess``, with the plain target's top-2 there."""
-    pos = shared_tokens(tokenizer, inprocess, http_text)
-    top1, top2, gap = plain_top2(target, prompt_ids + inprocess[:pos])
-    shared = inprocess[:pos]
+    shared = inprocess[: shared_tokens(tokenizer, inprocess, http_text)]
+    pos = len(shared)
+    top1, top2, gap = plain_top2(target, prompt_ids + shared)
     follows = next((name for name, tok in (("top1", top1), ("top2", top2)) if http_text.startswith(tokenizer.decode(shared + [tok]))), "other")
     cut = len(tokenizer.decode(shared))
     return ServingMismatch(

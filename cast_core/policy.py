@@ -550,7 +550,7 @@ class CastPolicy(TreePolicy):
             return False
         alpha = float(np.mean([h.alpha() for h in histories])) if histories else 1.0
         utility = float(kept.sum(axis=1).mean())
-        cost = float(ctx.drafter[kept.shape[1]]) + ctx.target_cost(layer + 2) - ctx.target_cost(layer + 1)
+        cost = ctx.drafter_cost(kept.shape[1]) + ctx.target_cost(layer + 2) - ctx.target_cost(layer + 1)
         return alpha * utility - covered >= self._threshold(self.config.c2, ctx) * cost
 
     def observe_layer(self, prev_kept: np.ndarray, kept: np.ndarray, histories: list[DepthHistory]) -> None:
