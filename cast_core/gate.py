@@ -99,16 +99,28 @@ With 8 rows (2 steps at B=4), MT-bench B=4 closed on the 8-token warm-up's
 two steps, the first feeding whole prompts.
 
 Past ``min_judged``, while ``rho^B < min_speedup`` but the gate is not closed
-(below), drafting is thinned to the chance that it pays: a step drafts when
-the running sum of ``P = Phi((rho^B - min_speedup) K / S)`` (the normal
-approximation of ``P(rho > min_speedup)``) reaches 1, and is plain otherwise.
-A record between break-even and its closing bound would otherwise draft
-every step at an expected loss: at HumanEval B=8 on the Intel Xeon with AMX,
-steps committing 1 to 10 tokens held ``S / K`` at 0.1-0.15, and the gate
-drafted 16 steps at 0.8-1.0x before closing, the group running 0.76x vanilla.
-Thinned, the plain steps between cost nothing beyond their own time, are
-timed, and the record recovers through the steps that still draft where
-drafting pays.
+(below), drafting is thinned to the chance that it pays,
+``P = Phi((rho^B - min_speedup) K / S)`` (the normal approximation of
+``P(rho > min_speedup)``), taken as a share of *time*. A drafted step takes
+``C_bar = sum_i w_i C_i / sum_i w_i`` plain steps (the mean over the steps
+judged here), so drafting a share ``p`` of the steps spends
+``p C_bar / (1 - p + p C_bar)`` of the time drafting, which is ``P`` for::
+
+    p = P / (C_bar - (C_bar - 1) P)        (C_bar at least 1)
+
+A step drafts when the running sum of ``p`` reaches 1, and is plain
+otherwise. A record between break-even and its closing bound would otherwise
+draft every step at an expected loss: at HumanEval B=8 on the Intel Xeon
+with AMX, steps committing 1 to 10 tokens held ``S / K`` at 0.1-0.15, and
+the gate drafted 16 steps at 0.8-1.0x before closing, the group running
+0.76x vanilla. Thinned by steps rather than time, a drafted step costing 4-5
+plain ones (B=8 on the 2-core AMD EPYC) put several times ``P`` of the time
+into drafting: run after HumanEval in one process, whose record it carried
+over, an MT-bench B=8 group drafted 50 steps and ran 0.91x vanilla (10
+steps, 0.93x, thinned by time; tuning prompts,
+``bench/results/timeshare_ab/``). Thinned, the plain steps between cost
+nothing beyond their own time, are timed, and the record recovers through
+the steps that still draft where drafting pays.
 
 Past ``min_judged``, the gate closes only where ``rho^B`` is below
 ``min_speedup`` by ``z`` (``close_confidence``) standard errors::
@@ -206,8 +218,9 @@ class _BatchGate:
     cost: float = 0.0
     judged: int = 0  # row steps judged here, plus a closed neighbour's on inheritance
     # moments of the steps judged here, for the closing test (``DraftGate._closed``):
-    # sums of w, w^2, w^2 n^2, w^2 n C, w^2 C^2
+    # sums of w, w C, w^2, w^2 n^2, w^2 n C, w^2 C^2
     weight: float = 0.0
+    own_cost: float = 0.0
     weight_sq: float = 0.0
     tokens_sq: float = 0.0
     cross: float = 0.0
@@ -216,7 +229,7 @@ class _BatchGate:
     on_profile: bool = False  # the last judged step's C divided by the profile's plain step (rescaled once timings come)
     skip_left: int = 0
     backoff: int = 0
-    draft_credit: float = 0.0  # running sum of P(drafting pays) over the steps thinned below break-even
+    draft_credit: float = 0.0  # running sum of p (``DraftGate._step_share``) over the steps thinned below break-even
 
     @property
     def has_record(self) -> bool:
@@ -233,6 +246,7 @@ class _BatchGate:
         d2 = decay**2
         self.tokens, self.cost = decay * self.tokens + tokens, decay * self.cost + cost
         self.weight, self.weight_sq = decay * self.weight + 1.0, d2 * self.weight_sq + 1.0
+        self.own_cost = decay * self.own_cost + cost
         self.tokens_sq = d2 * self.tokens_sq + tokens**2
         self.cross = d2 * self.cross + tokens * cost
         self.cost_sq = d2 * self.cost_sq + cost**2
@@ -244,7 +258,8 @@ class _BatchGate:
 
     def rescale_costs(self, factor: float) -> None:
         """Every step's ``C`` times ``factor`` (a new plain-step basis)."""
-        self.cost, self.cross, self.cost_sq = self.cost * factor, self.cross * factor, self.cost_sq * factor**2
+        self.cost, self.own_cost = self.cost * factor, self.own_cost * factor
+        self.cross, self.cost_sq = self.cross * factor, self.cost_sq * factor**2
 
     def tokens_spread(self) -> float:
         """``S``: the standard error of ``T`` about ``rho^B K`` (0 with one step's weight or less: nothing to judge its spread by).
@@ -414,7 +429,7 @@ class DraftGate:
     def should_draft(self, batch_size: int) -> bool:
         """Whether this step at ``batch_size`` drafts (a skipped step counts down to the next probe; near
         break-even on the profile's basis, steps are plain until ``MIN_PLAIN_SAMPLES`` are timed; below
-        break-even, an open gate drafts when the running sum of ``draft_chance`` reaches 1)."""
+        break-even, an open gate drafts when the running sum of ``_step_share(draft_chance)`` reaches 1)."""
         gate = self._at(batch_size)
         if gate.skip_left > 0:
             gate.skip_left -= 1
@@ -425,11 +440,19 @@ class DraftGate:
         if chance >= 1.0:
             gate.draft_credit = 0.0
             return True
-        gate.draft_credit += chance
+        gate.draft_credit += self._step_share(gate, chance)
         if gate.draft_credit < 1.0:
             return False
         gate.draft_credit -= 1.0
         return True
+
+    @staticmethod
+    def _step_share(gate: _BatchGate, time_share: float) -> float:
+        """``p = P / (C_bar - (C_bar - 1) P)``: the share of steps that drafts a share ``P`` of the time,
+        a drafted step costing ``C_bar = max(1, sum_i w_i C_i / sum_i w_i)`` plain steps (the mean over the steps
+        judged here)."""
+        mean_cost = max(1.0, gate.own_cost / gate.weight) if gate.weight > 0 else 1.0
+        return time_share / (mean_cost - (mean_cost - 1.0) * time_share)
 
     def _needs_timing(self, gate: _BatchGate) -> bool:
         """Whether ``gate`` judges on an untimed (profiled) plain step with ``rho^B`` within ``TIMING_MARGIN`` of ``min_speedup``."""

@@ -105,8 +105,13 @@ def test_a_few_noisy_steps_below_break_even_do_not_close_the_gate_steady_losses_
     chance = confident.draft_chance(2)  # P(rho > 1) under the normal approximation: 1 - Phi(1.77)
     assert chance == pytest.approx(0.5 * (1 + math.erf((confident.speedup(2) - 1) / confident.speedup_error(2) / math.sqrt(2))))
     assert 0.02 < chance < 0.06
-    drafted = sum(confident.should_draft(2) for _ in range(100))
-    assert drafted == int(100 * chance), "below break-even an open gate drafts the share of steps it is likely to pay in"
+    costs = np.array([c for _, c in noisy])
+    weights = np.exp(-np.append(np.cumsum(costs[::-1])[::-1][1:], 0.0) / confident.window)  # w_i = prod_{j > i} d_j
+    mean_cost = float((weights * costs).sum() / weights.sum())
+    share = chance / (mean_cost - (mean_cost - 1) * chance)  # p: the share of steps that spends `chance` of the time
+    assert share * mean_cost / (1 - share + share * mean_cost) == pytest.approx(chance)
+    drafted = sum(confident.should_draft(2) for _ in range(400))
+    assert drafted == int(400 * share + 1e-9), "below break-even an open gate drafts the share of time it is likely to pay in"
     steady = DraftGate(min_judged=12)
     for n, c in [(1.6, 2.0), (1.5, 2.1), (1.7, 2.0), (1.6, 1.9), (1.5, 2.0), (1.6, 2.1)]:  # 0.78x
         steady.observe(2, n, c)
