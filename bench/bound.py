@@ -38,7 +38,10 @@ output ``y`` is the dynamic program::
 
 over the outputs measured at ``B``, each row priced at batch size ``B``'s
 costs as if it chose its tree alone (a batch pays for its largest tree, so
-this only flatters). ``c_D`` is the profile's single-token drafter forward,
+this only flatters). A static batch also runs until its slowest row is
+done, so per batch of the run ``S_static(B) = sum max_b |y_b| / sum max_b
+T_b(0)`` (``static_batch_oracle_bound``): a batch step costs at least the
+tree holding any one row's accepted path. ``c_D`` is the profile's single-token drafter forward,
 the least a drafter forward costs, unless a measured one is given. No
 best-first tree policy of this drafter, however well it guesses, beats
 ``S_oracle`` with forwards that cost ``c_D``.
@@ -156,20 +159,50 @@ def oracle_tree_bound(
     if not any(ranks):
         return None
     c_d, verify = _prices(profile, batch_size, context, max_depth * top_k + 1, drafter_cost)
-    tokens = time = 0.0
-    for seq in ranks:
-        n = len(seq)
-        best = np.zeros(n + 1)  # best[i] = T(i); T(n) = 0
-        for i in range(n - 1, -1, -1):
-            cost, nodes = 1.0 + best[i + 1], 0  # d = 0: a plain step
-            for d in range(1, min(max_depth, n - i) + 1):
-                if seq[i + d - 1] > top_k:
-                    break
-                nodes += seq[i + d - 1]
-                cost = min(cost, d * c_d + verify[nodes + 1] + best[min(i + d + 1, n)])
-            best[i] = cost
-        tokens, time = tokens + n, time + best[0]
-    return tokens / time
+    return sum(map(len, ranks)) / sum(_oracle_time(seq, c_d, verify, top_k, max_depth) for seq in ranks)
+
+
+def static_batch_oracle_bound(
+    groups: list[list[list[int]]],
+    profile: CostProfile,
+    batch_size: int,
+    context: int,
+    top_k: int,
+    max_depth: int,
+    drafter_cost: float | None = None,
+) -> float | None:
+    """``S_static(B)``: ``S_oracle`` for static batches, where a batch runs until its slowest row is done.
+
+    ``groups``: the drafter ranks of each batch's outputs, as the batches ran. A batch step costs at
+    least what the tree holding any one row's accepted path costs, so a batch takes at least
+    ``max_b T_b(0)`` plain steps, where vanilla takes ``max_b |y_b|``::
+
+        S_static(B) = sum_groups max_b |y_b| / sum_groups max_b T_b(0)
+
+    A strict ceiling where every row of a batch stays in it to the end (a batch that sheds finished
+    rows steps more cheaply than its size's prices, which this then overcharges). ``drafter_cost``:
+    a measured ``c_D`` to price drafter forwards with instead of the profile's. None without outputs.
+    """
+    if not any(seq for group in groups for seq in group):
+        return None
+    c_d, verify = _prices(profile, batch_size, context, max_depth * top_k + 1, drafter_cost)
+    vanilla = sum(max(map(len, group)) for group in groups if group)
+    return vanilla / sum(max(_oracle_time(seq, c_d, verify, top_k, max_depth) for seq in group) for group in groups if group)
+
+
+def _oracle_time(seq: list[int], c_d: float, verify: np.ndarray, top_k: int, max_depth: int) -> float:
+    """``T(0)`` for one output's ranks ``seq``: ``T(i) = min_d [cost(d, i) + T(i + d + 1)]``, ``T(|y|) = 0``."""
+    n = len(seq)
+    best = np.zeros(n + 1)  # best[i] = T(i)
+    for i in range(n - 1, -1, -1):
+        cost, nodes = 1.0 + best[i + 1], 0  # d = 0: a plain step
+        for d in range(1, min(max_depth, n - i) + 1):
+            if seq[i + d - 1] > top_k:
+                break
+            nodes += seq[i + d - 1]
+            cost = min(cost, d * c_d + verify[nodes + 1] + best[min(i + d + 1, n)])
+        best[i] = cost
+    return float(best[0])
 
 
 def fixed_chain_bound(

@@ -34,9 +34,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.bound import confidence_chain_bound, fixed_chain_bound, oracle_tree_bound, profiled_drafter_cost, speedup_bound  # noqa: E402
+from bench.bound import (  # noqa: E402
+    confidence_chain_bound,
+    fixed_chain_bound,
+    oracle_tree_bound,
+    profiled_drafter_cost,
+    speedup_bound,
+    static_batch_oracle_bound,
+)
 from bench.datasets import DATASET_NAMES  # noqa: E402
-from bench.harness import RESULTS_DIR, BenchResult, CellResult, load_result  # noqa: E402
+from bench.harness import RESULTS_DIR, BenchResult, CellResult, GroupResult, load_result  # noqa: E402
 from bench.methods import METHOD_NAMES  # noqa: E402
 from bench.serving import ServingResult, load_serving, serving_table  # noqa: E402
 from bench.sweep import PARAMS, SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
@@ -255,10 +262,11 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
     cast = result.config.cast
     lines = [
         "| dataset | B | drafter forward / target step (profile; this run) | ceiling, every draft accepted (depth) "
-        "| ceiling, any best-first tree of this drafter, sized with hindsight | one chain depth for the whole run (depth) "
+        "| ceiling, any best-first tree of this drafter, sized with hindsight "
+        "| the same, batches waiting for their slowest row | one chain depth for the whole run (depth) "
         "| chain stopped by the drafter's confidence (θ, cap) "
         "| ceiling, CAST's measured acceptance (depth) | CAST measured | CAST accepted / step | CAST steps drafted |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dataset in _datasets(result):
         for c in sorted((c for c in result.cells if c.dataset == dataset and c.method == "cast"), key=lambda c: c.batch_size):
@@ -268,6 +276,9 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
             vanilla = result.cell(dataset, "vanilla", c.batch_size)
             ranks = vanilla.drafter_ranks if vanilla else []
             oracle = oracle_tree_bound(ranks, profile, c.batch_size, BOUND_CONTEXT, cast.top_k, cast.max_depth, measured)
+            static = static_batch_oracle_bound(
+                _by_group(ranks, vanilla.groups) if vanilla else [], profile, c.batch_size, BOUND_CONTEXT, cast.top_k, cast.max_depth, measured
+            )
             fixed = fixed_chain_bound(ranks, profile, c.batch_size, BOUND_CONTEXT, cast.max_depth, measured)
             confident = confidence_chain_bound(
                 ranks, vanilla.drafter_confidences if vanilla else [], profile, c.batch_size, BOUND_CONTEXT, cast.max_depth, measured
@@ -276,11 +287,21 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
             lines.append(
                 f"| {dataset} | {c.batch_size} | {profiled:.2f}; {'n/a' if measured is None else f'{measured:.2f}'} "
                 f"| {b.perfect:.2f}x ({b.perfect_depth}) | {'n/a' if oracle is None else f'{oracle:.2f}x'} "
+                f"| {'n/a' if static is None else f'{static:.2f}x'} "
                 f"| {'n/a' if fixed is None else f'{fixed[0]:.2f}x ({fixed[1]})'} "
                 f"| {'n/a' if confident is None else f'{confident[0]:.2f}x ({confident[1]:g}, {confident[2]})'} | {chain} "
                 f"| {c.speedup_vs_vanilla.median:.2f}x | {c.mean_accepted_length:.2f} | {100 * c.drafted_step_share:.0f}% |"
             )
     return "\n".join(lines)
+
+
+def _by_group(per_output: list[list[int]], groups: list[GroupResult]) -> list[list[list[int]]]:
+    """``per_output`` (one entry per output, group after group, as the harness stores them) split by ``groups``."""
+    split, start = [], 0
+    for group in groups:
+        split.append(per_output[start : start + len(group.prompt_ids)])
+        start += len(group.prompt_ids)
+    return split
 
 
 def pooled_ratio(cast: CellResult, vanilla: CellResult) -> float:
@@ -488,15 +509,20 @@ def markdown(
             f"(at most top_k = {result.config.cast.top_k} children a node, depth {result.config.cast.max_depth}) that accepts "
             "`d` drafts holds at least the sum of their ranks in nodes; a dynamic program over each output picks, with "
             "hindsight, the cheapest tree at every step, priced like the first ceiling. No tree policy of this drafter "
-            "whose forwards cost that much beats it (with the profile's single-token forward, none at all). The third "
+            "whose forwards cost that much beats it (with the profile's single-token forward, none at all). It prices "
+            "each row as if it chose its tree alone; the third prices batches as they ran: a batch step costs at least "
+            "the tree holding any one row's accepted path, and a batch is done when its slowest row is, so each batch "
+            "takes at least its slowest row's least time, priced like the second, where vanilla takes "
+            "its longest output's length. Strict where every row stays to the end of its batch (HumanEval's do; "
+            "MT-bench's rows end early, and a batch that sheds them steps more cheaply than these prices). The fourth "
             "replays, on the same ranks and at the same prices, a greedy chain of one depth for every step (the best depth "
             "for the whole run, in hindsight): what knowing how often the drafter is right buys, without knowing when; a "
-            "policy must read the drafter's confidences to beat it. The fourth reads them: a chain that stops once its path "
+            "policy must read the drafter's confidences to beat it. The fifth reads them: a chain that stops once its path "
             "confidence (the product of the drafter's top-1 probabilities, teacher-forced) falls below `θ`, at most `cap` "
             "deep, the token that fell below included; `θ` and `cap` are the best pair in hindsight, so it is what a chain "
-            "policy reading confidences reaches at best, not a ceiling for trees. The fifth uses CAST's acceptance by depth in this run (measured on CAST's trees, "
+            "policy reading confidences reaches at best, not a ceiling for trees. The sixth uses CAST's acceptance by depth in this run (measured on CAST's trees, "
             "which accept more per depth than a chain of that cost could), so it is an estimate. "
-            "None counts prefill or framework time. All five price every drafted depth as a drafter forward: "
+            "None counts prefill or framework time. All six price every drafted depth as a drafter forward: "
             "context lookup (`lookup_tokens`) drafts repeated spans whose tokens the catch-up forward prices without "
             "forwards of their own, so a CAST run with it is not bound by them; they bound the drafter's own trees.",
             "",

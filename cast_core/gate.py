@@ -217,8 +217,8 @@ class _BatchGate:
     tokens: float = 0.0
     cost: float = 0.0
     judged: int = 0  # row steps judged here, plus a closed neighbour's on inheritance
-    # moments of the steps judged here, for the closing test (``DraftGate._closed``):
-    # sums of w, w C, w^2, w^2 n^2, w^2 n C, w^2 C^2
+    # moments of the steps judged here: sums of w, w C (the thinning's mean cost, ``DraftGate._step_share``),
+    # and for the closing test (``DraftGate._closed``) w^2, w^2 n^2, w^2 n C, w^2 C^2
     weight: float = 0.0
     own_cost: float = 0.0
     weight_sq: float = 0.0

@@ -397,6 +397,30 @@ def test_oracle_tree_bound_is_the_cheapest_schedule_of_best_first_trees() -> Non
     assert chain <= speedup_bound(profile, 1, 128).perfect + 1e-9  # every draft accepted is the best case
 
 
+def test_static_batch_oracle_waits_for_the_slowest_row() -> None:
+    """S_static = sum_groups max_b |y_b| / sum_groups max_b T_b(0): a static batch is done when its slowest row is
+    (priced at B=1's costs here, which ``verify`` spells out)."""
+    from bench.bound import oracle_tree_bound, static_batch_oracle_bound
+
+    profile = CostProfile.synthetic(0.1, 0.01, 0.03, 0.0, token_counts=(1, 2, 4, 8, 16, 32, 64))
+    c_d = 0.03 / 0.11
+
+    def verify(n: int) -> float:
+        return (0.1 + 0.01 * n) / 0.11
+
+    easy, hard, short = [1] * 8, [2, 7, 1, 1, 4, 1, 2, 2], [1, 1, 1]
+    times = {name: _brute_force_time(seq, c_d, verify, 4, 3) for name, seq in (("easy", easy), ("hard", hard), ("short", short))}
+    one = static_batch_oracle_bound([[easy, hard]], profile, 1, 128, top_k=4, max_depth=3)
+    assert one == pytest.approx(8 / max(times["easy"], times["hard"]))
+    assert one < oracle_tree_bound([easy, hard], profile, 1, 128, top_k=4, max_depth=3), "per-row pricing flatters a batch"
+    two = static_batch_oracle_bound([[easy, hard], [short, easy]], profile, 1, 128, top_k=4, max_depth=3)
+    assert two == pytest.approx((8 + 8) / (max(times["easy"], times["hard"]) + max(times["short"], times["easy"])))
+    assert static_batch_oracle_bound([[easy]], profile, 1, 128, top_k=4, max_depth=3) == pytest.approx(
+        oracle_tree_bound([easy], profile, 1, 128, top_k=4, max_depth=3)
+    ), "a batch of one is the per-row ceiling"
+    assert static_batch_oracle_bound([[[], []]], profile, 1, 128, top_k=4, max_depth=3) is None
+
+
 def test_teacher_forced_guesses_match_incremental_decoding() -> None:
     """The target ranks each of its own greedy tokens first; a noisy drafter as its step-by-step logits do."""
     from bench.ranks import teacher_forced_guesses
