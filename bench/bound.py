@@ -41,8 +41,9 @@ costs as if it chose its tree alone (a batch pays for its largest tree, so
 this only flatters). A static batch also runs until its slowest row is
 done, so per batch of the run ``S_static(B) = sum max_b |y_b| / sum max_b
 T_b(0)`` (``static_batch_oracle_bound``): a batch step costs at least the
-tree holding any one row's accepted path. ``c_D`` is the profile's single-token drafter forward,
-the least a drafter forward costs, unless a measured one is given. No
+tree holding any one row's accepted path. ``c_D`` is the profile's
+single-token drafter forward, the least a drafter forward costs, unless a
+measured one is given. No
 best-first tree policy of this drafter, however well it guesses, beats
 ``S_oracle`` with forwards that cost ``c_D``.
 
@@ -154,12 +155,10 @@ def oracle_tree_bound(
 ) -> float | None:
     """``S_oracle(B)`` from the drafter ranks of the target's outputs (see module docstring); None without outputs.
 
-    ``drafter_cost``: a measured ``c_D`` to price drafter forwards with instead of the profile's.
+    ``drafter_cost``: a measured ``c_D`` to price drafter forwards with instead of the profile's. Each row
+    priced alone is ``static_batch_oracle_bound`` over batches of one.
     """
-    if not any(ranks):
-        return None
-    c_d, verify = _prices(profile, batch_size, context, max_depth * top_k + 1, drafter_cost)
-    return sum(map(len, ranks)) / sum(_oracle_time(seq, c_d, verify, top_k, max_depth) for seq in ranks)
+    return static_batch_oracle_bound([[seq] for seq in ranks], profile, batch_size, context, top_k, max_depth, drafter_cost)
 
 
 def static_batch_oracle_bound(
