@@ -45,6 +45,7 @@ import torch
 from cast_core.forward import feed_chain_ahead, forward_logits
 from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
+from cast_core.lookup import lookup_gain
 from cast_core.policy import CostContext, DraftedStep, LookupStep, PlainStep, RowPlan, TreePolicy, reference_step_s
 from cast_core.tree import DraftTree
 from cast_core.vocab import DEFAULT_CORE_SIZE, DraftHead, DraftVocab
@@ -127,6 +128,13 @@ class Drafter:
         for plan, tokens in zip(plans, pending):
             if tokens and isinstance(plan.last_step, LookupStep):
                 policy.observe_lookup_step(plan.last_step, tokens)
+        gains = [
+            lookup_gain(tokens[:-1], *plan.last_step.lookup)
+            for plan, tokens in zip(plans, pending)
+            if tokens and isinstance(plan.last_step, DraftedStep) and plan.last_step.lookup is not None
+        ]
+        if gains:
+            policy.observe_lookup(float(np.mean(gains)))
         if gate is not None:
             _report_speedups(gate, live, [p for p in pending if p], t0)
         fresh = _reuse_stashed_path(state, pending, plans)
@@ -157,7 +165,8 @@ class Drafter:
             chains, gaps = gate.catch_up(ctx.batch_size, chains, state.next_pos.tolist(), left, ctx.drafter_cost)
         ahead = _lookups(chains, [guess for guess, _ in guesses], policy, ctx)
         try:
-            result, layer_costs, catch_up_s = self._grow(state, chains, ahead, gaps, head, roots, active, policy, ctx, plans, live)
+            decisive = _decisive_rows(plans, active) if policy.sizes_for_slowest else active
+            result, layer_costs, catch_up_s, lookup_depth = self._grow(state, chains, ahead, gaps, head, roots, active, decisive, policy, ctx, plans)
         except BaseException:
             state.discard_tail()  # a failed step leaves no half-built tree behind
             raise
@@ -170,8 +179,10 @@ class Drafter:
             catch_up = ctx.drafter_cost(max(len(c) + len(a) for c, a in zip(charged, ahead)))
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
             excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if feeds_prompt and ctx.step_s > 0 else 0.0
-            for plan in live:
-                plan.last_step = DraftedStep(ctx.batch_size, t0 + excess, ctx.step_s, float(catch_up + layer_costs + verify))
+            for plan, guess, depth, a in zip(plans, ahead, lookup_depth, active):
+                if a:
+                    lookup = (guess, int(depth)) if any(ahead) else None
+                    plan.last_step = DraftedStep(ctx.batch_size, t0 + excess, ctx.step_s, float(catch_up + layer_costs + verify), lookup)
         return result
 
     def _grow(
@@ -183,16 +194,18 @@ class Drafter:
         head: DraftHead,
         roots: torch.Tensor,
         active: np.ndarray,
+        decisive: np.ndarray,
         policy: TreePolicy,
         ctx: CostContext | None,
         plans: list[RowPlan],
-        live: list[RowPlan],
-    ) -> tuple[DraftResult, float, float]:
+    ) -> tuple[DraftResult, float, float, np.ndarray]:
         """Feed ``chains`` (with ``gaps``, see ``feed_chain``) and, uncommitted, the lookup tokens ``ahead``
         of them; grow the tree layer by layer over ``head``'s ids, stash the fed nodes, graft the lookup
-        tokens on (``_graft_lookup``), rerank (``live``: the active rows' plans).
+        tokens on (``_graft_lookup``), rerank. The policy sizes every row's tree from the ``decisive``
+        rows' confidences (a subset of the ``active`` ones, ``_decisive_rows``).
 
-        Also returns the drafted layers' cost (target steps) and the catch-up forward's seconds.
+        Also returns the drafted layers' cost (target steps), the catch-up forward's seconds and, per
+        row, the depth the drafted tree reached along its lookup's path (below it the lookup was grafted).
         """
         bsz, k = len(chains), min(policy.top_k, int(head.ids.numel()))  # a draft vocabulary may hold fewer ids than top_k
         t_feed = time.perf_counter()
@@ -201,7 +214,7 @@ class Drafter:
         assert fed_logits is not None
         plan_s, layer_costs = 0.0, 0.0
         root_pos = (state.next_pos - 1).clamp(min=0)
-        histories = [plan.depth for plan in live]
+        histories = [plan.depth for plan, d in zip(plans, decisive) if d]
 
         ahead_p = _lookup_probs(fed_logits, ahead, head) if any(ahead) else None
         ahead_v = None if ahead_p is None else torch.cumprod(ahead_p, dim=1).numpy()  # [B, W]: v of the lookup's j+1-th node
@@ -218,12 +231,12 @@ class Drafter:
         fed_parent: list[torch.Tensor] = []  # tail slot of each fed node's parent (-1: the root)
         while True:
             t0 = time.perf_counter()
-            cand = node_conf[-1].numpy()[active]
+            cand = node_conf[-1].numpy()[decisive]
             n_keep = policy.layer_width(layer, cand, ctx)
             for lst in (node_tok, node_parent, node_depth, node_conf):
                 lst[-1] = lst[-1][:, :n_keep]
             layer_vis = layer_vis[:, :n_keep]
-            kept = node_conf[-1].numpy()[active]
+            kept = node_conf[-1].numpy()[decisive]
             if prev_kept is not None:
                 policy.observe_layer(prev_kept, kept, histories)
             covered = 0.0
@@ -231,7 +244,7 @@ class Drafter:
                 path_node = _follow_lookup(path_node, ahead, layer, node_tok[-1], node_parent[-1], layer_start)
                 deepest[:, path_node >= 0] = np.stack([path_node, np.full(bsz, layer)])[:, path_node >= 0]
                 on_path = [a and n >= 0 and len(ahead[b]) > layer for b, (a, n) in enumerate(zip(active, path_node))]
-                covered = float(np.where(on_path, ahead_v[:, min(layer, ahead_v.shape[1] - 1)], 0.0)[active].mean())
+                covered = float(np.where(on_path, ahead_v[:, min(layer, ahead_v.shape[1] - 1)], 0.0)[decisive].mean())
             grow = layer < policy.max_depth and policy.grow(layer, kept, ctx, histories, covered)
             plan_s += time.perf_counter() - t0
             if not grow:
@@ -272,17 +285,26 @@ class Drafter:
         nodes = [torch.cat(x, dim=1) for x in (node_tok, node_parent, node_depth, node_conf)]  # [B, N] each
         valid = torch.ones_like(nodes[0], dtype=torch.bool)
         if ahead_p is not None:
-            grafted, grafted_valid, gain = _graft_lookup(nodes[0].shape[1], nodes[3], deepest, ahead, ahead_p, active)
+            grafted, grafted_valid = _graft_lookup(nodes[0].shape[1], nodes[3], deepest, ahead, ahead_p)
             nodes = [torch.cat([x, g], dim=1) for x, g in zip(nodes, grafted)]
             valid = torch.cat([valid, grafted_valid], dim=1)
-            policy.observe_lookup(gain)
         all_conf = nodes[3]
         order = torch.sort(all_conf, dim=1, descending=True, stable=True).indices
-        m = policy.verify_count(torch.gather(all_conf, 1, order).numpy()[active], ctx)
+        m = policy.verify_count(torch.gather(all_conf, 1, order).numpy()[decisive], ctx)
         plan_s += time.perf_counter() - t0
         chosen = torch.sort(order[:, :m], dim=1).values  # node order keeps parents first
         tree = _assemble(roots, *nodes, valid, chosen)
-        return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s), layer_costs, catch_up_s
+        return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s), layer_costs, catch_up_s, deepest[1]
+
+
+def _decisive_rows(plans: list[RowPlan], active: np.ndarray) -> np.ndarray:
+    """The active rows with the most tokens left (``RowPlan.budget_left``), the ones the batch waits for.
+
+    A batch decodes until its longest row is done, so a drafted token shortens it only on such a
+    row; an unbounded row counts as having the most left. At a batch's start every row does.
+    """
+    left = np.array([plan.budget_left for plan in plans])
+    return active & (left >= left[active].max())
 
 
 def _lookups(chains: list[list[int]], guesses: list[list[int]], policy: TreePolicy, ctx: CostContext | None) -> list[list[int]]:
@@ -352,9 +374,8 @@ def _graft_lookup(
     deepest: np.ndarray,
     ahead: list[list[int]],
     ahead_p: torch.Tensor,
-    active: np.ndarray,
-) -> tuple[list[torch.Tensor], torch.Tensor, float]:
-    """The lookup tokens as tree nodes: ``(tokens, parents, depth, conf)`` blocks ``[B, G]``, their validity, the gain.
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The lookup tokens as tree nodes: ``(tokens, parents, depth, conf)`` blocks ``[B, G]`` and their validity.
 
     ``deepest[:, b]`` = (tree node, depth ``d``) of the deepest drafted node on row ``b``'s lookup path
     ``a_1 .. a_d`` (``(0, 0)``: the root; tree node ``i + 1`` is drafted node ``i``, ``conf[b, i]`` its ``v``;
@@ -362,7 +383,7 @@ def _graft_lookup(
     nodes below it, with path confidence ``v(a_j) = v(parent) * p_D(a_j | root, a_1 .. a_{j-1})`` (never
     above its parent's, so reranking still picks a connected subtree), until ``v`` reaches 0.
     Rows are padded to ``G`` nodes with invalid padding nodes (token 0, parent root, depth 0,
-    ``v = 0``). The gain is the grafted nodes' total ``v`` averaged over the active rows.
+    ``v = 0``).
     """
     bsz = conf.shape[0]
     grafts: list[list[tuple[int, int, int, float]]] = []
@@ -384,9 +405,8 @@ def _graft_lookup(
         if row:
             block[:, b, : len(row)] = torch.tensor(row, dtype=torch.float64).T
             valid[b, : len(row)] = True
-    gain = float(np.mean([sum(v for *_, v in grafts[b]) for b in np.flatnonzero(active)]))
     out = [block[0].long(), block[1].long(), block[2].long(), block[3].to(conf.dtype)]
-    return out, valid, gain
+    return out, valid
 
 
 def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[RowPlan]) -> list[list[int]]:

@@ -12,7 +12,7 @@ forward instead of one forward per layer (:mod:`cast_core.drafter`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class ContextIndex:
@@ -55,6 +55,21 @@ class ContextIndex:
             if start is not None:
                 return self.tokens[start : start + length], n
         return [], 0
+
+
+def lookup_gain(accepted: Sequence[int], lookup: Sequence[int], covered: int) -> int:
+    """Accepted tokens that only a lookup grafted onto a drafted tree offered: ``max(0, L - d)``.
+
+    ``L`` is the length of the common prefix of the step's accepted drafts and the lookup, ``d``
+    (``covered``) the depth the drafted tree already reached along the lookup's path, below which
+    the lookup's tokens were grafted on as new nodes.
+    """
+    common = 0
+    for token, guess in zip(accepted, lookup):
+        if token != guess:
+            break
+        common += 1
+    return max(0, common - covered)
 
 
 class LookupAcceptance:

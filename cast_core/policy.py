@@ -137,6 +137,7 @@ class CastConfig(BaseModel):
     lookup_only: bool = Field(False, description="Context lookup: let a step skip the drafter and verify each row's lookup alone where the lookups' measured acceptance per unit of verify cost beats what drafting (or, with the gate closed, a plain step) yields (CastPolicy.lookup_only_length); the drafter catches up on the skipped tokens at its next drafted step. Off by default: not yet measured on the AVX-512 bf16 machine the benchmark runs on.")
     lookup_ngram: int = Field(3, ge=1, le=8, description="Context lookup: longest suffix (tokens) matched against the row's earlier tokens; shorter suffixes are tried down to 1.")
     adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
+    size_for_slowest: bool = Field(True, description="Size each step's trees (breadth, depth, verified nodes) from the confidences of the rows with the most tokens left, the ones a batch waits for, rather than the mean row: a token a row gains ahead of the batch's slowest row shortens no batch where a step costs about the same whatever its rows (CPU). Where finished rows are replaced at once (continuous batching) this errs towards smaller trees.")
 
 
 @dataclass
@@ -247,12 +248,15 @@ class DraftedStep:
         plain_step_s: seconds of one plain target step at ``B`` from a measured profile (0: unknown).
         predicted_cost: its cost in plain target steps, from the cost context
             (catch-up + drafted layers + verify forward).
+        lookup: the context-lookup tokens fed for its row and the depth the
+            drafted tree reached along their path (None: the step fed no lookup).
     """
 
     batch_size: int
     started: float
     plain_step_s: float
     predicted_cost: float
+    lookup: tuple[list[int], int] | None = None
 
     def judge(self, now: float, scale: float | None) -> tuple[float, bool]:
         """``(C, on_profile)`` of the step, ``now`` being the next drafting call.
@@ -345,7 +349,7 @@ class TreePolicy(ABC):
         return self.lookup_tokens > 0
 
     def observe_lookup(self, gain: float) -> None:
-        """Record the utility (mean per active row of the grafted lookup nodes' ``v``) a fed lookup added."""
+        """Record what a fed lookup added: accepted tokens per row that only its grafted nodes offered (``lookup_gain``)."""
 
     def lookup_only_length(self, guesses: list[tuple[list[int], int]], ctx: CostContext | None, baseline: float) -> int:
         """Tokens of each row's lookup to verify in a drafter-free step (0: no such step); ``guesses``: each
@@ -358,6 +362,11 @@ class TreePolicy(ABC):
     @property
     def needs_costs(self) -> bool:
         """Whether decisions read a ``CostContext``."""
+        return False
+
+    @property
+    def sizes_for_slowest(self) -> bool:
+        """Whether tree decisions read only the rows with the most tokens left (else every active row)."""
         return False
 
     @property
@@ -466,6 +475,10 @@ class CastPolicy(TreePolicy):
         return True
 
     @property
+    def sizes_for_slowest(self) -> bool:
+        return self.config.size_for_slowest
+
+    @property
     def gate(self) -> DraftGate:
         return self._gate
 
@@ -476,7 +489,10 @@ class CastPolicy(TreePolicy):
         """Feed the lookup iff its expected utility beats its price: ``g > C1' * (C_D(B, w_fed) - C_D(B, w))``.
 
         ``g`` is the lookup's recent utility (``observe_lookup``, an average with weight
-        ``LOOKUP_DECAY`` on the newest step), ``C1'`` the breadth threshold as scaled. A
+        ``LOOKUP_DECAY`` on the newest step): the tokens per row its grafted nodes got
+        accepted beyond the drafted tree (``cast_core.lookup.lookup_gain``), measured rather
+        than the drafter's confidence in them, which counts grafted nodes the verify
+        budget left out. ``C1'`` is the breadth threshold as scaled. A
         lookup not fed moves ``g`` towards 1 by ``LOOKUP_RETRY``, so a batch size where it
         stopped paying tries it again now and then.
         """

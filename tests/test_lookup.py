@@ -11,7 +11,7 @@ from cast_core.cost import CostProfile
 from cast_core.drafter import _graft_lookup
 from cast_core.forward import feed_chain, feed_chain_ahead
 from cast_core.kv import KVState
-from cast_core.lookup import ContextIndex, LookupAcceptance
+from cast_core.lookup import ContextIndex, LookupAcceptance, lookup_gain
 from cast_core.policy import CastPolicy, CostContext, LookupStep
 from cast_core.tree import DraftTree
 
@@ -89,26 +89,32 @@ def test_ahead_tokens_need_a_chain() -> None:
 
 def test_graft_extends_the_deepest_drafted_node_of_the_lookup_path() -> None:
     """Row 0's lookup 5, 7, 9, 4 was drafted down to 5 -> 7 (tree node 3, depth 2), so 9 and 4 are grafted
-    below it with v = v(parent) * p; row 1 has no lookup and gets padding; the gain averages over active rows."""
+    below it with v = v(parent) * p; row 1 has no lookup and gets padding."""
     # drafted nodes (tree nodes 1..3): 5 (root's child, v .8), 6 (root's child, v .1), 7 (child of 5, v .6)
     conf = torch.tensor([[0.8, 0.1, 0.6], [0.8, 0.1, 0.6]])
     deepest = np.array([[3, 0], [2, 0]])
     ahead_p = torch.tensor([[0.9, 0.7, 0.5, 0.4], [0.0, 0.0, 0.0, 0.0]])
-    (g_tok, g_par, g_depth, g_conf), valid, gain = _graft_lookup(
-        3, conf, deepest, [[5, 7, 9, 4], []], ahead_p, np.array([True, True])
-    )
+    (g_tok, g_par, g_depth, g_conf), valid = _graft_lookup(3, conf, deepest, [[5, 7, 9, 4], []], ahead_p)
     assert g_tok.tolist() == [[9, 4], [0, 0]]
     assert g_par.tolist() == [[3, 4], [0, 0]]  # 9 under tree node 3 (the 7); 4 under the grafted 9 (tree node 3 + 1)
     assert g_depth.tolist() == [[3, 4], [0, 0]]
     torch.testing.assert_close(g_conf, torch.tensor([[0.6 * 0.5, 0.6 * 0.5 * 0.4], [0.0, 0.0]]))
     assert valid.tolist() == [[True, True], [False, False]]
-    assert gain == pytest.approx((0.3 + 0.12) / 2)
 
 
 def test_graft_stops_where_the_drafter_gives_no_mass() -> None:
     deepest = np.zeros((2, 1), dtype=np.int64)  # the lookup 8, 9 leaves the root at once
-    (g_tok, *_), valid, gain = _graft_lookup(1, torch.tensor([[0.5]]), deepest, [[8, 9]], torch.tensor([[0.0, 0.9]]), np.array([True]))
-    assert g_tok.shape == (1, 0) and valid.shape == (1, 0) and gain == 0.0
+    (g_tok, *_), valid = _graft_lookup(1, torch.tensor([[0.5]]), deepest, [[8, 9]], torch.tensor([[0.0, 0.9]]))
+    assert g_tok.shape == (1, 0) and valid.shape == (1, 0)
+
+
+def test_lookup_gain_counts_accepted_tokens_below_the_drafted_tree() -> None:
+    """``max(0, L - d)``: the accepted drafts' common prefix with the lookup, less the depth the drafted tree covered."""
+    assert lookup_gain([5, 7, 9, 4, 2], [5, 7, 9, 4, 8], covered=2) == 2  # 9 and 4 came from grafted nodes
+    assert lookup_gain([5, 7, 9], [5, 7, 9, 4], covered=3) == 0  # the drafted tree held all of it
+    assert lookup_gain([5, 6], [5, 7, 9], covered=0) == 1  # accepted up to where it parted from the lookup
+    assert lookup_gain([], [5, 7], covered=0) == 0  # nothing accepted
+    assert lookup_gain([5, 7], [], covered=0) == 0  # this row had no lookup
 
 
 def test_lookup_is_fed_only_where_its_utility_beats_its_price() -> None:

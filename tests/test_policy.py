@@ -171,3 +171,38 @@ def test_reranked_tree_is_connected_with_root_children_first(seed: int) -> None:
         conf = tree.confidence[b, 1:n]
         parents = tree.parents[b, 1:n]
         assert bool((conf <= tree.confidence[b][parents]).all())
+
+
+def _draft_with_budgets(prompts, budgets, seed: int = 0):
+    """Draft one step for ``prompts`` whose rows have ``budgets`` tokens left, under cheap costs (deep trees)."""
+    from conftest import tiny_pair
+
+    target, drafter_model = tiny_pair("llama", torch.float64, noise=0.5, seed=seed)
+    drafter = Drafter(drafter_model, target.config.vocab_size)
+    state = drafter.new_state(len(prompts))
+    prefill_prompts(drafter_model, state, prompts)
+    policy = CastPolicy(CastConfig(c1=0.3, c2=0.3, c3=0.3))
+    plans = [policy.new_row_plan(left) for left in budgets]
+    ctx = CostContext.from_profile(CostProfile.synthetic(0.05, 0.002, 0.005, 0.0005), 2, 16, 70)  # one price for every call
+    return drafter.draft(state, [[p[-1]] for p in prompts], policy, ctx, plans)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_trees_are_sized_for_the_rows_with_the_most_tokens_left(seed: int) -> None:
+    """Breadth, depth and verified nodes follow the row the batch waits for; the other row gets a tree of that shape."""
+    prompts = [[5, 6, 7], [30, 31, 8, 9]]
+    for slow in (0, 1):
+        budgets = [50 if row == slow else 5 for row in range(2)]
+        batch = _draft_with_budgets(prompts, budgets, seed)
+        alone = _draft_with_budgets([prompts[slow]], [50], seed)
+        assert (batch.layers, batch.tree.tokens.shape[1]) == (alone.layers, alone.tree.tokens.shape[1])
+        batch.tree.validate()
+
+
+def test_decisive_rows_are_the_active_ones_with_the_most_tokens_left() -> None:
+    from cast_core.drafter import _decisive_rows
+
+    policy = CastPolicy()
+    plans = [policy.new_row_plan(left) for left in (10, 20, 20, None)]
+    assert _decisive_rows(plans, np.array([True, True, True, False])).tolist() == [False, True, True, False]
+    assert _decisive_rows(plans, np.array([True, True, True, True])).tolist() == [False, False, False, True]  # unbounded: most left

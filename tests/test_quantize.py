@@ -83,7 +83,7 @@ def test_int8_drafter_decodes_losslessly_and_finds_its_own_profile(tmp_path, mon
 
 
 def test_app_config_picks_the_drafter_its_packaged_profiles_price(tmp_path, monkeypatch) -> None:
-    """auto: int8 where the int8 drafter's profile is packaged (AMD EPYC), the plain drafter where only its is (Intel Xeon)."""
+    """auto: int8 where the int8 drafter's profile is packaged (AMD EPYC, Intel Xeon with AMX), the plain drafter where only its is (Intel Xeon with AVX-512 bf16)."""
     monkeypatch.setenv("CAST_CACHE_DIR", str(tmp_path))  # the packaged profiles alone
     with pytest.raises(ValueError, match="drafter_quantization"):
         AppConfig(device="cuda", drafter_quantization="int8")
@@ -91,7 +91,8 @@ def test_app_config_picks_the_drafter_its_packaged_profiles_price(tmp_path, monk
     assert config.drafter_profile_key("NVIDIA L4") == "qwen2.5-coder-0.5b-instruct"
     expected = "qwen2.5-coder-0.5b-instruct+int8" if int8_supported() else "qwen2.5-coder-0.5b-instruct"
     assert config.drafter_profile_key("cpu-2core-AMD EPYC-avx512bf16") == expected
-    assert config.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-amx") == "qwen2.5-coder-0.5b-instruct"
+    assert config.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-amx") == expected
+    assert config.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-avx512bf16") == "qwen2.5-coder-0.5b-instruct"
     forced = AppConfig(drafter_quantization="int8") if int8_supported() else None
     if forced is not None:
-        assert forced.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-amx") == "qwen2.5-coder-0.5b-instruct+int8"
+        assert forced.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-avx512bf16") == "qwen2.5-coder-0.5b-instruct+int8"

@@ -33,10 +33,12 @@ def vchain_grow(self, layer, kept, ctx, histories, covered=0.0):
     cost = float(ctx.drafter[kept.shape[1]]) + float(ctx.target[n] - ctx.target[n - 1])
     return alpha * utility - covered >= self._threshold(self.config.c2, ctx) * cost
 for name, over in variants.items():
-    over = dict(over); vchain = over.pop('_vchain', False)
+    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False)
     engines[name] = Engine(pair.target, pair.tokenizer, pair.drafter, policy='cast', cost_profile=pair.cost_profile, max_batch_size=8, cast_config=CastConfig(**over))
     if vchain:
         engines[name].policy.grow = types.MethodType(vchain_grow, engines[name].policy)
+    if always_lookup:  # feed every lookup found, whatever its price (the policy's rule bypassed)
+        engines[name].policy.use_lookup = lambda chain_width, fed_width, ctx, p=engines[name].policy: p.lookup_tokens > 0
 def run(name, group, n):
     e = engines[name]; e.max_batch_size = len(group)
     for k in acc: acc[k] = 0
