@@ -32,11 +32,28 @@ def vchain_grow(self, layer, kept, ctx, histories, covered=0.0):
     n = min(layer + 2, len(ctx.target) - 1)
     cost = float(ctx.drafter[kept.shape[1]]) + float(ctx.target[n] - ctx.target[n - 1])
     return alpha * utility - covered >= self._threshold(self.config.c2, ctx) * cost
+def tree_priced_grow(mode):
+    """Depth price with verification read at the tree's size so far (N_i nodes kept through layer i):
+    'layer' prices the n_i new nodes, C_D(n_i) + C_T(1 + N_i + n_i) - C_T(1 + N_i); 'node' one node, C_D(n_i) + C_T(N_i + 2) - C_T(N_i + 1)."""
+    def grow(self, layer, kept, ctx, histories, covered=0.0):
+        if layer == 1:
+            self._tree_nodes = 0
+        self._tree_nodes += kept.shape[1]
+        if layer >= self.config.max_depth:
+            return False
+        alpha = float(np.mean([h.alpha() for h in histories])) if histories else 1.0
+        utility = float(kept.sum(axis=1).mean())
+        n = kept.shape[1] if mode == 'layer' else 1
+        cost = ctx.drafter_cost(kept.shape[1]) + ctx.target_cost(1 + self._tree_nodes + n) - ctx.target_cost(1 + self._tree_nodes)
+        return alpha * utility - covered >= self._threshold(self.config.c2, ctx) * cost
+    return grow
 for name, over in variants.items():
-    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False)
+    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None)
     engines[name] = Engine(pair.target, pair.tokenizer, pair.drafter, policy='cast', cost_profile=pair.cost_profile, max_batch_size=8, cast_config=CastConfig(**over))
     if vchain:
         engines[name].policy.grow = types.MethodType(vchain_grow, engines[name].policy)
+    if price:
+        engines[name].policy.grow = types.MethodType(tree_priced_grow(price), engines[name].policy)
     if always_lookup:  # feed every lookup found, whatever its price (the policy's rule bypassed)
         engines[name].policy.use_lookup = lambda chain_width, fed_width, ctx, p=engines[name].policy: p.lookup_tokens > 0
 def run(name, group, n):
