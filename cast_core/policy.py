@@ -136,6 +136,7 @@ class CastConfig(BaseModel):
     lookup_tokens: int = Field(12, ge=0, le=32, description="Context lookup: most tokens of a row's own earlier continuation of its current suffix (cast_core.lookup) fed after the root in the drafter's catch-up forward, priced by the drafter there and grafted onto the tree (v = the drafter's path confidence), so a repeated span is drafted deep for one forward's few extra tokens; fed only where its recent utility beats its price in the catch-up forward (CastPolicy.use_lookup). 0: off. On the 2-core AMD EPYC at B=1, 5 prompts each, interleaved: MT-bench 1.40x vanilla off, 1.55x at 12; HumanEval 1.63x off, 1.60x at 8, 1.68x at 12.")
     lookup_only: bool = Field(False, description="Context lookup: let a step skip the drafter and verify each row's lookup alone where the lookups' measured acceptance per unit of verify cost beats what drafting (or, with the gate closed, a plain step) yields (CastPolicy.lookup_only_length); the drafter catches up on the skipped tokens at its next drafted step. Off by default: not yet measured on the AVX-512 bf16 machine the benchmark runs on.")
     lookup_ngram: int = Field(3, ge=1, le=8, description="Context lookup: longest suffix (tokens) matched against the row's earlier tokens; shorter suffixes are tried down to 1.")
+    lookup_probe_budget: float = Field(0.01, gt=0, le=1, description="Context lookup: share of time a lookup whose measured gain no longer pays its price may lose to probes (a fed lookup costs at most its extra catch-up width, ΔC_D plain steps, so one is fed again after ΔC_D / lookup_probe_budget drafted steps that found one and did not feed it).")
     adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
     size_for_slowest: bool = Field(True, description="Size each step's trees (breadth, depth, verified nodes) from the confidences of the rows with the most tokens left, the ones a batch waits for, rather than the mean row: a token a row gains ahead of the batch's slowest row shortens no batch where a step costs about the same whatever its rows (CPU). Where finished rows are replaced at once (continuous batching) this errs towards smaller trees.")
 
@@ -449,8 +450,6 @@ class CastPolicy(TreePolicy):
     name = "cast"
     #: weight of the newest step in the lookup's recent utility ``g``
     LOOKUP_DECAY = 0.25
-    #: share of the way to 1 that ``g`` moves at each step the lookup is not fed
-    LOOKUP_RETRY = 1 / 16
 
     def __init__(self, config: CastConfig | None = None) -> None:
         self.config = config or CastConfig()
@@ -458,6 +457,7 @@ class CastPolicy(TreePolicy):
         self.max_depth = self.config.max_depth
         self.lookup_tokens = self.config.lookup_tokens
         self._lookup_gain = 1.0
+        self._lookup_idle = 0  # drafted steps since a lookup was last fed, each having found one
         self._lookup_runs = LookupAcceptance(self.config.lookup_ngram, max(1, self.lookup_tokens))
         c = self.config
         self._gate = DraftGate(
@@ -486,24 +486,29 @@ class CastPolicy(TreePolicy):
         return RowPlan(DepthHistory(self.config.r), tokens_left=tokens_left, context=ContextIndex(self.config.lookup_ngram))
 
     def use_lookup(self, chain_width: int, fed_width: int, ctx: CostContext | None) -> bool:
-        """Feed the lookup iff its expected utility beats its price: ``g > C1' * (C_D(B, w_fed) - C_D(B, w))``.
+        """Feed the lookup iff its expected utility beats its price, ``g > C1' * ΔC_D`` with
+        ``ΔC_D = C_D(B, w_fed) - C_D(B, w)``, or as a probe.
 
         ``g`` is the lookup's recent utility (``observe_lookup``, an average with weight
         ``LOOKUP_DECAY`` on the newest step): the tokens per row its grafted nodes got
         accepted beyond the drafted tree (``cast_core.lookup.lookup_gain``), measured rather
         than the drafter's confidence in them, which counts grafted nodes the verify
-        budget left out. ``C1'`` is the breadth threshold as scaled. A
-        lookup not fed moves ``g`` towards 1 by ``LOOKUP_RETRY``, so a batch size where it
-        stopped paying tries it again now and then.
+        budget left out. ``C1'`` is the breadth threshold as scaled. A lookup that does not
+        pay is probed (fed once, so ``g`` is measured again) after ``n`` drafted steps that
+        found one, ``n * lookup_probe_budget >= ΔC_D``: a probe loses at most ``ΔC_D`` plain
+        steps and the ``n`` steps before it took at least one plain step each, so failing
+        probes cost at most ``lookup_probe_budget`` of the time.
         """
         assert ctx is not None, "the cast policy needs a cost context"
         if self.lookup_tokens == 0:
             return False
         extra = ctx.drafter_cost(fed_width) - ctx.drafter_cost(chain_width)
-        if extra <= 0 or self._lookup_gain > self._threshold(self.config.c1, ctx) * extra:
-            return True
-        self._lookup_gain += self.LOOKUP_RETRY * (1.0 - self._lookup_gain)
-        return False
+        if extra > 0 and self._lookup_gain <= self._threshold(self.config.c1, ctx) * extra:
+            self._lookup_idle += 1
+            if self._lookup_idle * self.config.lookup_probe_budget < extra:
+                return False
+        self._lookup_idle = 0
+        return True
 
     @property
     def lookup_gain(self) -> float:

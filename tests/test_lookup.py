@@ -118,18 +118,19 @@ def test_lookup_gain_counts_accepted_tokens_below_the_drafted_tree() -> None:
 
 
 def test_lookup_is_fed_only_where_its_utility_beats_its_price() -> None:
-    """``g > C1 * (C_D(w_fed) - C_D(w))``; a lookup not fed moves ``g`` towards 1 (it is retried)."""
-    policy = CastPolicy(CastConfig(adaptive_thresholds=False))
+    """``g > C1 * (C_D(w_fed) - C_D(w))``; a lookup that does not pay is probed after ``ΔC_D / lookup_probe_budget`` steps."""
+    policy = CastPolicy(CastConfig(adaptive_thresholds=False, lookup_probe_budget=0.1))
     cheap = CostContext(drafter=np.linspace(0, 0.5, 11), target=np.arange(80.0), batch_size=1, context=0)
     dear = CostContext(drafter=np.linspace(0, 20.0, 11), target=np.arange(80.0), batch_size=1, context=0)
     assert policy.use_lookup(1, 9, cheap)  # 0.4 plain steps for an expected 1.0
-    assert not policy.use_lookup(1, 9, dear)  # 16 plain steps
+    assert not policy.use_lookup(1, 9, dear)  # 16 plain steps: a probe would wait 160 steps
     assert policy.lookup_gain == 1.0
     policy.observe_lookup(0.2)
     assert policy.lookup_gain == pytest.approx(0.8)
     mid = CostContext(drafter=np.linspace(0, 1.25, 11), target=np.arange(80.0), batch_size=1, context=0)
-    assert not policy.use_lookup(1, 9, mid)  # 1.0 plain steps for an expected 0.8
-    assert policy.lookup_gain == pytest.approx(0.8 + 0.2 / 16)
+    fed = [policy.use_lookup(1, 9, mid) for _ in range(21)]  # 1.0 plain steps for an expected 0.8
+    assert [i for i, f in enumerate(fed) if f] == [8, 18]  # every 10th step; the first counted the dear one too
+    assert policy.lookup_gain == pytest.approx(0.8)  # not fed, not measured
     assert not CastPolicy(CastConfig(lookup_tokens=0)).use_lookup(1, 9, cheap)
 
 

@@ -47,13 +47,24 @@ def tree_priced_grow(mode):
         cost = ctx.drafter_cost(kept.shape[1]) + ctx.target_cost(1 + self._tree_nodes + n) - ctx.target_cost(1 + self._tree_nodes)
         return alpha * utility - covered >= self._threshold(self.config.c2, ctx) * cost
     return grow
+def retry16_use_lookup(self, chain_width, fed_width, ctx):
+    """The lookup rule until the probes: a lookup not fed moves g towards 1 by 1/16 a step."""
+    if self.lookup_tokens == 0:
+        return False
+    extra = ctx.drafter_cost(fed_width) - ctx.drafter_cost(chain_width)
+    if extra <= 0 or self._lookup_gain > self._threshold(self.config.c1, ctx) * extra:
+        return True
+    self._lookup_gain += (1.0 - self._lookup_gain) / 16
+    return False
 for name, over in variants.items():
-    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None)
+    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None); retry16 = over.pop('_retry16', False)
     engines[name] = Engine(pair.target, pair.tokenizer, pair.drafter, policy='cast', cost_profile=pair.cost_profile, max_batch_size=8, cast_config=CastConfig(**over))
     if vchain:
         engines[name].policy.grow = types.MethodType(vchain_grow, engines[name].policy)
     if price:
         engines[name].policy.grow = types.MethodType(tree_priced_grow(price), engines[name].policy)
+    if retry16:
+        engines[name].policy.use_lookup = types.MethodType(retry16_use_lookup, engines[name].policy)
     if always_lookup:  # feed every lookup found, whatever its price (the policy's rule bypassed)
         engines[name].policy.use_lookup = lambda chain_width, fed_width, ctx, p=engines[name].policy: p.lookup_tokens > 0
 def run(name, group, n):
