@@ -179,9 +179,10 @@ class Drafter:
             catch_up = ctx.drafter_cost(max(len(c) + len(a) for c, a in zip(charged, ahead)))
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
             excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if feeds_prompt and ctx.step_s > 0 else 0.0
+            fed_lookup = any(ahead)
             for plan, guess, depth, a in zip(plans, ahead, lookup_depth, active):
                 if a:
-                    lookup = (guess, int(depth)) if any(ahead) else None
+                    lookup = (guess, int(depth)) if fed_lookup else None
                     plan.last_step = DraftedStep(ctx.batch_size, t0 + excess, ctx.step_s, float(catch_up + layer_costs + verify), lookup)
         return result
 

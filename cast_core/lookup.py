@@ -57,6 +57,16 @@ class ContextIndex:
         return [], 0
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def lookup_gain(accepted: Sequence[int], lookup: Sequence[int], covered: int) -> int:
     """Accepted tokens that only a lookup grafted onto a drafted tree offered: ``max(0, L - d)``.
 
@@ -64,12 +74,7 @@ def lookup_gain(accepted: Sequence[int], lookup: Sequence[int], covered: int) ->
     (``covered``) the depth the drafted tree already reached along the lookup's path, below which
     the lookup's tokens were grafted on as new nodes.
     """
-    common = 0
-    for token, guess in zip(accepted, lookup):
-        if token != guess:
-            break
-        common += 1
-    return max(0, common - covered)
+    return max(0, common_prefix_length(accepted, lookup) - covered)
 
 
 class LookupAcceptance:

@@ -76,7 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cast_core.cost import CostProfile
 from cast_core.gate import DraftGate
 from cast_core.kv import TailStash
-from cast_core.lookup import ContextIndex, LookupAcceptance
+from cast_core.lookup import ContextIndex, LookupAcceptance, common_prefix_length
 
 POLICY_NAMES = ("none", "static", "cast")
 
@@ -290,10 +290,7 @@ class LookupStep:
 
     def accepted(self, committed: list[int]) -> int:
         """How many of ``guess`` the step accepted, given the tokens it ``committed`` (accepted drafts + bonus)."""
-        n = 0
-        while n < len(self.guess) and n < len(committed) and self.guess[n] == committed[n]:
-            n += 1
-        return n
+        return common_prefix_length(self.guess, committed)
 
 
 @dataclass
