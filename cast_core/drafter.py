@@ -12,10 +12,9 @@ Per step and batch (one forward per layer, every row in it):
    distribution over its draft vocabulary ``V_D`` (:mod:`cast_core.vocab`):
    a core of leading ids plus the rows' own rarer context tokens.
    *Context lookup* (:mod:`cast_core.lookup`): where a row's current suffix
-   occurred before in its own tokens, the first ``TreePolicy.lookup_length``
-   (at most ``lookup_tokens``) of what followed it there are fed after the
-   root in the same forward, uncommitted, so the drafter prices them:
-   ``p_D(a_j | root, a_1 .. a_{j-1})`` for each.
+   occurred before in its own tokens, up to ``lookup_tokens`` of what followed
+   it there are fed after the root in the same forward, uncommitted, so the
+   drafter prices them: ``p_D(a_j | root, a_1 .. a_{j-1})`` for each.
 2. For layer ``i``: the policy keeps ``n_i`` candidates (best ``v`` first)
    and decides whether to grow. Growing feeds the kept nodes (tree mask over
    their ancestors, position = root position + depth) and takes, over all
@@ -46,7 +45,7 @@ import torch
 from cast_core.forward import feed_chain_ahead, forward_logits
 from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
-from cast_core.lookup import common_prefix_length
+from cast_core.lookup import lookup_gain
 from cast_core.policy import CostContext, DraftedStep, LookupStep, PlainStep, RowPlan, TreePolicy, reference_step_s
 from cast_core.tree import DraftTree
 from cast_core.vocab import DEFAULT_CORE_SIZE, DraftHead, DraftVocab
@@ -129,11 +128,13 @@ class Drafter:
         for plan, tokens in zip(plans, pending):
             if tokens and isinstance(plan.last_step, LookupStep):
                 policy.observe_lookup_step(plan.last_step, tokens)
-        for plan, tokens in zip(plans, pending):
-            if tokens and isinstance(plan.last_step, DraftedStep) and plan.last_step.lookup is not None:
-                guess, ngram, covered = plan.last_step.lookup
-                if guess:
-                    policy.observe_lookup(ngram, len(guess), common_prefix_length(tokens[:-1], guess), covered)
+        gains = [
+            lookup_gain(tokens[:-1], *plan.last_step.lookup)
+            for plan, tokens in zip(plans, pending)
+            if tokens and isinstance(plan.last_step, DraftedStep) and plan.last_step.lookup is not None
+        ]
+        if gains:
+            policy.observe_lookup(float(np.mean(gains)))
         if gate is not None:
             _report_speedups(gate, live, [p for p in pending if p], t0)
         fresh = _reuse_stashed_path(state, pending, plans)
@@ -162,7 +163,7 @@ class Drafter:
         if gate is not None:  # a prompt or a backlog is fed whole only where drafting repays it
             left = [plan.budget_left for plan in plans]
             chains, gaps = gate.catch_up(ctx.batch_size, chains, state.next_pos.tolist(), left, ctx.drafter_cost)
-        ahead = _lookups(chains, guesses, policy, ctx)
+        ahead = _lookups(chains, [guess for guess, _ in guesses], policy, ctx)
         try:
             decisive = _decisive_rows(plans, active) if policy.sizes_for_slowest else active
             result, layer_costs, catch_up_s, lookup_depth = self._grow(state, chains, ahead, gaps, head, roots, active, decisive, policy, ctx, plans)
@@ -179,9 +180,9 @@ class Drafter:
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
             excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if feeds_prompt and ctx.step_s > 0 else 0.0
             fed_lookup = any(ahead)
-            for plan, guess, (_, ngram), depth, a in zip(plans, ahead, guesses, lookup_depth, active):
+            for plan, guess, depth, a in zip(plans, ahead, lookup_depth, active):
                 if a:
-                    lookup = (guess, ngram, int(depth)) if fed_lookup else None
+                    lookup = (guess, int(depth)) if fed_lookup else None
                     plan.last_step = DraftedStep(ctx.batch_size, t0 + excess, ctx.step_s, float(catch_up + layer_costs + verify), lookup)
         return result
 
@@ -307,14 +308,16 @@ def _decisive_rows(plans: list[RowPlan], active: np.ndarray) -> np.ndarray:
     return active & (left >= left[active].max())
 
 
-def _lookups(chains: list[list[int]], guesses: list[tuple[list[int], int]], policy: TreePolicy, ctx: CostContext | None) -> list[list[int]]:
-    """Each row's context-lookup tokens to feed ahead of its root (``cast_core.lookup``): the first
-    ``TreePolicy.lookup_length`` tokens of its lookup (``guesses``: lookup and matched suffix length), for
-    the rows that feed a chain; ``[]`` for the others."""
-    if not any(guess and chain for (guess, _), chain in zip(guesses, chains)):
-        return [[] for _ in chains]
-    length = policy.lookup_length([len(c) for c in chains], guesses, ctx)
-    return [guess[:length] if chain else [] for (guess, _), chain in zip(guesses, chains)]
+def _lookups(chains: list[list[int]], guesses: list[list[int]], policy: TreePolicy, ctx: CostContext | None) -> list[list[int]]:
+    """Each active row's context-lookup tokens (``guesses``) to feed ahead of its root (``cast_core.lookup``), where
+    the policy finds them worth the catch-up forward's extra width (``TreePolicy.use_lookup``); else ``[]``."""
+    none: list[list[int]] = [[] for _ in chains]
+    ahead = [guess if chain else [] for guess, chain in zip(guesses, chains)]
+    if not any(ahead):
+        return none
+    width = max(len(c) for c in chains)
+    fed = max(len(c) + len(a) for c, a in zip(chains, ahead))
+    return ahead if policy.use_lookup(width, fed, ctx) else none
 
 
 def _lookup_only(

@@ -67,37 +67,36 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def lookup_gain(accepted: Sequence[int], lookup: Sequence[int], covered: int) -> int:
+    """Accepted tokens that only a lookup grafted onto a drafted tree offered: ``max(0, L - d)``.
+
+    ``L`` is the length of the common prefix of the step's accepted drafts and the lookup, ``d``
+    (``covered``) the depth the drafted tree already reached along the lookup's path, below which
+    the lookup's tokens were grafted on as new nodes.
+    """
+    return max(0, common_prefix_length(accepted, lookup) - covered)
+
+
 class LookupAcceptance:
-    """How far lookups were accepted, by the length ``n`` of the suffix they matched.
+    """How far drafter-free lookups were accepted, by the length ``n`` of the suffix they matched.
 
-    ``P_n(j)``, the chance that a lookup's ``j``-th token counts, is estimated from the lookups of at
-    least ``j`` tokens verified so far, with a prior of ``PRIOR_WEIGHT`` lookups whose ``j``-th token
-    counts with chance ``PRIOR_P ** j`` (optimistic enough that a new server tries them)::
+    ``P_n(a >= j)``, the chance that a lookup's first ``j`` tokens are all accepted, is estimated
+    from the lookups of at least ``j`` tokens verified so far, with a prior of ``PRIOR_WEIGHT``
+    lookups accepted with chance ``PRIOR_P ** j`` (optimistic enough that a new server tries them)::
 
-        P_n(j) = (hits_n[j] + PRIOR_WEIGHT * PRIOR_P ** j) / (trials_n[j] + PRIOR_WEIGHT)
-        E_n(L) = sum_{j=1..L} P_n(j)      # expected tokens that count of an L-token lookup
-
-    A token counts where it was accepted (its first ``j`` tokens all were) and, for a lookup grafted
-    onto a drafted tree, lay below the depth ``d`` the tree covered along its path (``d < j``): the
-    tokens only the lookup offered. With ``decay`` ``λ``, each observation of a suffix length ``n``
-    first scales that ``n``'s counts by ``1 - λ``, so they weigh about the last ``1 / λ`` lookups and
-    positions no lookup reached lately drift back to the prior.
+        P_n(a >= j) = (hits_n[j] + PRIOR_WEIGHT * PRIOR_P ** j) / (trials_n[j] + PRIOR_WEIGHT)
+        E_n(L)      = sum_{j=1..L} P_n(a >= j)      # expected accepted tokens of an L-token lookup
     """
 
     PRIOR_WEIGHT = 1.0
     PRIOR_P = 0.7
 
-    def __init__(self, max_ngram: int, max_tokens: int, decay: float = 0.0) -> None:
-        """Raises ValueError naming ``decay`` outside ``[0, 1)``."""
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1); got {decay}")
-        self.decay = decay
-        self.observed = 0
+    def __init__(self, max_ngram: int, max_tokens: int) -> None:
         self._hits = [[0.0] * max_tokens for _ in range(max_ngram + 1)]
         self._trials = [[0.0] * max_tokens for _ in range(max_ngram + 1)]
 
     def chance(self, n: int, j: int) -> float:
-        """``P_n(j)`` for ``j >= 1``."""
+        """``P_n(a >= j)`` for ``j >= 1``."""
         prior = self.PRIOR_WEIGHT * self.PRIOR_P**j
         return (self._hits[n][j - 1] + prior) / (self._trials[n][j - 1] + self.PRIOR_WEIGHT)
 
@@ -106,18 +105,11 @@ class LookupAcceptance:
         return self.expected_curve(n, length)[length]
 
     def expected_curve(self, n: int, length: int) -> list[float]:
-        """``[E_n(0), E_n(1), .., E_n(length)]`` (cumulative sums of ``P_n(j)``)."""
+        """``[E_n(0), E_n(1), .., E_n(length)]`` (cumulative sums of ``P_n(a >= j)``)."""
         return list(itertools.accumulate((self.chance(n, j) for j in range(1, length + 1)), initial=0.0))
 
-    def observe(self, n: int, length: int, accepted: int, covered: int = 0) -> None:
-        """Record a verified lookup of ``length`` tokens (matched suffix ``n``) whose first ``accepted`` were
-        accepted and whose first ``covered`` the drafted tree already held."""
-        keep = 1.0 - self.decay
-        hits, trials = self._hits[n], self._trials[n]
-        for j in range(len(trials)):
-            hits[j] *= keep
-            trials[j] *= keep
-        for j in range(min(length, len(trials))):
-            trials[j] += 1
-            hits[j] += covered <= j < accepted
-        self.observed += 1
+    def observe(self, n: int, length: int, accepted: int) -> None:
+        """Record a verified lookup of ``length`` tokens (matched suffix ``n``) whose first ``accepted`` were accepted."""
+        for j in range(length):
+            self._trials[n][j] += 1
+            self._hits[n][j] += j < accepted

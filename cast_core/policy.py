@@ -133,10 +133,10 @@ class CastConfig(BaseModel):
     min_judged: int = Field(16, ge=1, le=256, description="Speedup gate: drafted row steps judged at a batch size B before the gate may close there, i.e. ceil(min_judged / B) drafted steps, 16 at B=1 and 2 at B=8. One row's speedup is noisy (a tree that accepts nothing scores about 0.5 where the average is 1.5); a batch's first steps score the mean over its B rows (later ones, the rows with the most tokens left).")
     close_confidence: float = Field(2.0, ge=0, le=10, description="Speedup gate: z, the standard errors by which rho^B must fall below min_speedup before the gate closes (T + z S < min_speedup K, S the spread of the drafted steps' tokens about rho^B C; see cast_core.gate). A closed gate skips up to max_skip steps, so one closing on a few unlucky trees costs far more than one more drafted step: at HumanEval B=2 on the 2-core AMD EPYC, with the draft vocabulary's deeper trees, per-step tokens ran 1 to 11 and the gate closed after 6 steps at 0.69x where open runs of the same groups gave 1.04-1.36x vanilla. 0: close on the point estimate.")
     gate_window: float = Field(32.0, gt=0, le=4096, description="Speedup gate: plain steps' worth of drafted time the achieved speedup is measured over (older steps decay as exp(-age / window)).")
-    lookup_tokens: int = Field(12, ge=0, le=32, description="Context lookup: most tokens of a row's own earlier continuation of its current suffix (cast_core.lookup) fed after the root in the drafter's catch-up forward, priced by the drafter there and grafted onto the tree (v = the drafter's path confidence), so a repeated span is drafted deep for one forward's few extra tokens; as many of them fed as their measured gain, by the length of the suffix each row matched, beats their price in the catch-up forward (CastPolicy.lookup_length). 0: off. On the 2-core AMD EPYC at B=1, 5 prompts each, interleaved: MT-bench 1.40x vanilla off, 1.55x at 12; HumanEval 1.63x off, 1.60x at 8, 1.68x at 12.")
+    lookup_tokens: int = Field(12, ge=0, le=32, description="Context lookup: most tokens of a row's own earlier continuation of its current suffix (cast_core.lookup) fed after the root in the drafter's catch-up forward, priced by the drafter there and grafted onto the tree (v = the drafter's path confidence), so a repeated span is drafted deep for one forward's few extra tokens; fed only where its recent utility beats its price in the catch-up forward (CastPolicy.use_lookup). 0: off. On the 2-core AMD EPYC at B=1, 5 prompts each, interleaved: MT-bench 1.40x vanilla off, 1.55x at 12; HumanEval 1.63x off, 1.60x at 8, 1.68x at 12.")
     lookup_only: bool = Field(False, description="Context lookup: let a step skip the drafter and verify each row's lookup alone where the lookups' measured acceptance per unit of verify cost beats what drafting (or, with the gate closed, a plain step) yields (CastPolicy.lookup_only_length); the drafter catches up on the skipped tokens at its next drafted step. Off by default: not yet measured on the AVX-512 bf16 machine the benchmark runs on.")
     lookup_ngram: int = Field(3, ge=1, le=8, description="Context lookup: longest suffix (tokens) matched against the row's earlier tokens; shorter suffixes are tried down to 1.")
-    lookup_probe_budget: float = Field(0.01, gt=0, le=1, description="Context lookup: share of time lookups whose measured gain no longer pays any of their tokens' price may lose to probes (a fed lookup costs at most its extra catch-up width, ΔC_D plain steps, so the rows' lookups are fed whole again after ΔC_D / lookup_probe_budget drafted steps that found some and fed none).")
+    lookup_probe_budget: float = Field(0.01, gt=0, le=1, description="Context lookup: share of time a lookup whose measured gain no longer pays its price may lose to probes (a fed lookup costs at most its extra catch-up width, ΔC_D plain steps, so one is fed again after ΔC_D / lookup_probe_budget drafted steps that found one and did not feed it).")
     adaptive_thresholds: bool = Field(True, description="Scale C1, C2, C3 by max(1, achieved speedup at B): a node must beat the speedup already achieved, not merely plain decoding.")
     size_for_slowest: bool = Field(True, description="Size each step's trees (breadth, depth, verified nodes) from the confidences of the rows with the most tokens left, the ones a batch waits for, rather than the mean row: a token a row gains ahead of the batch's slowest row shortens no batch where a step costs about the same whatever its rows (CPU). Where finished rows are replaced at once (continuous batching) this errs towards smaller trees.")
 
@@ -249,16 +249,15 @@ class DraftedStep:
         plain_step_s: seconds of one plain target step at ``B`` from a measured profile (0: unknown).
         predicted_cost: its cost in plain target steps, from the cost context
             (catch-up + drafted layers + verify forward).
-        lookup: the context-lookup tokens fed for its row, the length of the suffix
-            they matched and the depth the drafted tree reached along their path
-            (None: the step fed no lookup).
+        lookup: the context-lookup tokens fed for its row and the depth the
+            drafted tree reached along their path (None: the step fed no lookup).
     """
 
     batch_size: int
     started: float
     plain_step_s: float
     predicted_cost: float
-    lookup: tuple[list[int], int, int] | None = None
+    lookup: tuple[list[int], int] | None = None
 
     def judge(self, now: float, scale: float | None) -> tuple[float, bool]:
         """``(C, on_profile)`` of the step, ``now`` being the next drafting call.
@@ -343,17 +342,12 @@ class TreePolicy(ABC):
         """False for plain decoding (no drafter forward at all)."""
         return True
 
-    def lookup_length(self, chain_widths: list[int], guesses: list[tuple[list[int], int]], ctx: CostContext | None) -> int:
-        """How many tokens of each row's lookup to feed after its root in the catch-up forward (0: none).
+    def use_lookup(self, chain_width: int, fed_width: int, ctx: CostContext | None) -> bool:
+        """Whether to feed the rows' lookup tokens, widening the catch-up forward from ``chain_width`` to ``fed_width`` tokens."""
+        return self.lookup_tokens > 0
 
-        ``chain_widths``: each row's catch-up chain (0: the row feeds nothing, an idle one); ``guesses``:
-        each row's lookup and the length of the suffix it matched (``ContextIndex.lookup``).
-        """
-        return self.lookup_tokens
-
-    def observe_lookup(self, ngram: int, fed: int, accepted: int, covered: int) -> None:
-        """Record a fed lookup of ``fed`` tokens (matched suffix ``ngram``): the step accepted its first
-        ``accepted`` tokens, and the drafted tree held its first ``covered``."""
+    def observe_lookup(self, gain: float) -> None:
+        """Record what a fed lookup added: accepted tokens per row that only its grafted nodes offered (``lookup_gain``)."""
 
     def lookup_only_length(self, guesses: list[tuple[list[int], int]], ctx: CostContext | None, baseline: float) -> int:
         """Tokens of each row's lookup to verify in a drafter-free step (0: no such step); ``guesses``: each
@@ -451,15 +445,15 @@ class CastPolicy(TreePolicy):
     """CAST: breadth pruning, depth pruning and dynamic reranking from measured costs."""
 
     name = "cast"
-    #: ``λ`` of the fed lookups' acceptance (``LookupAcceptance``): they weigh about the last ``1 / λ`` of each suffix length
-    LOOKUP_DECAY = 1 / 32
+    #: weight of the newest step in the lookup's recent utility ``g``
+    LOOKUP_DECAY = 0.25
 
     def __init__(self, config: CastConfig | None = None) -> None:
         self.config = config or CastConfig()
         self.top_k = self.config.top_k
         self.max_depth = self.config.max_depth
         self.lookup_tokens = self.config.lookup_tokens
-        self._lookup_fed = LookupAcceptance(self.config.lookup_ngram, max(1, self.lookup_tokens), decay=self.LOOKUP_DECAY)
+        self._lookup_gain = 1.0
         self._lookup_idle = 0  # drafted steps since a lookup was last fed, each having found one
         self._lookup_runs = LookupAcceptance(self.config.lookup_ngram, max(1, self.lookup_tokens))
         c = self.config
@@ -488,53 +482,38 @@ class CastPolicy(TreePolicy):
     def new_row_plan(self, tokens_left: int | None = None) -> RowPlan:
         return RowPlan(DepthHistory(self.config.r), tokens_left=tokens_left, context=ContextIndex(self.config.lookup_ngram))
 
-    def lookup_length(self, chain_widths: list[int], guesses: list[tuple[list[int], int]], ctx: CostContext | None) -> int:
-        """The lookup length ``L`` maximising ``u_L - C1' * c_L`` (the shortest such; 0 where none is above 0), or a probe::
+    def use_lookup(self, chain_width: int, fed_width: int, ctx: CostContext | None) -> bool:
+        """Feed the lookup iff its expected utility beats its price, ``g > C1' * ΔC_D`` with
+        ``ΔC_D = C_D(B, w_fed) - C_D(B, w)``, or as a probe.
 
-            u_L = mean_r G_{n_r}(min(L, |a_r|))
-            c_L = C_D(B, max_r (w_r + min(L, |a_r|))) - C_D(B, max_r w_r)
-
-        over the rows feeding a chain (``w_r > 0``; a row without a lookup adds 0 to the mean).
-        ``G_n(L)`` is the fed lookups' measured gain by matched suffix length ``n``
-        (``LookupAcceptance`` with decay ``LOOKUP_DECAY``): the expected tokens of an ``L``-token
-        lookup accepted below the depth the drafted tree reached along its path, the ones only
-        its grafted nodes offered. ``C1'`` is the breadth threshold as scaled. A lookup of a row
-        that matched 3 tokens can pay where one that matched 1 does not, and a few tokens where
-        twelve widen the forward past a cost step. Where no length pays, the lookups are probed
-        (fed whole, so ``G`` is measured again) after ``k`` drafted steps that found some,
-        ``k * lookup_probe_budget >= c_max``: a probe loses at most ``c_max`` plain steps and
-        the ``k`` steps before it took at least one plain step each, so failing probes cost at
-        most ``lookup_probe_budget`` of the time.
+        ``g`` is the lookup's recent utility (``observe_lookup``, an average with weight
+        ``LOOKUP_DECAY`` on the newest step): the tokens per row its grafted nodes got
+        accepted beyond the drafted tree (``cast_core.lookup.lookup_gain``), measured rather
+        than the drafter's confidence in them, which counts grafted nodes the verify
+        budget left out. ``C1'`` is the breadth threshold as scaled. A lookup that does not
+        pay is probed (fed once, so ``g`` is measured again) after ``n`` drafted steps that
+        found one, ``n * lookup_probe_budget >= ΔC_D``: a probe loses at most ``ΔC_D`` plain
+        steps and the ``n`` steps before it took at least one plain step each, so failing
+        probes cost at most ``lookup_probe_budget`` of the time.
         """
         assert ctx is not None, "the cast policy needs a cost context"
-        rows = [(w, min(len(g), self.lookup_tokens), n) for w, (g, n) in zip(chain_widths, guesses) if w > 0]
-        longest = max((length for _, length, _ in rows), default=0)
-        if longest == 0:
-            return 0
-        curves = {n: self._lookup_fed.expected_curve(n, longest) for _, length, n in rows if length}
-        base = max(w for w, _, _ in rows)
-        utility = np.zeros(longest + 1)
-        cost = np.zeros(longest + 1)
-        for length in range(1, longest + 1):
-            utility[length] = sum(curves[n][min(length, m)] for _, m, n in rows if m) / len(rows)
-            cost[length] = ctx.drafter_cost(max(w + min(length, m) for w, m, _ in rows)) - ctx.drafter_cost(base)
-        net = utility - self._threshold(self.config.c1, ctx) * cost
-        best = int(np.argmax(net)) if net.max() > 0 else 0
-        if best == 0:
+        if self.lookup_tokens == 0:
+            return False
+        extra = ctx.drafter_cost(fed_width) - ctx.drafter_cost(chain_width)
+        if extra > 0 and self._lookup_gain <= self._threshold(self.config.c1, ctx) * extra:
             self._lookup_idle += 1
-            if self._lookup_idle * self.config.lookup_probe_budget < cost[longest]:
-                return 0
-            best = longest
+            if self._lookup_idle * self.config.lookup_probe_budget < extra:
+                return False
         self._lookup_idle = 0
-        return best
+        return True
 
     @property
-    def lookups_observed(self) -> int:
-        """Fed lookups measured so far (``observe_lookup``)."""
-        return self._lookup_fed.observed
+    def lookup_gain(self) -> float:
+        """``g``: the context lookup's recent utility per row (1 before any lookup was grafted)."""
+        return self._lookup_gain
 
-    def observe_lookup(self, ngram: int, fed: int, accepted: int, covered: int) -> None:
-        self._lookup_fed.observe(ngram, fed, accepted, covered)
+    def observe_lookup(self, gain: float) -> None:
+        self._lookup_gain += self.LOOKUP_DECAY * (gain - self._lookup_gain)
 
     def lookup_only_length(self, guesses: list[tuple[list[int], int]], ctx: CostContext | None, baseline: float) -> int:
         """``L`` maximising the tokens a drafter-free step gains per plain step of cost, if that beats ``baseline``::

@@ -11,7 +11,7 @@ from cast_core.cost import CostProfile
 from cast_core.drafter import _graft_lookup
 from cast_core.forward import feed_chain, feed_chain_ahead
 from cast_core.kv import KVState
-from cast_core.lookup import ContextIndex, LookupAcceptance
+from cast_core.lookup import ContextIndex, LookupAcceptance, lookup_gain
 from cast_core.policy import CastPolicy, CostContext, LookupStep
 from cast_core.tree import DraftTree
 
@@ -108,55 +108,30 @@ def test_graft_stops_where_the_drafter_gives_no_mass() -> None:
     assert g_tok.shape == (1, 0) and valid.shape == (1, 0)
 
 
-def test_fed_lookup_gain_counts_accepted_tokens_below_the_drafted_tree() -> None:
-    """A fed lookup's ``j``-th token counts where it was accepted and lay below the depth ``d`` the tree covered."""
-    stats = LookupAcceptance(max_ngram=3, max_tokens=4)
-    stats.observe(3, 4, accepted=3, covered=1)  # tokens 2 and 3 came from grafted nodes
-    prior = [0.7**j for j in range(1, 5)]
-    assert [stats.chance(3, j) for j in range(1, 5)] == pytest.approx([prior[0] / 2, (1 + prior[1]) / 2, (1 + prior[2]) / 2, prior[3] / 2])
-    stats.observe(2, 2, accepted=0, covered=0)  # nothing accepted
-    assert stats.chance(2, 1) == pytest.approx(0.7 / 2)
-    assert stats.observed == 2
+def test_lookup_gain_counts_accepted_tokens_below_the_drafted_tree() -> None:
+    """``max(0, L - d)``: the accepted drafts' common prefix with the lookup, less the depth the drafted tree covered."""
+    assert lookup_gain([5, 7, 9, 4, 2], [5, 7, 9, 4, 8], covered=2) == 2  # 9 and 4 came from grafted nodes
+    assert lookup_gain([5, 7, 9], [5, 7, 9, 4], covered=3) == 0  # the drafted tree held all of it
+    assert lookup_gain([5, 6], [5, 7, 9], covered=0) == 1  # accepted up to where it parted from the lookup
+    assert lookup_gain([], [5, 7], covered=0) == 0  # nothing accepted
+    assert lookup_gain([5, 7], [], covered=0) == 0  # this row had no lookup
 
 
-def test_lookup_acceptance_decays_towards_its_prior() -> None:
-    stats = LookupAcceptance(max_ngram=1, max_tokens=2, decay=0.5)
-    stats.observe(1, 2, accepted=2)
-    stats.observe(1, 1, accepted=0)  # the first observation now weighs 1/2; position 2 saw no new lookup
-    assert stats.chance(1, 1) == pytest.approx((0.5 + 0.7) / (1.5 + 1))
-    assert stats.chance(1, 2) == pytest.approx((0.5 + 0.49) / (0.5 + 1))
-    with pytest.raises(ValueError, match="decay"):
-        LookupAcceptance(1, 2, decay=1.0)
-
-
-def test_lookup_length_weighs_each_rows_measured_gain_against_the_wider_forward() -> None:
-    """``L`` maximises ``u_L - C1 * c_L``: ``u_L`` the mean over rows of ``G_n(min(L, |a_r|))``, ``c_L`` the catch-up's extra width."""
-    policy = CastPolicy(CastConfig(adaptive_thresholds=False, lookup_tokens=4, lookup_probe_budget=0.1))
+def test_lookup_is_fed_only_where_its_utility_beats_its_price() -> None:
+    """``g > C1 * (C_D(w_fed) - C_D(w))``; a lookup that does not pay is probed after ``ΔC_D / lookup_probe_budget`` steps."""
+    policy = CastPolicy(CastConfig(adaptive_thresholds=False, lookup_probe_budget=0.1))
     cheap = CostContext(drafter=np.linspace(0, 0.5, 11), target=np.arange(80.0), batch_size=1, context=0)
     dear = CostContext(drafter=np.linspace(0, 20.0, 11), target=np.arange(80.0), batch_size=1, context=0)
-    guesses = [([5, 6, 7, 8], 3), ([9, 9, 9, 9], 1)]
-    assert policy.lookup_length([1, 1], guesses, cheap) == 4  # 0.05 plain steps a token for the prior's 0.7^j
-    assert policy.lookup_length([1, 1], guesses, dear) == 0  # 2 plain steps a token
-    for _ in range(40):  # matched on 1 token: never accepted; on 3: the first two tokens always
-        policy.observe_lookup(1, 4, accepted=0, covered=0)
-        policy.observe_lookup(3, 4, accepted=2, covered=0)
-    assert policy.lookups_observed == 80
-    step = CostContext(drafter=np.array([0.0, 0.1, 0.1, 0.1, 0.4, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]), target=np.arange(80.0), batch_size=2, context=0)
-    assert policy.lookup_length([1, 1], guesses, step) == 2  # row 0's two tokens pay (free); its third and fourth do not
-    assert policy.lookup_length([1, 0], guesses, cheap) == 2  # an idle row feeds nothing
-    assert policy.lookup_length([0, 0], guesses, cheap) == 0
-    assert policy.lookup_length([1, 1], [([9, 9, 9, 9], 1)] * 2, cheap) == 0  # no row's lookup pays
-    assert not CastPolicy(CastConfig(lookup_tokens=0)).lookup_length([1], [([5, 6], 2)], cheap)
-
-
-def test_lookups_that_do_not_pay_are_probed_after_their_price_over_the_budget() -> None:
-    """``k * lookup_probe_budget >= c_max``: fed whole after ``k`` steps that found a lookup and fed none."""
-    policy = CastPolicy(CastConfig(adaptive_thresholds=False, lookup_tokens=8, lookup_probe_budget=0.1))
-    for _ in range(40):
-        policy.observe_lookup(2, 8, accepted=0, covered=0)
-    mid = CostContext(drafter=np.linspace(0, 1.25, 11), target=np.arange(80.0), batch_size=1, context=0)  # c_8 = 1.0
-    fed = [policy.lookup_length([1], [([4] * 8, 2)], mid) for _ in range(21)]
-    assert [i for i, f in enumerate(fed) if f] == [9, 19] and max(fed) == 8
+    assert policy.use_lookup(1, 9, cheap)  # 0.4 plain steps for an expected 1.0
+    assert not policy.use_lookup(1, 9, dear)  # 16 plain steps: a probe would wait 160 steps
+    assert policy.lookup_gain == 1.0
+    policy.observe_lookup(0.2)
+    assert policy.lookup_gain == pytest.approx(0.8)
+    mid = CostContext(drafter=np.linspace(0, 1.25, 11), target=np.arange(80.0), batch_size=1, context=0)
+    fed = [policy.use_lookup(1, 9, mid) for _ in range(21)]  # 1.0 plain steps for an expected 0.8
+    assert [i for i, f in enumerate(fed) if f] == [8, 18]  # every 10th step; the first counted the dear one too
+    assert policy.lookup_gain == pytest.approx(0.8)  # not fed, not measured
+    assert not CastPolicy(CastConfig(lookup_tokens=0)).use_lookup(1, 9, cheap)
 
 
 def repeating_prompts(batch: int) -> list[list[int]]:
@@ -178,7 +153,7 @@ def test_greedy_output_with_grafted_lookup_equals_the_targets(batch: int) -> Non
     engine = Engine(target, tiny_tokenizer(), drafter, policy=policy, cost_profile=PROFILE, max_batch_size=batch)
     outs = engine.generate(prompts, max_new_tokens=24)
     assert [g.token_ids for g in outs] == [reference_greedy(target, p, 24, TINY_EOS) for p in prompts]
-    assert policy.lookups_observed > 0  # lookup nodes were grafted
+    assert policy.lookup_gain != 1.0  # lookup nodes were grafted
     assert all(g.stats.lookup_steps == 0 for g in outs)
 
 

@@ -123,7 +123,7 @@ def test_first_two_tokens_follow_target(models, policy, params, config, draft_vo
     if prompt == REPEATING and config.lookup_only:
         assert sum(g.stats.lookup_steps for g in gens) > 0  # the lookup alone was verified
     elif prompt == REPEATING:
-        assert tree_policy.lookups_observed > 0  # lookup nodes were grafted
+        assert tree_policy.lookup_gain != 1.0  # lookup nodes were grafted
 
     # power check: the drafter's own distribution, sampled as many times, fails the same test
     rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ from cast_core.gate import DraftGate
 orig_catch_up = DraftGate.catch_up
 def catch_up(self, *args, **kwargs):
     chains, gaps = orig_catch_up(self, *args, **kwargs)
-    acc['windowed'] += sum(skipped for _, skipped in gaps) if gaps else 0
+    acc['windowed'] += sum(skipped for _, skipped in gaps) if gaps else 0  # catch-up tokens left out of the drafter's cache
     return chains, gaps
 DraftGate.catch_up = catch_up
 orig = dec.SpecDecoder.step
@@ -54,46 +54,18 @@ def tree_priced_grow(mode):
         cost = ctx.drafter_cost(kept.shape[1]) + ctx.target_cost(1 + self._tree_nodes + n) - ctx.target_cost(1 + self._tree_nodes)
         return alpha * utility - covered >= self._threshold(self.config.c2, ctx) * cost
     return grow
-def batch_g_lookup(policy):
-    """The lookup rule of 55a68bd: one batch-wide recent gain g (weight 0.25 on the newest step's mean over the
-    rows fed), all-or-nothing against C1' * dC_D, probed after dC_D / lookup_probe_budget steps."""
-    st = {'g': 1.0, 'gains': [], 'rows': 1}
-    def observe(ngram, fed, accepted, covered):
-        st['gains'].append(max(0, min(accepted, fed) - covered))
-    def length(chain_widths, guesses, ctx):
-        if st['gains']:
-            st['g'] += 0.25 * (sum(st['gains']) / st['rows'] - st['g']); st['gains'] = []
-        rows = [(w, min(len(g), policy.lookup_tokens)) for w, (g, n) in zip(chain_widths, guesses) if w > 0]
-        width = max(w for w, _ in rows); fed = max(w + m for w, m in rows)
-        extra = ctx.drafter_cost(fed) - ctx.drafter_cost(width)
-        if extra > 0 and st['g'] <= policy._threshold(policy.config.c1, ctx) * extra:
-            policy._lookup_idle += 1
-            if policy._lookup_idle * policy.config.lookup_probe_budget < extra:
-                return 0
-        policy._lookup_idle = 0; st['rows'] = len(rows)
-        return policy.lookup_tokens
-    policy.observe_lookup = observe; policy.lookup_length = length
-def whole_ngram_lookup(policy):
-    """The lookup priced by matched suffix length, but fed whole or not at all: u and c read at L = max_r |a_r| only."""
-    import cast_core.policy as cp
-    def length(chain_widths, guesses, ctx):
-        rows = [(w, min(len(g), policy.lookup_tokens), n) for w, (g, n) in zip(chain_widths, guesses) if w > 0]
-        longest = max((m for _, m, _ in rows), default=0)
-        if longest == 0:
-            return 0
-        u = sum(policy._lookup_fed.expected(n, m) for _, m, n in rows if m) / len(rows)
-        c = ctx.drafter_cost(max(w + m for w, m, _ in rows)) - ctx.drafter_cost(max(w for w, _, _ in rows))
-        if c > 0 and u <= policy._threshold(policy.config.c1, ctx) * c:
-            policy._lookup_idle += 1
-            if policy._lookup_idle * policy.config.lookup_probe_budget < c:
-                return 0
-        policy._lookup_idle = 0
-        return longest
-    policy.lookup_length = length
+def retry16_use_lookup(self, chain_width, fed_width, ctx):
+    """The lookup rule until the probes: a lookup not fed moves g towards 1 by 1/16 a step."""
+    if self.lookup_tokens == 0:
+        return False
+    extra = ctx.drafter_cost(fed_width) - ctx.drafter_cost(chain_width)
+    if extra <= 0 or self._lookup_gain > self._threshold(self.config.c1, ctx) * extra:
+        return True
+    self._lookup_gain += (1.0 - self._lookup_gain) / 16
+    return False
 def window_rule(gate, rule):
     """The catch-up's whole-or-window choice with the gate open: 'point' reads rho^B itself rather than rho_low,
     'open' always feeds whole (a closed gate's probes stay windowed, as landed)."""
-    import math
     def windows(batch_size, tokens_left, extra_cost):
         g = gate._at(batch_size)
         if not g.has_record:
@@ -106,20 +78,18 @@ def window_rule(gate, rule):
         return ((1.0 - 1.0 / rho) * tokens_left if rho > 1.0 else 0.0) < extra_cost
     gate.windows_catch_up = windows
 for name, over in variants.items():
-    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None); batch_g = over.pop('_batchg', False); whole = over.pop('_whole', False); window = over.pop('_window', None)
+    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None); retry16 = over.pop('_retry16', False); window = over.pop('_window', None)
     engines[name] = Engine(pair.target, pair.tokenizer, pair.drafter, policy='cast', cost_profile=pair.cost_profile, max_batch_size=8, cast_config=CastConfig(**over))
     if vchain:
         engines[name].policy.grow = types.MethodType(vchain_grow, engines[name].policy)
     if price:
         engines[name].policy.grow = types.MethodType(tree_priced_grow(price), engines[name].policy)
-    if batch_g:
-        batch_g_lookup(engines[name].policy)
-    if whole:
-        whole_ngram_lookup(engines[name].policy)
+    if retry16:
+        engines[name].policy.use_lookup = types.MethodType(retry16_use_lookup, engines[name].policy)
     if window:
         window_rule(engines[name].policy.gate, window)
     if always_lookup:  # feed every lookup found, whatever its price (the policy's rule bypassed)
-        engines[name].policy.lookup_length = lambda chain_widths, guesses, ctx, p=engines[name].policy: p.lookup_tokens
+        engines[name].policy.use_lookup = lambda chain_width, fed_width, ctx, p=engines[name].policy: p.lookup_tokens > 0
 def run(name, group, n):
     e = engines[name]; e.max_batch_size = len(group)
     for k in acc: acc[k] = 0
