@@ -60,7 +60,7 @@ class BenchConfig(BaseModel):
     dtype: str = Field("bfloat16", description="Model dtype of every method.")
     device: str = Field("cpu", description="Torch device.")
     drafter_quantization: str = Field(
-        "auto", description="The drafter's linear layers: int8, none, or auto (cast_core.quantize.resolve_quantization)."
+        "auto", description="The drafter's linear layers: int8, mixed, none, or auto (cast_core.quantize.resolve_quantization)."
     )
     datasets: list[str] = Field(list(DATASET_NAMES), min_length=1, description="Datasets to run, in order.")
     methods: list[str] = Field(
@@ -210,7 +210,7 @@ def _git_commit() -> str | None:
 
 
 def machine_info(dtype: str, device: str, drafter_quantization: str = "none") -> dict[str, object]:
-    """CPU model and flags, cores, torch threads, dtype, the drafter's quantization as loaded (``none`` or ``int8``),
+    """CPU model and flags, cores, torch threads, dtype, the drafter's quantization as loaded (``none``, ``int8`` or ``mixed``),
     library versions, date, load and git commit."""
     cpu_model, cpu_flags = cpu_info()
     return {

@@ -50,7 +50,7 @@ class ModelPair:
 
     Attributes:
         target_name, drafter_name: names recorded in results (folder names for loaded models).
-        drafter_quantization: the drafter's linear layers as loaded, ``none`` or ``int8`` (:mod:`cast_core.quantize`).
+        drafter_quantization: the drafter's linear layers as loaded, ``none``, ``int8`` or ``mixed`` (:mod:`cast_core.quantize`).
         eos_token_ids: ids that end a sequence (the engine's rule: the target's
             generation config, else the tokenizer's EOS).
     """

@@ -49,6 +49,7 @@ from bench.serving import ServingResult, load_serving, serving_table  # noqa: E4
 from bench.sweep import PARAMS, SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
 from cast_core import CastConfig  # noqa: E402
 from cast_core.cost import CostProfile, default_search_dirs  # noqa: E402
+from cast_core.quantize import MIXED_DENSE_ROWS  # noqa: E402
 
 README: Path = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -135,13 +136,14 @@ def plot_acceptance(result: BenchResult, path: Path) -> Path:
 
 
 def drafter_weights(result: BenchResult) -> str:
-    """The drafter's linear layers as the run loaded them: ``int8`` or ``none`` (results before the field: ``none``)."""
+    """The drafter's linear layers as the run loaded them: ``int8``, ``mixed`` or ``none`` (results before the field: ``none``)."""
     return str(result.machine.get("drafter_quantization", "none"))
 
 
 def _drafter_label(result: BenchResult) -> str:
-    """The drafter's name, with ``(int8 linears)`` where it ran so."""
-    return result.config.drafter + (" (int8 linears)" if drafter_weights(result) == "int8" else "")
+    """The drafter's name, with how its linear layers ran where they were quantized."""
+    labels = {"int8": " (int8 linears)", "mixed": f" (int8 linears, {MIXED_DENSE_ROWS}+ tokens in bf16)"}
+    return result.config.drafter + labels.get(drafter_weights(result), "")
 
 
 def _subtitle(result: BenchResult) -> str:

@@ -51,7 +51,7 @@ from bench.methods import add_model_pair_args
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET, Engine
 from cast_core.models import load_tokenizer, resolve_model
 from cast_core.policy import POLICY_NAMES
-from cast_core.quantize import is_quantized
+from cast_core.quantize import quantization_of
 
 METRICS_FLUSH_S = 60.0
 SERVE_TIMEOUT_S = 600.0
@@ -420,8 +420,7 @@ def run_serving_benchmark(config: ServingBenchConfig, prompts: list[tuple[str, s
         max_batch_size=max(config.concurrency),
         drafter_quantization=config.drafter_quantization,
     )
-    quantized = engine.drafter_model is not None and is_quantized(engine.drafter_model)
-    machine = machine_info(config.dtype, config.device, "int8" if quantized else "none")
+    machine = machine_info(config.dtype, config.device, "none" if engine.drafter_model is None else quantization_of(engine.drafter_model))
     try:
         served = _start(config, threads)
         levels: list[LevelResult] = []

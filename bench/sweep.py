@@ -43,7 +43,7 @@ class SweepConfig(BaseModel):
     dtype: str = Field("bfloat16", description="Model dtype.")
     device: str = Field("cpu", description="Torch device.")
     drafter_quantization: str = Field(
-        "auto", description="The drafter's linear layers: int8, none, or auto (cast_core.quantize.resolve_quantization)."
+        "auto", description="The drafter's linear layers: int8, mixed, none, or auto (cast_core.quantize.resolve_quantization)."
     )
     datasets: list[str] = Field(list(DATASET_NAMES), min_length=1, description="Datasets (tuning subsets) to run.")
     batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes every trial runs.")

@@ -30,7 +30,7 @@ from transformers import (
 
 from cast_core.attention import GROUPED_SDPA
 from cast_core.fetch import KNOWN_MODELS, default_cache_dir, fetch_model
-from cast_core.quantize import quantize_linears, resolve_quantization
+from cast_core.quantize import MIXED_DENSE_ROWS, quantize_linears, resolve_quantization
 
 __all__ = [
     "DTYPES",
@@ -130,10 +130,10 @@ def load_drafter(
     quantization: str = "auto",
     random_weights: bool = False,
 ) -> tuple[PreTrainedModel, str]:
-    """:func:`load_model`, with int8 linear layers where ``quantization`` resolves to ``int8``
+    """:func:`load_model`, with int8 linear layers where ``quantization`` resolves to ``int8`` or ``mixed``
     (:func:`cast_core.quantize.resolve_quantization`: ``auto`` is ``int8`` on a CPU).
 
-    Returns the model and the quantization applied (``none`` or ``int8``), which names its cost profile
+    Returns the model and the quantization applied (``none``, ``int8`` or ``mixed``), which names its cost profile
     (:func:`cast_core.quantize.drafter_profile_name`).
 
     Raises:
@@ -141,8 +141,8 @@ def load_drafter(
     """
     applied = resolve_quantization(quantization, device)
     model = load_model(path, dtype, device, random_weights)
-    if applied == "int8":
-        quantize_linears(model)
+    if applied != "none":
+        quantize_linears(model, MIXED_DENSE_ROWS if applied == "mixed" else None)
     return model, applied
 
 

@@ -20,6 +20,17 @@ Each ``torch.nn.Linear`` of the model but its output head (which
 with ``x`` quantised per call over its own range (dynamic quantisation, the
 ``fbgemm`` / ``x86`` kernels of ``torch.ops.quantized``). The rest of the model
 (embeddings, norms, attention, the output head) keeps its dtype.
+
+``mixed`` keeps each layer's own weights beside the int8 ones and runs inputs of
+``MIXED_DENSE_ROWS`` (64) tokens or more through them: where the CPU multiplies
+bf16 matrices in hardware (AMX), a wide input is cheaper dense than through the
+int8 kernel. On the 2-core Intel Xeon with AMX (Qwen2.5-0.5B over a 256-token
+cache, in target steps of the 1.5B model at the same batch; median of 3-5), int8
+against bf16: B=8 x 1 token 0.28 / 0.39, x 4 0.40 / 0.45, x 8 0.56 / 0.57, x 16
+0.83-0.89 / 0.71, x 32 1.45 / 1.04, x 64 2.84 / 1.57, x 150 8.14 / 5.54; B=1 x 16
+0.31 / 0.41, x 64 0.55 / 0.57, x 256 1.63 / 1.07. On the AMD EPYC (no AMX) 8 x 8
+tokens ran 145 ms int8 against 243 ms bf16, so ``mixed`` is for machines whose
+profile says so: ``auto`` picks it only where its cost profile was measured.
 """
 
 from __future__ import annotations
@@ -32,8 +43,12 @@ from typing import Literal
 
 import torch
 
-Quantization = Literal["auto", "none", "int8"]
-QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8")
+Quantization = Literal["auto", "none", "int8", "mixed"]
+QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8", "mixed")
+#: inputs of at least this many tokens run a ``mixed`` drafter's dense weights (module docstring)
+MIXED_DENSE_ROWS = 64
+#: ``auto``'s preference among the quantizations whose cost profile was measured
+_AUTO_ORDER: tuple[str, ...] = ("mixed", "int8", "none")
 _KERNELS = ("x86", "fbgemm")
 
 
@@ -51,17 +66,17 @@ def int8_supported() -> bool:
 
 def resolve_quantization(
     setting: str, device: str, measured: Callable[[str], bool] | None = None
-) -> Literal["none", "int8"]:
+) -> Literal["none", "int8", "mixed"]:
     """The drafter quantization to use on ``device`` (a torch device or a profile's device kind).
 
-    ``auto``: ``int8`` on a CPU whose torch build has the int8 kernels, else ``none`` -- and ``none``
-    also where ``measured(q)`` (is a cost profile measured for the drafter quantized ``q``?) finds a
-    profile for the plain drafter but none for the int8 one: a measured profile prices trees, a
-    synthetic one guesses.
+    ``auto``: ``none`` off the CPU or without the int8 kernels; else the first of ``mixed``, ``int8``,
+    ``none`` for which ``measured(q)`` (is a cost profile measured for the drafter quantized ``q``?)
+    finds a profile -- a measured profile prices trees, a synthetic one guesses -- and ``int8`` where
+    none is (or ``measured`` is not given).
 
     Raises:
-        ValueError: naming ``drafter_quantization``, for an unknown setting, or ``int8`` off the CPU
-            or without the kernels.
+        ValueError: naming ``drafter_quantization``, for an unknown setting, or ``int8`` / ``mixed``
+            off the CPU or without the kernels.
     """
     if setting not in QUANTIZATIONS:
         raise ValueError(f"drafter_quantization: must be one of {', '.join(QUANTIZATIONS)}; got {setting!r}")
@@ -69,37 +84,42 @@ def resolve_quantization(
     if setting == "auto":
         if not (on_cpu and int8_supported()):
             return "none"
-        if measured is not None and not measured("int8") and measured("none"):
-            return "none"
-        return "int8"
-    if setting == "int8" and not (on_cpu and int8_supported()):
-        raise ValueError(f"drafter_quantization: int8 runs on a CPU with x86/fbgemm kernels only; device is {device!r}")
+        found = [q for q in _AUTO_ORDER if measured is not None and measured(q)]
+        return found[0] if found else "int8"  # type: ignore[return-value]
+    if setting in ("int8", "mixed") and not (on_cpu and int8_supported()):
+        raise ValueError(f"drafter_quantization: {setting} runs on a CPU with x86/fbgemm kernels only; device is {device!r}")
     return setting  # type: ignore[return-value]
 
 
 def drafter_profile_name(drafter: str, quantization: str) -> str:
-    """The drafter's name in a cost profile: ``<name>+int8`` for an int8 drafter, whose forwards cost less."""
+    """The drafter's name in a cost profile: ``<name>+int8`` / ``<name>+mixed`` for a quantized drafter, whose forwards cost less."""
     return drafter if quantization == "none" else f"{drafter}+{quantization}"
 
 
 def add_quantization_arg(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    """``--drafter-quantization {auto,none,int8}``, as the CLI commands that load a drafter take it
+    """``--drafter-quantization {auto,none,int8,mixed}``, as the CLI commands that load a drafter take it
     (``default`` None: unset unless given, for a config file's value to stand)."""
     parser.add_argument(
         "--drafter-quantization",
         default=default,
         choices=QUANTIZATIONS,
-        help="the drafter's linear layers: int8 (CPU only; cheaper drafts, the same output), none, or auto "
-        "(default): int8 on a CPU, except, when decoding, where only the plain drafter's cost profile was "
-        "measured; an int8 drafter's cost profile is named <drafter>+int8",
+        help="the drafter's linear layers: int8 (CPU only; cheaper drafts, the same output), mixed (int8, "
+        f"but inputs of {MIXED_DENSE_ROWS}+ tokens through the layers' own weights: for CPUs with bf16 matrix "
+        "units), none, or auto (default): on a CPU, when decoding, the first of mixed, int8, none whose cost "
+        "profile was measured there, int8 where none was; a quantized drafter's cost profile is named "
+        "<drafter>+int8 / <drafter>+mixed",
     )
 
 
 class Int8Linear(torch.nn.Module):
     """``torch.nn.Linear`` with per-channel int8 weights and dynamically quantised inputs (module docstring)."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, dense_rows: int | None = None) -> None:
+        """``dense_rows``: inputs of at least this many rows (tokens) run the layer's own weights in their
+        dtype instead (kept beside the int8 ones); None: every input runs the int8 kernel."""
         super().__init__()
+        self.dense_rows = dense_rows
+        self.dense = None if dense_rows is None else linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float()
         scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
@@ -111,20 +131,26 @@ class Int8Linear(torch.nn.Module):
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W^T + b`` in the input's dtype (computed by the int8 kernel)."""
+        """``x @ W^T + b`` in the input's dtype: by the int8 kernel, or by the dense layer for ``dense_rows`` rows or more."""
+        if self.dense is not None and x.numel() >= self.dense_rows * self.in_features:
+            return self.dense(x)
         return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def is_quantized(model: torch.nn.Module) -> bool:
-    """Whether ``model`` runs :class:`Int8Linear` layers."""
-    return any(isinstance(module, Int8Linear) for module in model.modules())
+def quantization_of(model: torch.nn.Module) -> str:
+    """How ``model``'s linear layers run: ``none``, ``int8`` or ``mixed`` (:class:`Int8Linear` with dense weights)."""
+    layers = [module for module in model.modules() if isinstance(module, Int8Linear)]
+    if not layers:
+        return "none"
+    return "mixed" if layers[0].dense is not None else "int8"
 
 
-def quantize_linears(model: torch.nn.Module) -> int:
-    """Replace every ``torch.nn.Linear`` of ``model`` but its output head with :class:`Int8Linear`.
+def quantize_linears(model: torch.nn.Module, dense_rows: int | None = None) -> int:
+    """Replace every ``torch.nn.Linear`` of ``model`` but its output head with :class:`Int8Linear`
+    (``dense_rows``: as there).
 
     Returns how many were replaced.
 
@@ -140,6 +166,6 @@ def quantize_linears(model: torch.nn.Module) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child is not head:
-                setattr(module, name, Int8Linear(child))
+                setattr(module, name, Int8Linear(child, dense_rows))
                 replaced += 1
     return replaced

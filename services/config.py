@@ -164,9 +164,10 @@ class AppConfig(BaseModel):
     )
     drafter_quantization: Quantization = Field(
         "auto",
-        description="The drafter's linear layers: int8 (CPU only; cheaper drafts, the same output), none, or auto = int8 "
-        "on a CPU unless only the plain drafter's cost profile was measured there (cast_core.quantize). An int8 "
-        "drafter's cost profile is named <drafter>+int8.",
+        description="The drafter's linear layers: int8 (CPU only; cheaper drafts, the same output), mixed (int8, but "
+        "inputs of 64+ tokens through the layers' own weights: for CPUs with bf16 matrix units), none, or auto = on a "
+        "CPU the first of mixed, int8, none whose cost profile was measured there, int8 where none was "
+        "(cast_core.quantize). A quantized drafter's cost profile is named <drafter>+int8 / <drafter>+mixed.",
     )
     cast: CastConfig = Field(default_factory=CastConfig, description="CAST thresholds and bounds.")
     static: StaticConfig = Field(default_factory=StaticConfig, description="Fixed tree shape of the static policy.")

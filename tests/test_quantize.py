@@ -8,7 +8,7 @@ import torch
 from cast_core.cost import CostProfile, device_name
 from cast_core.engine import Engine
 from cast_core.models import load_drafter
-from cast_core.quantize import Int8Linear, drafter_profile_name, int8_supported, quantize_linears, resolve_quantization
+from cast_core.quantize import MIXED_DENSE_ROWS, Int8Linear, drafter_profile_name, int8_supported, quantization_of, quantize_linears, resolve_quantization
 from services.config import AppConfig
 from tests.conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair, tiny_tokenizer
 
@@ -27,6 +27,18 @@ def test_int8_linear_is_close_to_the_float_layer(dtype: torch.dtype, bias: bool)
     assert got.dtype == dtype and got.shape == (3, 5, 40)
     error = (got.float() - expected).norm() / expected.norm()
     assert error < 0.03
+
+
+@needs_int8
+def test_mixed_linear_runs_wide_inputs_through_the_dense_weights() -> None:
+    """Inputs of ``dense_rows`` tokens or more: the layer's own output exactly; narrower ones: the int8 kernel's."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40).to(torch.bfloat16)
+    mixed, int8 = Int8Linear(linear, dense_rows=8), Int8Linear(linear)
+    wide, narrow = torch.randn(2, 4, 96, dtype=torch.bfloat16), torch.randn(1, 7, 96, dtype=torch.bfloat16)
+    assert torch.equal(mixed(wide), linear(wide))
+    assert not torch.equal(int8(wide), linear(wide))
+    assert torch.equal(mixed(narrow), int8(narrow))
 
 
 @needs_int8
@@ -51,14 +63,20 @@ def test_resolve_quantization() -> None:
     assert resolve_quantization("none", "cpu") == "none"
     # auto keeps a plain drafter whose profile was measured where the int8 one's was not
     assert resolve_quantization("auto", "cpu", lambda q: q == "none") == "none"
-    assert resolve_quantization("auto", "cpu", lambda q: True) == auto_cpu
+    assert resolve_quantization("auto", "cpu", lambda q: q in ("none", "int8")) == auto_cpu
     assert resolve_quantization("auto", "cpu", lambda q: False) == auto_cpu
+    # auto prefers a mixed drafter where its profile was measured
+    assert resolve_quantization("auto", "cpu", lambda q: True) == ("mixed" if int8_supported() else "none")
+    assert resolve_quantization("auto", "cuda:0", lambda q: True) == "none"
     with pytest.raises(ValueError, match="drafter_quantization"):
         resolve_quantization("int8", "cuda:0")
+    with pytest.raises(ValueError, match="drafter_quantization: mixed"):
+        resolve_quantization("mixed", "cuda:0")
     with pytest.raises(ValueError, match="drafter_quantization"):
         resolve_quantization("int4", "cpu")
     assert drafter_profile_name("qwen2.5-coder-0.5b-instruct", "int8") == "qwen2.5-coder-0.5b-instruct+int8"
     assert drafter_profile_name("qwen2.5-coder-0.5b-instruct", "none") == "qwen2.5-coder-0.5b-instruct"
+    assert drafter_profile_name("qwen2.5-coder-0.5b-instruct", "mixed") == "qwen2.5-coder-0.5b-instruct+mixed"
 
 
 @needs_int8
@@ -82,8 +100,28 @@ def test_int8_drafter_decodes_losslessly_and_finds_its_own_profile(tmp_path, mon
         assert engine.generate([prompt], max_new_tokens=12)[0].token_ids == reference_greedy(target, prompt, 12, TINY_EOS)
 
 
+@needs_int8
+def test_mixed_drafter_decodes_losslessly_at_every_width(tmp_path) -> None:
+    """A ``mixed`` drafter (wide catch-ups and layers dense, narrow ones int8) leaves the output the target's greedy one."""
+    target, drafter = tiny_pair("qwen2", torch.float32)
+    drafter.save_pretrained(tmp_path / "drafter")
+    model, applied = load_drafter(tmp_path / "drafter", "float32", "cpu", "mixed")
+    assert applied == "mixed" and quantization_of(model) == "mixed"
+    assert quantization_of(load_drafter(tmp_path / "drafter", "float32", "cpu", "int8")[0]) == "int8"
+    assert quantization_of(drafter) == "none"
+    rows: list[int] = []
+    first = next(m for m in model.modules() if isinstance(m, Int8Linear))
+    first.register_forward_hook(lambda module, args, out: rows.append(args[0].numel() // module.in_features))
+    prompts = random_prompts(4, max_len=MIXED_DENSE_ROWS, seed=7)
+    profile = CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001)
+    engine = Engine(target, tiny_tokenizer(), model, policy="cast", cost_profile=profile, max_batch_size=4)
+    outs = engine.generate(prompts, max_new_tokens=16)
+    assert [g.token_ids for g in outs] == [reference_greedy(target, p, 16, TINY_EOS) for p in prompts]
+    assert max(rows) >= MIXED_DENSE_ROWS > min(rows)  # the prompts' feed ran dense, the layers int8
+
+
 def test_app_config_picks_the_drafter_its_packaged_profiles_price(tmp_path, monkeypatch) -> None:
-    """auto: int8 where the int8 drafter's profile is packaged (AMD EPYC, Intel Xeon with AMX), the plain drafter where only its is (Intel Xeon with AVX-512 bf16)."""
+    """auto: mixed where the mixed drafter's profile is packaged (Intel Xeon with AMX), int8 where the int8 drafter's is (AMD EPYC), the plain drafter where only its is (Intel Xeon with AVX-512 bf16)."""
     monkeypatch.setenv("CAST_CACHE_DIR", str(tmp_path))  # the packaged profiles alone
     with pytest.raises(ValueError, match="drafter_quantization"):
         AppConfig(device="cuda", drafter_quantization="int8")
@@ -91,7 +129,8 @@ def test_app_config_picks_the_drafter_its_packaged_profiles_price(tmp_path, monk
     assert config.drafter_profile_key("NVIDIA L4") == "qwen2.5-coder-0.5b-instruct"
     expected = "qwen2.5-coder-0.5b-instruct+int8" if int8_supported() else "qwen2.5-coder-0.5b-instruct"
     assert config.drafter_profile_key("cpu-2core-AMD EPYC-avx512bf16") == expected
-    assert config.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-amx") == expected
+    mixed = "qwen2.5-coder-0.5b-instruct+mixed" if int8_supported() else "qwen2.5-coder-0.5b-instruct"
+    assert config.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-amx") == mixed
     assert config.drafter_profile_key("cpu-2core-Intel(R) Xeon(R) Processor-avx512bf16") == "qwen2.5-coder-0.5b-instruct"
     forced = AppConfig(drafter_quantization="int8") if int8_supported() else None
     if forced is not None:

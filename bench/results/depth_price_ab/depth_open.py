@@ -78,8 +78,17 @@ def window_rule(gate, rule):
         return ((1.0 - 1.0 / rho) * tokens_left if rho > 1.0 else 0.0) < extra_cost
     gate.windows_catch_up = windows
 for name, over in variants.items():
-    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None); retry16 = over.pop('_retry16', False); window = over.pop('_window', None)
-    engines[name] = Engine(pair.target, pair.tokenizer, pair.drafter, policy='cast', cost_profile=pair.cost_profile, max_batch_size=8, cast_config=CastConfig(**over))
+    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None); retry16 = over.pop('_retry16', False); window = over.pop('_window', None); dense_rows = over.pop('_dense_rows', None); quant = over.pop('_quant', None)
+    drafter, profile = pair.drafter, pair.cost_profile
+    if dense_rows:  # int8 linears that run the bf16 weights for inputs of dense_rows rows or more, priced by the int8 profile
+        from cast_core.models import load_model, resolve_model
+        from cast_core.quantize import quantize_linears
+        drafter = load_model(resolve_model('qwen2.5-coder-0.5b-instruct'), 'bfloat16', 'cpu')
+        quantize_linears(drafter, dense_rows)
+    if quant:  # the drafter loaded with this quantization, priced by its own profile
+        other = ModelPair.load('qwen2.5-coder-1.5b-instruct', 'qwen2.5-coder-0.5b-instruct', drafter_quantization=quant)
+        drafter, profile = other.drafter, other.cost_profile
+    engines[name] = Engine(pair.target, pair.tokenizer, drafter, policy='cast', cost_profile=profile, max_batch_size=8, cast_config=CastConfig(**over))
     if vchain:
         engines[name].policy.grow = types.MethodType(vchain_grow, engines[name].policy)
     if price:
