@@ -137,7 +137,8 @@ class Int8Linear(torch.nn.Module):
         return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        dense = "" if self.dense_rows is None else f", dense from {self.dense_rows} rows"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{dense}"
 
 
 def quantization_of(model: torch.nn.Module) -> str:
