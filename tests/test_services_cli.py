@@ -63,5 +63,7 @@ def test_cast_serve_prints_endpoints_serves_and_stops(tmp_path: Path) -> None:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            raise
+            while not lines.empty():
+                output.append(lines.get())
+            raise AssertionError("cast serve did not stop within 60 s of Ctrl-C; its output:\n" + "".join(output)) from None
     assert proc.returncode == 0
