@@ -86,6 +86,8 @@ def run_serve(args: argparse.Namespace) -> int:
         ray.init(num_cpus=args.num_cpus, include_dashboard=args.dashboard)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C stops the server even where SIGINT came in ignored (a shell starts background jobs so)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         serve.start(
             http_options=HTTPOptions(host=args.host, port=args.http_port),
