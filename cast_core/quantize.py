@@ -84,8 +84,9 @@ def resolve_quantization(
     if setting == "auto":
         if not (on_cpu and int8_supported()):
             return "none"
-        found = [q for q in _AUTO_ORDER if measured is not None and measured(q)]
-        return found[0] if found else "int8"  # type: ignore[return-value]
+        if measured is None:
+            return "int8"
+        return next((q for q in _AUTO_ORDER if measured(q)), "int8")  # type: ignore[return-value]
     if setting in ("int8", "mixed") and not (on_cpu and int8_supported()):
         raise ValueError(f"drafter_quantization: {setting} runs on a CPU with x86/fbgemm kernels only; device is {device!r}")
     return setting  # type: ignore[return-value]

@@ -21,7 +21,7 @@ from cast_core.cost import resolve_drafter_quantization
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 from cast_core.models import DTYPES
 from cast_core.policy import CastConfig, StaticConfig
-from cast_core.quantize import Quantization, drafter_profile_name, resolve_quantization
+from cast_core.quantize import MIXED_DENSE_ROWS, Quantization, drafter_profile_name, resolve_quantization
 from cast_core.vocab import DEFAULT_CORE_SIZE
 
 PolicyName = Literal["none", "static", "cast"]
@@ -165,7 +165,7 @@ class AppConfig(BaseModel):
     drafter_quantization: Quantization = Field(
         "auto",
         description="The drafter's linear layers: int8 (CPU only; cheaper drafts, the same output), mixed (int8, but "
-        "inputs of 64+ tokens through the layers' own weights: for CPUs with bf16 matrix units), none, or auto = on a "
+        f"inputs of {MIXED_DENSE_ROWS}+ tokens through the layers' own weights: for CPUs with bf16 matrix units), none, or auto = on a "
         "CPU the first of mixed, int8, none whose cost profile was measured there, int8 where none was "
         "(cast_core.quantize). A quantized drafter's cost profile is named <drafter>+int8 / <drafter>+mixed.",
     )
