@@ -65,7 +65,19 @@ def retry16_use_lookup(self, chain_width, fed_width, ctx):
     return False
 def window_rule(gate, rule):
     """The catch-up's whole-or-window choice with the gate open: 'point' reads rho^B itself rather than rho_low,
-    'open' always feeds whole (a closed gate's probes stay windowed, as landed)."""
+    'open' always feeds whole (a closed gate's probes stay windowed, as landed); 'prompt' feeds a new row's prompt whole
+    while the gate is open (rows with an empty drafter cache), backlogs as landed."""
+    if rule == 'prompt':
+        landed = gate.catch_up
+        def catch_up(batch_size, chains, cached, tokens_left, catch_up_cost):
+            g = gate._at(batch_size)
+            fed, gaps = gate.probe_window(chains, cached)
+            prompts = [n == 0 for n, (_, skipped) in zip(cached, gaps) if skipped]
+            if prompts and all(prompts) and not gate._closed(g):
+                return chains, None
+            return landed(batch_size, chains, cached, tokens_left, catch_up_cost)
+        gate.catch_up = catch_up
+        return
     def windows(batch_size, tokens_left, extra_cost):
         g = gate._at(batch_size)
         if not g.has_record:
@@ -77,8 +89,9 @@ def window_rule(gate, rule):
         rho = g.tokens / g.cost
         return ((1.0 - 1.0 / rho) * tokens_left if rho > 1.0 else 0.0) < extra_cost
     gate.windows_catch_up = windows
+loaded = {}
 for name, over in variants.items():
-    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None); retry16 = over.pop('_retry16', False); window = over.pop('_window', None); dense_rows = over.pop('_dense_rows', None); quant = over.pop('_quant', None)
+    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None); retry16 = over.pop('_retry16', False); window = over.pop('_window', None); dense_rows = over.pop('_dense_rows', None); quant = over.pop('_quant', None); drop_finished = over.pop('_drop_finished', False)
     drafter, profile = pair.drafter, pair.cost_profile
     if dense_rows:  # int8 linears that run the bf16 weights for inputs of dense_rows rows or more, priced by the int8 profile
         from cast_core.models import load_model, resolve_model
@@ -86,8 +99,9 @@ for name, over in variants.items():
         drafter = load_model(resolve_model('qwen2.5-coder-0.5b-instruct'), 'bfloat16', 'cpu')
         quantize_linears(drafter, dense_rows)
     if quant:  # the drafter loaded with this quantization, priced by its own profile
-        other = ModelPair.load('qwen2.5-coder-1.5b-instruct', 'qwen2.5-coder-0.5b-instruct', drafter_quantization=quant)
-        drafter, profile = other.drafter, other.cost_profile
+        if quant not in loaded:
+            loaded[quant] = ModelPair.load('qwen2.5-coder-1.5b-instruct', 'qwen2.5-coder-0.5b-instruct', drafter_quantization=quant)
+        drafter, profile = loaded[quant].drafter, loaded[quant].cost_profile
     engines[name] = Engine(pair.target, pair.tokenizer, drafter, policy='cast', cost_profile=profile, max_batch_size=8, cast_config=CastConfig(**over))
     if vchain:
         engines[name].policy.grow = types.MethodType(vchain_grow, engines[name].policy)
@@ -97,6 +111,9 @@ for name, over in variants.items():
         engines[name].policy.use_lookup = types.MethodType(retry16_use_lookup, engines[name].policy)
     if window:
         window_rule(engines[name].policy.gate, window)
+    if drop_finished:  # the gate told of the surviving rows alone (before finished rows were reported)
+        d = engines[name].drafter
+        d.draft = lambda *args, _draft=d.draft: _draft(*args[:5])
     if always_lookup:  # feed every lookup found, whatever its price (the policy's rule bypassed)
         engines[name].policy.use_lookup = lambda chain_width, fed_width, ctx, p=engines[name].policy: p.lookup_tokens > 0
 def run(name, group, n):
