@@ -85,7 +85,6 @@ class SpecDecoder:
             raise ValueError(f"policy: {policy.name!r} needs a drafter model")
         self.verifier, self.drafter, self.policy, self.cost_profile = verifier, drafter, policy, cost_profile
         self.rows: list[LiveSequence] = []
-        self._finished: list[tuple[RowPlan, list[int]]] = []  # retired rows whose last step the gate has not judged
         self.target_state = verifier.new_state(0)
         self.drafter_state = drafter.new_state(0) if drafter is not None else None
 
@@ -117,11 +116,10 @@ class SpecDecoder:
         return seq
 
     def retire(self, seq_ids: set[int]) -> None:
-        """Drop the rows of the given sequences (their last step is judged with the next step's rows)."""
+        """Drop the rows of the given sequences."""
         keep = [i for i, s in enumerate(self.rows) if s.seq_id not in seq_ids]
         if len(keep) == len(self.rows):
             return
-        self._finished += [(s.plan, s.pending) for s in self.rows if s.seq_id in seq_ids and s.plan.last_step is not None]
         self.rows = [self.rows[i] for i in keep]
         self.target_state.select_rows(keep)
         if self.drafter_state is not None:
@@ -144,9 +142,8 @@ class SpecDecoder:
         plan_s = time.perf_counter() - t0
         if self.policy.drafts:
             assert self.drafter is not None and self.drafter_state is not None
-            finished, self._finished = self._finished, []
             result = self.drafter.draft(
-                self.drafter_state, [s.pending for s in self.rows], self.policy, ctx, [s.plan for s in self.rows], finished
+                self.drafter_state, [s.pending for s in self.rows], self.policy, ctx, [s.plan for s in self.rows]
             )
             tree, drafted, forwards = result.tree, result.nodes_drafted, result.layers
             plan_s += result.plan_s

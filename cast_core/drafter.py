@@ -37,7 +37,6 @@ Per step and batch (one forward per layer, every row in it):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +93,6 @@ class Drafter:
         policy: TreePolicy,
         ctx: CostContext | None,
         plans: list[RowPlan],
-        finished: Sequence[tuple[RowPlan, list[int]]] = (),
     ) -> DraftResult:
         """Catch up on ``pending`` tokens (each row's list ends with its root) and draft a tree per row.
 
@@ -114,14 +112,6 @@ class Drafter:
         drafted step. So they do where the policy verifies the rows' context
         lookups alone (``_lookup_only``), each tree being its lookup as a chain;
         the next call learns from the tokens such a step committed.
-
-        ``finished``: rows that left the batch after their last step, each with
-        the tokens that step committed. The gate judges a step by all the rows
-        it served: told by the survivors alone, a step that finished the rows
-        furthest from done would read as the laggards' tokens for the whole
-        step's cost (at MT-bench B=8 on the 2-core Intel Xeon, one such step of
-        a warm-up read 0.35x where its finished rows had committed 7-9 tokens
-        each, closed the gate and kept the next 256 steps plain).
         """
         active = np.array([bool(p) for p in pending])
         if not active.any():
@@ -146,8 +136,7 @@ class Drafter:
         if gains:
             policy.observe_lookup(float(np.mean(gains)))
         if gate is not None:
-            reported = live + [plan for plan, _ in finished]
-            _report_speedups(gate, reported, [p for p in pending if p] + [tokens for _, tokens in finished], t0)
+            _report_speedups(gate, live, [p for p in pending if p], t0)
         fresh = _reuse_stashed_path(state, pending, plans)
         guesses, lookup_only = _lookup_only(plans, active, policy, ctx)
         skip = not lookup_only and gate is not None and not gate.should_draft(ctx.batch_size)

@@ -383,27 +383,6 @@ def test_rows_count_their_judged_tokens_against_their_budget(exact_pair_case) ->
     assert decoder.rows[1].plan.tokens_left is None, "no budget given: unbounded"
 
 
-def test_a_step_that_finishes_rows_is_judged_with_them(exact_pair_case) -> None:
-    """A row retired after a drafted step (EOS, budget) is reported with the next step's rows: the step's
-    critical rows are chosen among all the rows it served, not among the survivors alone.
-
-    Row 0 has the most tokens left (40 against 30) and retires after the first step: that step
-    counts row 0's tokens, and row 0's budget is charged for them.
-    """
-    (target, drafter), prompts, _ = exact_pair_case
-    policy = CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5, lookup_tokens=0))
-    decoder = SpecDecoder(Verifier(target), Drafter(drafter, target.config.vocab_size), policy, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001))
-    decoder.admit(0, prompts[0], SamplingParams(), max_new_tokens=40)
-    decoder.admit(1, prompts[1], SamplingParams(), max_new_tokens=30)
-    committed, stats = decoder.step()
-    assert stats.drafter_forwards > 0
-    retired = decoder.rows[0].plan
-    decoder.retire({0})
-    decoder.step()
-    assert retired.tokens_left == 40 - len(committed[0])
-    assert policy.gate._at(2).tokens == pytest.approx(len(committed[0]))
-
-
 def test_only_plain_steps_after_plain_steps_are_timed(exact_pair_case) -> None:
     """The first plain step after a drafted one is not reported to the gate (``PlainStep.timed``).
 

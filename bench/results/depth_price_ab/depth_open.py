@@ -111,7 +111,7 @@ for name, over in variants.items():
         engines[name].policy.use_lookup = types.MethodType(retry16_use_lookup, engines[name].policy)
     if window:
         window_rule(engines[name].policy.gate, window)
-    if drop_finished:  # the gate told of the surviving rows alone (before finished rows were reported)
+    if drop_finished:  # the gate told of the surviving rows alone (as run at 2cd13f0, whose Drafter.draft took finished rows; a no-op without them)
         d = engines[name].drafter
         d.draft = lambda *args, _draft=d.draft: _draft(*args[:5])
     if always_lookup:  # feed every lookup found, whatever its price (the policy's rule bypassed)
