@@ -91,7 +91,7 @@ def window_rule(gate, rule):
     gate.windows_catch_up = windows
 loaded = {}
 for name, over in variants.items():
-    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None); retry16 = over.pop('_retry16', False); window = over.pop('_window', None); dense_rows = over.pop('_dense_rows', None); quant = over.pop('_quant', None); drop_finished = over.pop('_drop_finished', False)
+    over = dict(over); vchain = over.pop('_vchain', False); always_lookup = over.pop('_always_lookup', False); price = over.pop('_price', None); retry16 = over.pop('_retry16', False); window = over.pop('_window', None); dense_rows = over.pop('_dense_rows', None); quant = over.pop('_quant', None)
     drafter, profile = pair.drafter, pair.cost_profile
     if dense_rows:  # int8 linears that run the bf16 weights for inputs of dense_rows rows or more, priced by the int8 profile
         from cast_core.models import load_model, resolve_model
@@ -111,9 +111,6 @@ for name, over in variants.items():
         engines[name].policy.use_lookup = types.MethodType(retry16_use_lookup, engines[name].policy)
     if window:
         window_rule(engines[name].policy.gate, window)
-    if drop_finished:  # the gate told of the surviving rows alone (as run at 2cd13f0, whose Drafter.draft took finished rows; a no-op without them)
-        d = engines[name].drafter
-        d.draft = lambda *args, _draft=d.draft: _draft(*args[:5])
     if always_lookup:  # feed every lookup found, whatever its price (the policy's rule bypassed)
         engines[name].policy.use_lookup = lambda chain_width, fed_width, ctx, p=engines[name].policy: p.lookup_tokens > 0
 def run(name, group, n):
