@@ -46,7 +46,9 @@ class AcceptedPath:
 
 def accept_greedy(tree: DraftTree, logits: torch.Tensor, b: int) -> AcceptedPath:
     """Greedy acceptance for row ``b``; ``logits`` is ``[n, V]`` for that row."""
-    best = logits.argmax(dim=-1).tolist()
+    # max's indices are argmax's (the first maximal value on ties), but in bfloat16 on the CPU 4-5x cheaper
+    # (8 rows x 5 nodes x 151936 logits: 13 ms per step against 2.9 ms, Intel Xeon with AMX)
+    best = logits.max(dim=-1).indices.tolist()
     tokens = tree.tokens[b].tolist()
     kids = tree.children(b)
     node, nodes, out = 0, [0], []

@@ -17,7 +17,9 @@ instead, so each group attends to its one key/value head::
     O' = softmax(Q' K^T * scale + M') V  ->  O [B, q, H, d]
 
 which is the same attention, term for term. A single new token (``q = 1``),
-a model without groups, and calls without a mask keep the stock path.
+a model without groups, and calls without a mask keep the stock path. Every
+layer of a forward gets the same mask tensor, so ``M'`` is built once per
+forward and kept on that tensor (it goes when the mask does).
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 #: the ``attn_implementation`` name models are loaded with (:func:`cast_core.models.load_model`)
 GROUPED_SDPA = "cast_grouped_sdpa"
+
+
+def _folded_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``M'`` for ``mask`` (module docstring), built by the first layer that asks and kept on ``mask`` for the rest."""
+    cached = getattr(mask, "_cast_folded", None)
+    if cached is not None and cached[0] == groups:
+        return cached[1]
+    folded = mask.repeat(1, 1, groups, 1)
+    mask._cast_folded = (groups, folded)
+    return folded
 
 
 def grouped_sdpa_attention(
@@ -55,7 +67,7 @@ def grouped_sdpa_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     kv_heads = key.shape[1]
     folded = query.reshape(batch, kv_heads, groups * q_len, dim)
-    mask = attention_mask.repeat(1, 1, groups, 1)
+    mask = _folded_mask(attention_mask, groups)
     out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 

@@ -19,7 +19,9 @@ Each ``torch.nn.Linear`` of the model but its output head (which
 
 with ``x`` quantised per call over its own range (dynamic quantisation, the
 ``fbgemm`` / ``x86`` kernels of ``torch.ops.quantized``). The rest of the model
-(embeddings, norms, attention, the output head) keeps its dtype.
+(embeddings, norms, attention, the output head) keeps its dtype. Siblings that
+read the same input (``q/k/v_proj``, ``gate/up_proj``) run as one matmul of
+their stacked weights (:class:`SharedInputInt8`), with the same result.
 
 ``mixed`` keeps each layer's own weights beside the int8 ones and runs inputs of
 ``MIXED_DENSE_ROWS`` (64) tokens or more through them: where the CPU multiplies
@@ -112,34 +114,95 @@ def add_quantization_arg(parser: argparse.ArgumentParser, default: str | None = 
     )
 
 
+def _prepack(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """``weight`` ``[out, in]`` quantised per output channel (``s_o = max_i |W[o, i]| / 127``), packed for the int8 kernel."""
+    weight = weight.detach().float()
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+    zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; int8_supported() checks they still run
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        qweight = torch.quantize_per_channel(weight, scales, zeros, axis=0, dtype=torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+
+
+def _int8_matmul(x: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+    """``x @ W^T + b`` by the int8 kernel, ``x`` quantised over its own range, returned in ``x``'s dtype."""
+    return torch.ops.quantized.linear_dynamic(x.float(), packed, True).to(x.dtype)
+
+
+class SharedInputInt8(torch.nn.Module):
+    """Sibling linears that read the same input (``q/k/v_proj``, ``gate/up_proj``) as one int8 matmul.
+
+    ``W = [W_1; W_2; ...]`` (rows stacked, biases concatenated, zeros for a member without one) is
+    quantised per output channel as each member's own would be, and the input once per call over its
+    range, so each member's slice of ``x @ W^T + b`` is exactly what its own :class:`Int8Linear`
+    returns. One call instead of several saves the kernel's per-call cost (quantising ``x``,
+    dispatch, dtype casts): on the 2-core Intel Xeon with AMX (Qwen2.5-0.5B shapes, 8 rows), q+k+v
+    209 us separately and 98 us fused, gate+up 535 and 448 us, one decoder layer's linears 1102 and 903 us.
+
+    The first member called with an input computes every member's output; the others are handed
+    theirs when called with that same tensor (held until each has taken its slice, or the next input).
+    A model therefore runs one forward at a time, as the engine's models do.
+    """
+
+    def __init__(self, linears: list[torch.nn.Linear]) -> None:
+        super().__init__()
+        self.sizes = [linear.out_features for linear in linears]
+        weight = torch.cat([linear.weight.detach().float() for linear in linears])
+        biases = [
+            torch.zeros(linear.out_features) if linear.bias is None else linear.bias.detach().float() for linear in linears
+        ]
+        has_bias = any(linear.bias is not None for linear in linears)
+        self._packed = _prepack(weight, torch.cat(biases) if has_bias else None)
+        self._pending: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Member ``index``'s output for ``x``: its slice of the fused matmul, computed once per input."""
+        if self._pending is not None and self._pending[0] is x and index in self._pending[1]:
+            parts = self._pending[1]
+            out = parts.pop(index)
+            if not parts:
+                self._pending = None
+            return out
+        outputs = [part.contiguous() for part in _int8_matmul(x, self._packed).split(self.sizes, dim=-1)]
+        others = {i: part for i, part in enumerate(outputs) if i != index}
+        self._pending = (x, others) if others else None
+        return outputs[index]
+
+
 class Int8Linear(torch.nn.Module):
     """``torch.nn.Linear`` with per-channel int8 weights and dynamically quantised inputs (module docstring)."""
 
-    def __init__(self, linear: torch.nn.Linear, dense_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        linear: torch.nn.Linear,
+        dense_rows: int | None = None,
+        shared: tuple[SharedInputInt8, int] | None = None,
+    ) -> None:
         """``dense_rows``: inputs of at least this many rows (tokens) run the layer's own weights in their
-        dtype instead (kept beside the int8 ones); None: every input runs the int8 kernel."""
+        dtype instead (kept beside the int8 ones); None: every input runs the int8 kernel. ``shared``:
+        ``(group, index)``, this layer is member ``index`` of ``group`` and its int8 weights live there."""
         super().__init__()
         self.dense_rows = dense_rows
         self.dense = None if dense_rows is None else linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-        zeros = torch.zeros(weight.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; int8_supported() checks they still run
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            qweight = torch.quantize_per_channel(weight, scales, zeros, axis=0, dtype=torch.qint8)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        self.shared = None if shared is None else shared[0]
+        self._index = 0 if shared is None else shared[1]
+        self._packed = None if shared is not None else _prepack(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W^T + b`` in the input's dtype: by the int8 kernel, or by the dense layer for ``dense_rows`` rows or more."""
+        """``x @ W^T + b`` in the input's dtype: by the int8 kernel (its group's, if shared), or by the dense layer
+        for ``dense_rows`` rows or more."""
         if self.dense is not None and x.numel() >= self.dense_rows * self.in_features:
             return self.dense(x)
-        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True).to(x.dtype)
+        if self.shared is not None:
+            return self.shared.output(x, self._index)
+        return _int8_matmul(x, self._packed)
 
     def extra_repr(self) -> str:
         dense = "" if self.dense_rows is None else f", dense from {self.dense_rows} rows"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8{dense}"
+        shared = "" if self.shared is None else f", member {self._index} of a shared-input int8 matmul"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{dense}{shared}"
 
 
 def quantization_of(model: torch.nn.Module) -> str:
@@ -150,9 +213,29 @@ def quantization_of(model: torch.nn.Module) -> str:
     return "mixed" if layers[0].dense is not None else "int8"
 
 
+#: sibling layers (by attribute name) that read the same input in the decoder families this engine runs
+#: (Llama, Qwen2/3, Mistral): one :class:`SharedInputInt8` each where a module has them all
+SHARED_INPUT_SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _shared_groups(module: torch.nn.Module, head: torch.nn.Module | None) -> dict[str, tuple[SharedInputInt8, int]]:
+    """``{child name: (group, index)}`` for ``module``'s children that form a :data:`SHARED_INPUT_SIBLINGS` set
+    (all plain ``torch.nn.Linear`` with one input width, none the output head)."""
+    members: dict[str, tuple[SharedInputInt8, int]] = {}
+    for names in SHARED_INPUT_SIBLINGS:
+        linears = [getattr(module, name, None) for name in names]
+        if not all(isinstance(linear, torch.nn.Linear) and linear is not head for linear in linears):
+            continue
+        if len({linear.in_features for linear in linears}) != 1:
+            continue
+        group = SharedInputInt8(linears)
+        members.update({name: (group, i) for i, name in enumerate(names)})
+    return members
+
+
 def quantize_linears(model: torch.nn.Module, dense_rows: int | None = None) -> int:
     """Replace every ``torch.nn.Linear`` of ``model`` but its output head with :class:`Int8Linear`
-    (``dense_rows``: as there).
+    (``dense_rows``: as there); siblings that read the same input share one int8 matmul (:class:`SharedInputInt8`).
 
     Returns how many were replaced.
 
@@ -166,8 +249,9 @@ def quantize_linears(model: torch.nn.Module, dense_rows: int | None = None) -> i
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     replaced = 0
     for module in list(model.modules()):
+        shared = _shared_groups(module, head)
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child is not head:
-                setattr(module, name, Int8Linear(child, dense_rows))
+                setattr(module, name, Int8Linear(child, dense_rows, shared.get(name)))
                 replaced += 1
     return replaced

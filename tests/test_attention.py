@@ -55,6 +55,26 @@ def _tiny_qwen(attn: str) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).to(torch.float64).eval()
 
 
+
+def test_a_forward_folds_its_mask_once_and_a_new_mask_is_folded_anew() -> None:
+    """Every layer of a forward passes the same mask tensor: the first folds it, the rest reuse that; a new
+    mask (the next forward's) is folded from its own values, never served the last one's."""
+    gen = torch.Generator().manual_seed(5)
+    groups, batch, kv_heads, q_len, length, dim = 3, 2, 2, 4, 11, 8
+    query = torch.randn(batch, kv_heads * groups, q_len, dim, generator=gen, dtype=torch.float64)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    for seed in (1, 2):
+        visible = torch.rand(batch, 1, q_len, length, generator=torch.Generator().manual_seed(seed)) > 0.5
+        visible[..., -1] = True
+        mask = _additive(visible, torch.float64)
+        first, _ = grouped_sdpa_attention(_Grouped(groups), query, key, value, mask, scaling=0.3)
+        folded = mask._cast_folded[1]
+        again, _ = grouped_sdpa_attention(_Grouped(groups), query, key, value, mask, scaling=0.3)
+        assert mask._cast_folded[1] is folded
+        stock, _ = sdpa_attention_forward(_Grouped(groups), query, key, value, mask, scaling=0.3)
+        torch.testing.assert_close(first, stock, atol=1e-12, rtol=1e-12)
+        assert torch.equal(again, first)
+
 def test_tree_forward_matches_stock_attention() -> None:
     """A tree of 5 nodes per row over a cached prefix gives stock sdpa's logits under the grouped path, and
     eager's within its float32 softmax."""

@@ -8,7 +8,7 @@ import torch
 from cast_core.cost import CostProfile, device_name
 from cast_core.engine import Engine
 from cast_core.models import load_drafter
-from cast_core.quantize import MIXED_DENSE_ROWS, Int8Linear, drafter_profile_name, int8_supported, quantization_of, quantize_linears, resolve_quantization
+from cast_core.quantize import MIXED_DENSE_ROWS, Int8Linear, SharedInputInt8, drafter_profile_name, int8_supported, quantization_of, quantize_linears, resolve_quantization
 from services.config import AppConfig
 from tests.conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair, tiny_tokenizer
 
@@ -53,6 +53,42 @@ def test_quantize_linears_keeps_the_output_head_and_the_logits_close() -> None:
     after = drafter(ids).logits
     assert ((after - before).norm() / before.norm()).item() < 0.05
 
+
+
+@needs_int8
+def test_shared_input_members_return_exactly_their_own_layers_output_in_any_order() -> None:
+    """One int8 matmul for siblings reading one input: each member's slice equals its own Int8Linear's output."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(96, 40).to(torch.bfloat16), torch.nn.Linear(96, 8, bias=False).to(torch.bfloat16)]
+    linears.append(torch.nn.Linear(96, 8).to(torch.bfloat16))
+    group = SharedInputInt8(linears)
+    shared = [Int8Linear(linear, shared=(group, i)) for i, linear in enumerate(linears)]
+    own = [Int8Linear(linear) for linear in linears]
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        x = torch.randn(3, 5, 96, dtype=torch.bfloat16)
+        for i in order:
+            assert torch.equal(shared[i](x), own[i](x))
+        assert group._pending is None  # every member took its slice: the input is not held
+    x, y = torch.randn(2, 96, dtype=torch.bfloat16), torch.randn(2, 96, dtype=torch.bfloat16)
+    assert torch.equal(shared[0](x), own[0](x)) and torch.equal(shared[1](y), own[1](y))  # another input: computed anew
+    assert torch.equal(shared[0](x), own[0](x))  # taken once already: computed anew, not a stale slice
+
+
+@needs_int8
+def test_quantize_linears_shares_qkv_and_gate_up_and_changes_no_logit(monkeypatch) -> None:
+    _, drafter = tiny_pair("qwen2", torch.float32, noise=0.0)
+    _, unshared = tiny_pair("qwen2", torch.float32, noise=0.0)
+    ids = torch.tensor([random_prompts(1, max_len=16, seed=3)[0]])
+    quantize_linears(drafter)
+    monkeypatch.setattr("cast_core.quantize.SHARED_INPUT_SIBLINGS", ())
+    quantize_linears(unshared)
+    for layer in drafter.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared is not None
+        assert mlp.gate_proj.shared is mlp.up_proj.shared is not None
+        assert attn.o_proj.shared is None and mlp.down_proj.shared is None
+    assert all(layer.self_attn.q_proj.shared is None for layer in unshared.model.layers)
+    assert torch.equal(drafter(ids).logits, unshared(ids).logits)
 
 def test_resolve_quantization() -> None:
     auto_cpu = "int8" if int8_supported() else "none"

@@ -160,3 +160,21 @@ def test_tiny_temperature_sampling_through_the_engine_is_greedy(tokenizer) -> No
     sampled = engine.generate(prompts, max_new_tokens=16, temperature=1e-300, seed=3)
     greedy = engine.generate(prompts, max_new_tokens=16)
     assert [g.token_ids for g in sampled] == [g.token_ids for g in greedy]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_acceptance_breaks_ties_towards_the_first_id_as_argmax_does(dtype: torch.dtype) -> None:
+    """Tied maxima (common in bf16 logits) resolve to the lowest id, as the target's own greedy decoding
+    (``argmax``) resolves them: a chain drafting the lower tied id is accepted, the higher one is not."""
+    from cast_core.acceptance import accept_greedy
+    from cast_core.tree import DraftTree
+
+    vocab = 151936
+    logits = torch.zeros(1, 3, vocab, dtype=dtype)
+    logits[0, 0, [7, 90000, 150000]] = 4.0  # root: three tied maxima
+    logits[0, 1, [11, 12]] = 2.0  # after the first draft: two tied maxima
+    tree = DraftTree.chains(torch.tensor([1]), [[7, 11]])
+    assert accept_greedy(tree, logits[0], 0).tokens == [7, 11, int(logits[0, 2].argmax())]
+    assert int(logits[0, 0].argmax()) == 7
+    higher = DraftTree.chains(torch.tensor([1]), [[90000, 11]])
+    assert accept_greedy(higher, logits[0], 0).tokens == [7]
