@@ -188,7 +188,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         help="prompts at batch size B instead of --prompts, e.g. 8=16 for two groups of 8",
     )
     run.add_argument("--max-new-tokens", type=int, default=128)
-    run.add_argument("--warmup-tokens", type=int, default=8)
+    run.add_argument(
+        "--warmup-tokens", type=int, default=BenchConfig.model_fields["warmup_tokens"].default, help="untimed warm-up tokens per method and batch size"
+    )
     _add_cast_args(run)
     run.add_argument("--results-dir", default=str(RESULTS_DIR))
     run.add_argument("--quiet", action="store_true", help="no progress bar")

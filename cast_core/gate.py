@@ -122,6 +122,19 @@ steps, 0.93x, thinned by time; tuning prompts,
 nothing beyond their own time, are timed, and the record recovers through
 the steps that still draft where drafting pays.
 
+Thinned steps draft at an expected loss, so their loss is budgeted like a
+closed gate's probes: each thinned step, once judged, adds
+``C - n / min_speedup`` plain steps to a loss ``L`` (a gain subtracts, to no
+less than 0), every step at any
+batch size adds its plain steps' worth of time (1 for a plain step, ``C``
+for a drafted one) to ``E``, both decaying as ``exp(-C / THIN_HORIZON)``, and
+a step thins (drafts on its share) only while ``L <= probe_budget * E``. On
+the 2-core Intel Xeon with AMX about 20 % slower than its profile, MT-bench
+B=8 with 11 % of row steps drafted this way ran 0.94x vanilla (pairs
+0.90-0.99x; ``bench/results/floor_xeon_amx_slow_4c9c637.json``): each
+thinned step also carries the windowed catch-up of the plain steps before it,
+and their records hovered just under break-even without closing.
+
 Past ``min_judged``, the gate closes only where ``rho^B`` is below
 ``min_speedup`` by ``z`` (``close_confidence``) standard errors::
 
@@ -209,6 +222,9 @@ TIMING_MARGIN = 0.15
 #: relative margin over ``min_speedup`` a closed record must reach, when plain step timings rescale it, to reopen
 REOPEN_MARGIN = 0.05
 
+#: plain steps' worth of time over which thinned steps' loss is weighed against ``probe_budget`` (as long as ``max_skip``)
+THIN_HORIZON = 256.0
+
 
 @dataclass
 class _BatchGate:
@@ -230,6 +246,7 @@ class _BatchGate:
     skip_left: int = 0
     backoff: int = 0
     draft_credit: float = 0.0  # running sum of p (``DraftGate._step_share``) over the steps thinned below break-even
+    thinned: bool = False  # the last drafted step here was thinned (its loss counts against the budget when judged)
 
     @property
     def has_record(self) -> bool:
@@ -288,6 +305,8 @@ class DraftGate:
     min_judged: int = 16
     close_confidence: float = 2.0
     _by_batch: dict[int, _BatchGate] = field(default_factory=dict)
+    _thin_loss: float = 0.0  # L: decayed plain steps lost by judged thinned steps
+    _elapsed: float = 0.0  # E: decayed plain steps' worth of time of every step
 
     def __post_init__(self) -> None:
         if self.min_speedup <= 0:
@@ -429,22 +448,37 @@ class DraftGate:
     def should_draft(self, batch_size: int) -> bool:
         """Whether this step at ``batch_size`` drafts (a skipped step counts down to the next probe; near
         break-even on the profile's basis, steps are plain until ``MIN_PLAIN_SAMPLES`` are timed; below
-        break-even, an open gate drafts when the running sum of ``_step_share(draft_chance)`` reaches 1)."""
+        break-even, an open gate drafts when the running sum of ``_step_share(draft_chance)`` reaches 1, while
+        the thinned steps' loss is within budget, ``L <= probe_budget * E``)."""
         gate = self._at(batch_size)
         if gate.skip_left > 0:
             gate.skip_left -= 1
-            return False
+            return self._plain()
         if self._needs_timing(gate):
-            return False
+            return self._plain()
         chance = 1.0 if self._closed(gate) else self.draft_chance(batch_size)  # a closed gate's probe is due
         if chance >= 1.0:
-            gate.draft_credit = 0.0
+            gate.draft_credit, gate.thinned = 0.0, False
             return True
+        if self._thin_loss > self.probe_budget * self._elapsed:  # thinning has lost its share of the time
+            return self._plain()
         gate.draft_credit += self._step_share(gate, chance)
         if gate.draft_credit < 1.0:
-            return False
+            return self._plain()
         gate.draft_credit -= 1.0
+        gate.thinned = True
         return True
+
+    def _age(self, plain_steps: float) -> None:
+        """Add ``plain_steps`` of time to ``E``, decaying ``L`` and ``E`` by ``exp(-plain_steps / THIN_HORIZON)``."""
+        decay = math.exp(-plain_steps / THIN_HORIZON)
+        self._thin_loss *= decay
+        self._elapsed = decay * self._elapsed + plain_steps
+
+    def _plain(self) -> bool:
+        """A plain step: one plain step's time to ``E``; returns False (do not draft)."""
+        self._age(1.0)
+        return False
 
     @staticmethod
     def _step_share(gate: _BatchGate, time_share: float) -> float:
@@ -496,6 +530,10 @@ class DraftGate:
         gate = self._at(batch_size)
         gate.add(tokens, cost, math.exp(-cost / self.window))
         gate.judged += batch_size
+        self._age(cost)
+        if gate.thinned:
+            self._thin_loss = max(0.0, self._thin_loss + cost - tokens / self.min_speedup)
+            gate.thinned = False
         gate.on_profile = on_profile
         if not self._closed(gate):
             gate.backoff = 0

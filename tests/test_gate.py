@@ -468,6 +468,36 @@ def test_draft_chance_is_one_at_or_above_break_even_and_before_min_judged() -> N
     assert decisions == [False, False, True], "the closed gate probes on its schedule, not on the chance"
 
 
+
+def _thinned_loss_share(budget: float, steps: list[tuple[float, float]], decisions: int = 3000) -> tuple[float, int]:
+    """Run a gate whose record is ``steps`` (repeated) and never closes; every drafted step repeats them in turn.
+    Returns the time lost to drafted steps, ``sum (C - n)`` over all time, and how many drafted."""
+    gate = DraftGate(min_judged=4, probe_budget=budget, close_confidence=10.0)
+    for n, c in steps * 3:
+        gate.observe(2, n, c)
+    lost = elapsed = 0.0
+    drafted = 0
+    for _ in range(decisions):
+        if gate.should_draft(2):
+            n, c = steps[drafted % len(steps)]
+            drafted += 1
+            gate.observe(2, n, c)
+            lost, elapsed = lost + c - n, elapsed + c
+        else:
+            elapsed += 1.0
+    assert not gate.is_closed(2)
+    return lost / elapsed, drafted
+
+
+def test_thinned_steps_lose_at_most_the_probe_budget_of_the_time() -> None:
+    """A record just under break-even with a wide spread drafts on its chance (thinning); what those steps lose,
+    ``C - n`` plain steps each, is held to ``probe_budget`` of the time, as a closed gate's probes are."""
+    losing = [(0.2, 2.0), (3.4, 2.0)]  # 0.9x, noisy enough never to close at z = 10
+    loose, loose_drafted = _thinned_loss_share(0.5, losing)
+    tight, tight_drafted = _thinned_loss_share(0.01, losing)
+    assert loose > 0.02, "without the budget biting, thinning at a chance of ~40 % loses several % of the time"
+    assert tight <= 0.011 and tight_drafted < loose_drafted / 2
+
 def test_a_drafted_step_is_judged_against_the_plain_step_of_its_own_context() -> None:
     """Plain steps timed at a short context (0.20 s where the profile reads 0.16 s: scale 1.25) judge a drafted
     step at a longer context (profile 0.24 s) against 1.25 * 0.24 = 0.30 s, not the 0.20 s they took."""
