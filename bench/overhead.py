@@ -1,6 +1,8 @@
 """Where a step's milliseconds go beyond the two models' forwards (``cast bench overhead``).
 
-Runs one policy on one group of prompts twice after a warm-up:
+Runs one policy on one group of prompts twice after a warm-up (as long as the
+measured run: CAST's speedup gate lives on from it, and a warm-up ending at its
+rows' budget can close the gate, see ``bench.harness.BenchConfig.warmup_tokens``):
 
 1. plain, for real times: wall, the engine's draft / verify / plan split, and
    the time inside each model's forwards (:class:`~bench.methods.ForwardTimer`);
@@ -41,7 +43,7 @@ def profile_overhead(
 ) -> str:
     """Run ``policy`` on ``prompts`` (one batch) and return a printable breakdown."""
     method = EngineMethod(pair, policy, policy, static_config=static_config, cast_config=cast_config)
-    method.run(prompts, 8)  # warm-up
+    method.run(prompts, max_new_tokens)  # warm-up
     run = method.run(prompts, max_new_tokens)
     s, steps = run.stats, max(run.stats.batch_steps, 1)
     in_steps = s.draft_s + s.verify_s
