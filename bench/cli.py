@@ -189,7 +189,10 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--max-new-tokens", type=int, default=128)
     run.add_argument(
-        "--warmup-tokens", type=int, default=BenchConfig.model_fields["warmup_tokens"].default, help="untimed warm-up tokens per method and batch size"
+        "--warmup-tokens",
+        type=int,
+        default=BenchConfig.model_fields["warmup_tokens"].default,
+        help="untimed warm-up tokens per method and batch size",
     )
     _add_cast_args(run)
     run.add_argument("--results-dir", default=str(RESULTS_DIR))

@@ -125,10 +125,10 @@ the steps that still draft where drafting pays.
 Thinned steps draft at an expected loss, so their loss is budgeted like a
 closed gate's probes: each thinned step, once judged, adds
 ``C - n / min_speedup`` plain steps to a loss ``L`` (a gain subtracts, to no
-less than 0), every step at any
-batch size adds its plain steps' worth of time (1 for a plain step, ``C``
-for a drafted one) to ``E``, both decaying as ``exp(-C / THIN_HORIZON)``, and
-a step thins (drafts on its share) only while ``L <= probe_budget * E``. On
+less than 0), every step at any batch size adds its plain steps' worth of
+time (1 for a plain step, ``C`` for a drafted one) to ``E``, both decaying as
+``exp(-C / THIN_HORIZON)``, and a step thins (drafts on its share) only while
+``L <= probe_budget * E``. On
 the 2-core Intel Xeon with AMX about 20 % slower than its profile, MT-bench
 B=8 with 11 % of row steps drafted this way ran 0.94x vanilla (pairs
 0.90-0.99x; ``bench/results/floor_xeon_amx_slow_4c9c637.json``): each

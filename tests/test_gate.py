@@ -468,7 +468,6 @@ def test_draft_chance_is_one_at_or_above_break_even_and_before_min_judged() -> N
     assert decisions == [False, False, True], "the closed gate probes on its schedule, not on the chance"
 
 
-
 def _thinned_loss_share(budget: float, steps: list[tuple[float, float]], decisions: int = 3000) -> tuple[float, int]:
     """Run a gate whose record is ``steps`` (repeated) and never closes; every drafted step repeats them in turn.
     Returns the time lost to drafted steps, ``sum (C - n)`` over all time, and how many drafted."""
@@ -497,6 +496,7 @@ def test_thinned_steps_lose_at_most_the_probe_budget_of_the_time() -> None:
     tight, tight_drafted = _thinned_loss_share(0.01, losing)
     assert loose > 0.02, "without the budget biting, thinning at a chance of ~40 % loses several % of the time"
     assert tight <= 0.011 and tight_drafted < loose_drafted / 2
+
 
 def test_a_drafted_step_is_judged_against_the_plain_step_of_its_own_context() -> None:
     """Plain steps timed at a short context (0.20 s where the profile reads 0.16 s: scale 1.25) judge a drafted

@@ -21,6 +21,7 @@ from cast_core import CastConfig
 from cast_core.models import load_drafter, resolve_model
 
 DRAFTER = "qwen2.5-coder-0.5b-instruct"
+ACCEPT = verifier.accept_greedy  # the engine's greedy acceptance, as committed
 
 
 class _ArgmaxLogits:
@@ -64,8 +65,6 @@ def main(dataset: str, batch_size: int) -> None:
     rates = {arm: tokens / wall for arm, (wall, tokens) in totals.items()}
     print(f"pooled: old {rates['old']:.2f} tok/s, new {rates['new']:.2f} tok/s, new/old {rates['new'] / rates['old']:.3f}")
 
-
-ACCEPT = verifier.accept_greedy
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
