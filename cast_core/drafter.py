@@ -246,7 +246,7 @@ class Drafter:
                 deepest[:, path_node >= 0] = np.stack([path_node, np.full(bsz, layer)])[:, path_node >= 0]
                 on_path = [a and n >= 0 and len(ahead[b]) > layer for b, (a, n) in enumerate(zip(active, path_node))]
                 covered = float(np.where(on_path, ahead_v[:, min(layer, ahead_v.shape[1] - 1)], 0.0)[decisive].mean())
-            grow = layer < policy.max_depth and policy.grow(layer, kept, ctx, histories, covered)
+            grow = layer < policy.max_depth and policy.grow(layer, kept, ctx, histories, covered, _verified_so_far(node_conf, decisive, policy, ctx))
             plan_s += time.perf_counter() - t0
             if not grow:
                 break
@@ -296,6 +296,13 @@ class Drafter:
         chosen = torch.sort(order[:, :m], dim=1).values  # node order keeps parents first
         tree = _assemble(roots, *nodes, valid, chosen)
         return DraftResult(tree=tree, nodes_drafted=int(all_conf.shape[1]), layers=layer, plan_s=plan_s), layer_costs, catch_up_s, deepest[1]
+
+
+def _verified_so_far(node_conf: list[torch.Tensor], decisive: np.ndarray, policy: TreePolicy, ctx: CostContext | None) -> int:
+    """How many of the tree's nodes so far (``node_conf``: each layer's kept ``v``) the policy would verify
+    (``TreePolicy.verify_count`` over the ``decisive`` rows): the margin at which a further layer's node is verified."""
+    conf = torch.cat(node_conf, dim=1).numpy()[decisive]
+    return policy.verify_count(-np.sort(-conf, axis=1), ctx)
 
 
 def _decisive_rows(plans: list[RowPlan], active: np.ndarray) -> np.ndarray:

@@ -25,21 +25,29 @@ Policies:
 
   *Depth*: grow layer ``i + 1`` iff ``alpha * u^(i) / c^(i) >= C2`` where
   ``u^(i)`` is the kept utility of layer ``i``, ``c^(i) = (f_D(B, ctx, n_i) +
-  f_T(B, ctx, i + 2) - f_T(B, ctx, i + 1)) / f_T(B, ctx, 1)`` the cost of
-  expanding it, and ``alpha`` the mean of the
+  f_T(B, ctx, m_i + 2) - f_T(B, ctx, m_i + 1)) / f_T(B, ctx, 1)`` the cost of
+  expanding it, ``m_i`` the nodes of the tree so far (layers ``1..i``) that
+  reranking would verify, and ``alpha`` the mean of the
   last ``R`` observed gain ratios ``phi = u^(i+1) / u^(i)`` (a FIFO per
   sequence, initialised to ``{1}``; the batch uses the mean over its rows).
   Beyond the paper, whose ``c^(i)`` is the drafter forward alone, the price
   includes verifying one more node: a layer's drafts are worth something
-  only once verified, and the root, the ``i`` layers above and one node of
-  the new layer are ``i + 2`` tokens a row. The verify curve is flat at B=1
+  only once verified, and the root, the ``m_i`` nodes already worth
+  verifying and one node of the new layer are ``m_i + 2`` tokens a row (a
+  chain's ``m_i`` is ``i``; a wide layer's is more, and at B=8 its nodes
+  already fill the verify curve's cheap part). The verify curve is flat at B=1
   on a CPU and climbs with the batch (2-core AMD EPYC, B=8: 0.26-0.30 plain
   steps a token, more than a drafter forward), so the price deepens trees
   where verifying is cheap and keeps them shallow where it is not. With the
   speedup gate held open on the tuning prompts (2-core AMD EPYC, int8
   drafter, ``bench/results/depth_price_ab``), B=8 ran 1.01x / 0.96x vanilla
   (HumanEval / MT-bench) with it, 0.88x / 0.86x without (HumanEval: 3.2-2.4
-  against 8.7-5.8 drafter forwards a step).
+  against 8.7-5.8 drafter forwards a step). Priced at the chain's ``i + 2``
+  tokens instead of ``m_i + 2``, with the gate held open at B=8 on the 2-core
+  Intel Xeon with AMX (tuning prompts, interleaved; ``bench/results/depth_margin_ab``),
+  MT-bench ran 1.11x against 1.16x vanilla with ``m_i``, and with the gate on,
+  B=1 1.53x / 2.78x against 1.64x / 2.87x (MT-bench / HumanEval), B=4 1.04x /
+  1.72x against 1.29x / 1.80x.
   With context lookup (``cast_core.lookup``, beyond the paper) the lookup's
   node at depth ``i + 1``, where its path so far is among layer ``i``'s kept
   nodes, is drafted without a forward; its ``v`` (batch mean) is subtracted
@@ -387,10 +395,17 @@ class TreePolicy(ABC):
 
     @abstractmethod
     def grow(
-        self, layer: int, kept: np.ndarray, ctx: CostContext | None, histories: list[DepthHistory], covered: float = 0.0
+        self,
+        layer: int,
+        kept: np.ndarray,
+        ctx: CostContext | None,
+        histories: list[DepthHistory],
+        covered: float = 0.0,
+        verified: int | None = None,
     ) -> bool:
         """Whether to expand layer ``layer``'s kept nodes (``kept`` = their ``v``, ``[B, n_i]``); ``covered``: the
-        part of the next layer's utility (batch mean) that context lookup drafts without a forward."""
+        part of the next layer's utility (batch mean) that context lookup drafts without a forward; ``verified``:
+        how many of the tree's nodes so far ``verify_count`` would send to the verifier (None: ``layer``, a chain's)."""
 
     def observe_layer(self, prev_kept: np.ndarray, kept: np.ndarray, histories: list[DepthHistory]) -> None:
         """Record ``phi = u^(i+1) / u^(i)`` per row after a layer was built."""
@@ -414,7 +429,7 @@ class NoDraftPolicy(TreePolicy):
     def layer_width(self, layer: int, confidences: np.ndarray, ctx: CostContext | None) -> int:
         return 0
 
-    def grow(self, layer, kept, ctx, histories, covered=0.0) -> bool:
+    def grow(self, layer, kept, ctx, histories, covered=0.0, verified=None) -> bool:
         return False
 
     def verify_count(self, confidences: np.ndarray, ctx: CostContext | None) -> int:
@@ -434,7 +449,7 @@ class StaticTreePolicy(TreePolicy):
     def layer_width(self, layer: int, confidences: np.ndarray, ctx: CostContext | None) -> int:
         return min(self.config.top_k, confidences.shape[1])
 
-    def grow(self, layer, kept, ctx, histories, covered=0.0) -> bool:
+    def grow(self, layer, kept, ctx, histories, covered=0.0, verified=None) -> bool:
         return layer < self.config.depth
 
     def verify_count(self, confidences: np.ndarray, ctx: CostContext | None) -> int:
@@ -562,13 +577,14 @@ class CastPolicy(TreePolicy):
         cost = ctx.drafter[: m + 1]
         return max(1, algorithm1(self._utility(confidences), cost, self._threshold(self.config.c1, ctx)))
 
-    def grow(self, layer, kept, ctx, histories, covered=0.0) -> bool:
+    def grow(self, layer, kept, ctx, histories, covered=0.0, verified=None) -> bool:
         assert ctx is not None, "the cast policy needs a cost context"
         if layer >= self.config.max_depth:
             return False
         alpha = float(np.mean([h.alpha() for h in histories])) if histories else 1.0
         utility = float(kept.sum(axis=1).mean())
-        cost = ctx.drafter_cost(kept.shape[1]) + ctx.target_cost(layer + 2) - ctx.target_cost(layer + 1)
+        m = layer if verified is None else verified
+        cost = ctx.drafter_cost(kept.shape[1]) + ctx.target_cost(m + 2) - ctx.target_cost(m + 1)
         return alpha * utility - covered >= self._threshold(self.config.c2, ctx) * cost
 
     def observe_layer(self, prev_kept: np.ndarray, kept: np.ndarray, histories: list[DepthHistory]) -> None:

@@ -102,6 +102,20 @@ def test_depth_prices_verifying_one_more_node() -> None:
     assert steep.target_cost(30) == pytest.approx(1.0 + 0.28 * 29), "past the curve's end, its last slope"
 
 
+def test_depth_prices_the_next_node_where_the_reranker_stops() -> None:
+    """With ``verified`` (the nodes of the tree so far that ``verify_count`` would send), the next layer's node is
+    priced after them, ``C_T(m + 2) - C_T(m + 1)``: a wide first layer at B=8 already fills the cheap part of a
+    bent verify curve, where a chain's price (``verified`` None: ``m = i``) still reads it flat."""
+    policy = CastPolicy(CastConfig(c2=1.25, c3=1.0, adaptive_thresholds=False))
+    bend = CostContext(drafter=np.r_[0.0, np.full(10, 0.2)], target=np.r_[0.0, 1.0, 1.0, 1.0, 1.0, 1.3, 1.6, 1.9, 2.2, 2.5, 2.8, 3.1], batch_size=8, context=0)
+    kept = np.array([[0.3, 0.2, 0.1]])  # utility 0.6: >= 1.25 * 0.2, not >= 1.25 * (0.2 + 0.3)
+    m = policy.verify_count(kept, bend)
+    assert m == 3, "three nodes and the root verify at a plain step's cost"
+    assert policy.grow(1, kept, bend, [DepthHistory(4)]), "priced as a chain's next node, the 3rd token, free"
+    assert policy.grow(1, kept, bend, [DepthHistory(4)], verified=1)
+    assert not policy.grow(1, kept, bend, [DepthHistory(4)], verified=m), "the 5th token costs 0.3 plain steps"
+
+
 def test_scaled_depth_threshold_stops_growth_once_c2_rho_cost_exceeds_one() -> None:
     """alpha * u <= 1 (u sums path confidences), so with thresholds scaled by rho^B no second layer grows once
     C2 * rho^B * c_D > 1: with the defaults and a drafter forward of 0.59 plain steps, that is rho^B > 1.36."""
