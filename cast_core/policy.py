@@ -131,7 +131,7 @@ class CastConfig(BaseModel):
     max_depth: int = Field(10, ge=1, le=32, description="Hard cap on drafted layers.")
     max_verify: int = Field(64, ge=1, le=512, description="Hard cap on drafted nodes verified per step.")
     c1: float = Field(1.0, gt=0, description="Breadth threshold C1: keep k nodes of a layer while marginal expected tokens per marginal drafter cost exceeds C1.")
-    c2: float = Field(1.25, gt=0, description="Depth threshold C2: grow the next layer iff alpha * u^(i) / c^(i) >= C2, c^(i) the drafter forward that expands layer i plus verifying one more node, in plain steps (times max(1, rho^B) with adaptive thresholds; alpha * u^(i) <= 1, so no layer beyond the first grows once C2 * rho^B * c^(i) > 1).")
+    c2: float = Field(1.25, gt=0, description="Depth threshold C2: grow the next layer iff alpha * u^(i) / c^(i) >= C2, c^(i) the drafter forward that expands layer i plus verifying one more node beyond those of the tree so far that reranking would verify, in plain steps (times max(1, rho^B) with adaptive thresholds; alpha * u^(i) <= 1, so no layer beyond the first grows once C2 * rho^B * c^(i) > 1).")
     c3: float = Field(1.5, gt=0, description="Reranking threshold C3: verify k nodes while marginal expected tokens per marginal verifier cost exceeds C3.")
     r: int = Field(4, ge=1, le=64, description="R: number of recent depth gain ratios averaged into alpha.")
     min_speedup: float = Field(1.0, gt=0, description="Speedup gate: draft at batch size B only while drafted steps there achieve at least this speedup over plain decoding (tokens per step x plain step seconds / measured step seconds); see cast_core.gate.")
