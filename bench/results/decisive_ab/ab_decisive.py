@@ -5,22 +5,14 @@
 Each variant is a JSON object of ``CastConfig`` fields plus ``"_slack": s`` (decisive rows: the active rows with at
 least ``max tokens left - s`` left; 0 is the engine's rule) and ``"_agg": "mean" | "min" | "minall"`` (a layer's
 utility curve ``u_k``: the decisive rows' mean cumulative confidence, as the engine, or their minimum; "minall" also
-grows a layer on the decisive rows' least ``alpha_r * u_r^(i)`` rather than the mean row's). Per group of B tuning
-prompts: vanilla and every variant warmed up (8 / 32 tokens), then two rounds of vanilla followed by the variants,
-in order and then reversed, 128 new tokens each; pooled speedup = vanilla's wall over the variant's, summed over the
-runs. Prints, per variant, the mean number of decisive rows a drafted step had.
+grows a layer on the decisive rows' least ``alpha_r * u_r^(i)`` rather than the mean row's). Runs interleaved as
+``bench.ab`` describes; prints, per variant, the mean number of decisive rows a drafted step had.
 """
-
-import json
-import sys
 
 import numpy as np
 
 import cast_core.drafter as drafter
-from bench.datasets import load_prompts
-from bench.harness import make_groups
-from bench.methods import EngineMethod, ModelPair
-from cast_core import CastConfig
+from bench.ab import main
 from cast_core.policy import CastPolicy
 
 COUNTS: list[int] = []
@@ -30,6 +22,7 @@ GROW = CastPolicy.grow
 def use(variant: dict) -> None:
     """Pick decisive rows and combine their utilities as ``variant`` says (module docstring)."""
     slack, agg = variant.get("_slack", 0), variant.get("_agg", "mean")
+    COUNTS.clear()  # use() runs before every run: the counts after a run are that run's
 
     def decisive_rows(plans, active):
         left = np.array([plan.budget_left for plan in plans])
@@ -56,36 +49,13 @@ def use(variant: dict) -> None:
     CastPolicy.grow = grow
 
 
-def config(variant: dict) -> CastConfig:
-    return CastConfig(**{k: v for k, v in variant.items() if not k.startswith("_")})
+ROWS: dict[int, list[int]] = {}
 
 
-def main(dataset: str, batch_size: int, n_groups: int, variants: list[dict]) -> None:
-    pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "bfloat16", "cpu", "mixed")
-    groups = make_groups(load_prompts(dataset, pair.tokenizer, "tuning"), batch_size, batch_size * n_groups)[:n_groups]
-    runs: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(variants))}
-    rows: dict[int, list[int]] = {i: [] for i in range(len(variants))}
-    for group in groups:
-        prompts = [pair.encode(p.text) for p in group]
-        methods = [EngineMethod(pair, "cast", "cast", cast_config=config(v)) for v in variants]
-        vanilla = EngineMethod(pair, "none", "none")
-        vanilla.run(prompts, 8)
-        for variant, method in zip(variants, methods):
-            use(variant)
-            method.run(prompts, 32)
-        for order in (list(range(len(variants))), list(reversed(range(len(variants))))):
-            plain_s = vanilla.run(prompts, 128).wall_s
-            for i in order:
-                use(variants[i])
-                COUNTS.clear()
-                run = methods[i].run(prompts, 128)
-                rows[i] += COUNTS
-                runs[i].append((plain_s, run.wall_s, run.stats.batch_steps))
-                print(variants[i], f"vanilla {plain_s:.2f} s, cast {run.wall_s:.2f} s, {plain_s / run.wall_s:.3f}x, {run.stats.batch_steps} steps", flush=True)
-    for i, variant in enumerate(variants):
-        plain, cast = sum(r[0] for r in runs[i]), sum(r[1] for r in runs[i])
-        print("POOLED", variant, f"{plain / cast:.3f}x", "steps", sum(r[2] for r in runs[i]), f"decisive rows {np.mean(rows[i]):.2f}")
+def collect(i: int) -> None:
+    """Keep the decisive-row counts of variant ``i``'s timed run."""
+    ROWS.setdefault(i, []).extend(COUNTS)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), [json.loads(a) for a in sys.argv[4:]])
+    main(use, collect, lambda i: f"decisive rows {np.mean(ROWS[i]):.2f}")

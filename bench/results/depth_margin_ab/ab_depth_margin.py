@@ -4,19 +4,11 @@
 
 Each variant is a JSON object of ``CastConfig`` fields; ``"_chain": 1`` prices the next layer's node after the
 chain's ``i`` tokens (``verified`` None, as before the change) instead of after the ``m_i`` nodes reranking would
-verify. Per group of B tuning prompts: vanilla and every variant warmed up (8 / 32 tokens), then two rounds of
-vanilla followed by the variants, in order and then reversed, 128 new tokens each; pooled speedup = vanilla's
-wall over the variant's, summed over the runs.
+verify. Runs interleaved as ``bench.ab`` describes.
 """
 
-import json
-import sys
-
 import cast_core.drafter as drafter
-from bench.datasets import load_prompts
-from bench.harness import make_groups
-from bench.methods import EngineMethod, ModelPair
-from cast_core import CastConfig
+from bench.ab import main
 
 MARGIN = drafter._verified_so_far
 
@@ -26,33 +18,5 @@ def use(variant: dict) -> None:
     drafter._verified_so_far = (lambda *args: None) if variant.get("_chain") else MARGIN
 
 
-def config(variant: dict) -> CastConfig:
-    return CastConfig(**{k: v for k, v in variant.items() if not k.startswith("_")})
-
-
-def main(dataset: str, batch_size: int, n_groups: int, variants: list[dict]) -> None:
-    pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "bfloat16", "cpu", "mixed")
-    groups = make_groups(load_prompts(dataset, pair.tokenizer, "tuning"), batch_size, batch_size * n_groups)[:n_groups]
-    runs: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(variants))}
-    for group in groups:
-        prompts = [pair.encode(p.text) for p in group]
-        methods = [EngineMethod(pair, "cast", "cast", cast_config=config(v)) for v in variants]
-        vanilla = EngineMethod(pair, "none", "none")
-        vanilla.run(prompts, 8)
-        for variant, method in zip(variants, methods):
-            use(variant)
-            method.run(prompts, 32)
-        for order in (list(range(len(variants))), list(reversed(range(len(variants))))):
-            plain_s = vanilla.run(prompts, 128).wall_s
-            for i in order:
-                use(variants[i])
-                run = methods[i].run(prompts, 128)
-                runs[i].append((plain_s, run.wall_s, run.stats.batch_steps))
-                print(variants[i], f"vanilla {plain_s:.2f} s, cast {run.wall_s:.2f} s, {plain_s / run.wall_s:.3f}x, {run.stats.batch_steps} steps", flush=True)
-    for i, variant in enumerate(variants):
-        plain, cast = sum(r[0] for r in runs[i]), sum(r[1] for r in runs[i])
-        print("POOLED", variant, f"{plain / cast:.3f}x", "steps", sum(r[2] for r in runs[i]))
-
-
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), [json.loads(a) for a in sys.argv[4:]])
+    main(use)
