@@ -578,14 +578,18 @@ class CastPolicy(TreePolicy):
         return max(1, algorithm1(self._utility(confidences), cost, self._threshold(self.config.c1, ctx)))
 
     def grow(self, layer, kept, ctx, histories, covered=0.0, verified=None) -> bool:
+        """Grow iff ``alpha * U_k - covered >= C2 * c_k`` for some ``k`` (``C2`` scaled as ``_threshold``), ``U_k``
+        the mean row's sum of its ``k`` largest kept ``v`` and ``c_k = C_D(n_i) + C_T(m_i + 1 + k) - C_T(m_i + 1)``
+        (module docstring)."""
         assert ctx is not None, "the cast policy needs a cost context"
         if layer >= self.config.max_depth:
             return False
         alpha = float(np.mean([h.alpha() for h in histories])) if histories else 1.0
-        utility = float(kept.sum(axis=1).mean())
+        top = np.cumsum(-np.sort(-kept, axis=1), axis=1).mean(axis=0)  # U_k for k = 1..n_i
         m = layer if verified is None else verified
-        cost = ctx.drafter_cost(kept.shape[1]) + ctx.target_cost(m + 2) - ctx.target_cost(m + 1)
-        return alpha * utility - covered >= self._threshold(self.config.c2, ctx) * cost
+        forward, base = ctx.drafter_cost(kept.shape[1]), ctx.target_cost(m + 1)
+        cost = np.array([forward + ctx.target_cost(m + 1 + k) - base for k in range(1, len(top) + 1)])
+        return bool(np.any(alpha * top - covered >= self._threshold(self.config.c2, ctx) * cost))
 
     def observe_layer(self, prev_kept: np.ndarray, kept: np.ndarray, histories: list[DepthHistory]) -> None:
         prev = prev_kept.sum(axis=1)

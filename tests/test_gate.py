@@ -312,10 +312,11 @@ def test_a_probe_feeds_the_drafter_a_window_of_the_skipped_tokens(tokenizer, exa
     """Behind a closed gate, however long the skip, a probe's catch-up forward is at most 4 + probe_context tokens.
 
     Only the first drafted step (the gate has judged nothing yet) feeds whole prompts;
-    with ``top_k=2`` a tree layer feeds at most 2 nodes.
+    with ``top_k=2`` a tree layer feeds at most 2 nodes. Context lookup is off: its tokens ride on the catch-up
+    forward too (up to ``lookup_tokens`` more).
     """
     models, prompts, refs = exact_pair_case
-    cast = CastConfig(top_k=2, c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, min_judged=1, max_skip=16, probe_context=3)
+    cast = CastConfig(top_k=2, c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, min_judged=1, max_skip=16, probe_context=3, lookup_tokens=0)
     engine = _engine(models, tokenizer, cast, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001), 4)
     widths: list[int] = []
     hook = models[1].model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)

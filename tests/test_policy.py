@@ -220,3 +220,21 @@ def test_decisive_rows_are_the_active_ones_with_the_most_tokens_left() -> None:
     plans = [policy.new_row_plan(left) for left in (10, 20, 20, None)]
     assert _decisive_rows(plans, np.array([True, True, True, False])).tolist() == [False, True, True, False]
     assert _decisive_rows(plans, np.array([True, True, True, True])).tolist() == [False, False, False, True]  # unbounded: most left
+
+
+def test_depth_gain_counts_only_the_next_layer_nodes_it_prices() -> None:
+    """A wide layer's whole utility is not bought with one verified node: growing pays iff some ``k`` of the next
+    layer's nodes (``alpha`` times the ``k`` best kept ``v``) pay for the forward and for verifying those ``k``,
+    ``alpha * U_k >= C2 * (C_D(n_i) + C_T(m + 1 + k) - C_T(m + 1))``. Where verifying is free (B=1 on a CPU) that is
+    the whole layer; on a steep verify curve (B=8) a wide, unsure layer no longer grows."""
+    policy = CastPolicy(CastConfig(c2=1.25, adaptive_thresholds=False))
+    drafter = np.r_[0.0, np.full(10, 0.2)]
+    flat = CostContext(drafter=drafter, target=np.r_[0.0, np.ones(11)], batch_size=1, context=0)
+    steep = CostContext(drafter=drafter, target=np.r_[0.0, 1.0 + 0.28 * np.arange(11)], batch_size=8, context=0)
+    wide = np.array([[0.3, 0.2, 0.1]])  # the whole layer, 0.6 >= 1.25 * (0.2 + 0.28): one node's price
+    for k, gain in enumerate((0.3, 0.5, 0.6), start=1):
+        assert gain < 1.25 * (0.2 + 0.28 * k), f"no {k} of its nodes pay for themselves"
+    assert not policy.grow(1, wide, steep, [DepthHistory(4)], verified=1)
+    assert policy.grow(1, wide, flat, [DepthHistory(4)], verified=1)
+    sure = np.array([[0.7, 0.05, 0.05]])  # its best node alone pays: 0.7 >= 1.25 * 0.48
+    assert policy.grow(1, sure, steep, [DepthHistory(4)], verified=1)
