@@ -23,26 +23,35 @@ Policies:
   *Breadth*: ``u_k = sum_{s<=k} v(s)``, ``c_k = f_D(B, ctx, k) / f_T(B, ctx, 1)``,
   ``u_0 = c_0 = 0``; ``n_i = algorithm1(u, c, C1)``.
 
-  *Depth*: grow layer ``i + 1`` iff ``alpha * u^(i) / c^(i) >= C2`` where
-  ``u^(i)`` is the kept utility of layer ``i``, ``c^(i) = (f_D(B, ctx, n_i) +
-  f_T(B, ctx, m_i + 2) - f_T(B, ctx, m_i + 1)) / f_T(B, ctx, 1)`` the cost of
-  expanding it, ``m_i`` the nodes of the tree so far (layers ``1..i``) that
-  reranking would verify, and ``alpha`` the mean of the
-  last ``R`` observed gain ratios ``phi = u^(i+1) / u^(i)`` (a FIFO per
-  sequence, initialised to ``{1}``; the batch uses the mean over its rows).
-  Beyond the paper, whose ``c^(i)`` is the drafter forward alone, the price
-  includes verifying one more node: a layer's drafts are worth something
-  only once verified, and the root, the ``m_i`` nodes already worth
-  verifying and one node of the new layer are ``m_i + 2`` tokens a row (a
-  chain's ``m_i`` is ``i``; a wide layer's is more, and at B=8 its nodes
-  already fill the verify curve's cheap part). The verify curve is flat at B=1
+  *Depth*: grow layer ``i + 1`` iff for some ``k`` its ``k`` best nodes pay
+  for the forward and their verification, ``alpha * U_k^(i) >= C2 *
+  c_k^(i)``, with ``alpha`` the mean of the last ``R`` observed gain ratios
+  ``phi = u^(i+1) / u^(i)`` of kept utilities (a FIFO per sequence,
+  initialised to ``{1}``; the batch uses the mean over its rows). Beyond the
+  paper, whose price is the drafter forward alone (``alpha * u^(i) / c^(i) >=
+  C2``), the price includes verifying the new layer's nodes that the gain
+  counts: a layer's drafts are worth something only once verified.
+  ``U_k^(i)`` is the mean row's sum of its ``k`` largest kept ``v`` in layer
+  ``i`` (``U_{n_i}^(i) = u^(i)``, the layer's kept utility) and
+  ``c_k^(i) = (f_D(B, ctx, n_i) + f_T(B, ctx, m_i + 1 + k) - f_T(B, ctx,
+  m_i + 1)) / f_T(B, ctx, 1)``, ``m_i`` the nodes of the tree so far (layers
+  ``1..i``) that reranking would verify: with the root they are ``m_i + 1``
+  tokens a row (a chain's ``m_i`` is ``i``; a wide layer's is more, and at
+  B=8 its nodes already fill the verify curve's cheap part). Until
+  ``7d5bcca`` the whole layer's ``u^(i)`` was priced as one verified node,
+  ``k = 1`` in the price and ``k = n_i`` in the gain; with the gate held open
+  at MT-bench B=8 on the tuning prompts (2-core Intel Xeon with AMX) the
+  rule ran 1.165x vanilla against 1.102x, every pair faster, and at B=1,
+  where verifying a few more tokens costs 0.005 plain steps each, MT-bench
+  1.35x against 1.36x and HumanEval 2.61x against 2.77x
+  (``bench/results/depth_margin_ab``). The verify curve is flat at B=1
   on a CPU and climbs with the batch (2-core AMD EPYC, B=8: 0.26-0.30 plain
   steps a token, more than a drafter forward), so the price deepens trees
   where verifying is cheap and keeps them shallow where it is not. With the
   speedup gate held open on the tuning prompts (2-core AMD EPYC, int8
   drafter, ``bench/results/depth_price_ab``), B=8 ran 1.01x / 0.96x vanilla
   (HumanEval / MT-bench) with it, 0.88x / 0.86x without (HumanEval: 3.2-2.4
-  against 8.7-5.8 drafter forwards a step). Priced at the chain's ``i + 2``
+  against 8.7-5.8 drafter forwards a step). Priced (``k = 1``) at the chain's ``i + 2``
   tokens instead of ``m_i + 2``, with the gate held open at B=8 on the 2-core
   Intel Xeon with AMX (tuning prompts, interleaved; ``bench/results/depth_margin_ab``),
   MT-bench ran 1.11x against 1.16x vanilla with ``m_i``, and with the gate on,
@@ -51,7 +60,7 @@ Policies:
   With context lookup (``cast_core.lookup``, beyond the paper) the lookup's
   node at depth ``i + 1``, where its path so far is among layer ``i``'s kept
   nodes, is drafted without a forward; its ``v`` (batch mean) is subtracted
-  from ``alpha * u^(i)``.
+  from ``alpha * U_k^(i)``.
 
   *Reranking*: all nodes sorted by ``v``; ``u_k`` cumulative, ``c_k =
   f_T(B, ctx, k + 1) / f_T(B, ctx, 1)`` (``k`` nodes plus the root),
@@ -131,7 +140,7 @@ class CastConfig(BaseModel):
     max_depth: int = Field(10, ge=1, le=32, description="Hard cap on drafted layers.")
     max_verify: int = Field(64, ge=1, le=512, description="Hard cap on drafted nodes verified per step.")
     c1: float = Field(1.0, gt=0, description="Breadth threshold C1: keep k nodes of a layer while marginal expected tokens per marginal drafter cost exceeds C1.")
-    c2: float = Field(1.25, gt=0, description="Depth threshold C2: grow the next layer iff alpha * u^(i) / c^(i) >= C2, c^(i) the drafter forward that expands layer i plus verifying one more node beyond those of the tree so far that reranking would verify, in plain steps (times max(1, rho^B) with adaptive thresholds; alpha * u^(i) <= 1, so no layer beyond the first grows once C2 * rho^B * c^(i) > 1).")
+    c2: float = Field(1.25, gt=0, description="Depth threshold C2: grow the next layer iff, for some k, alpha * U_k^(i) >= C2 * c_k^(i), U_k^(i) the sum of layer i's k largest kept path confidences and c_k^(i) the drafter forward that expands layer i plus verifying k more nodes beyond those of the tree so far that reranking would verify, in plain steps (times max(1, rho^B) with adaptive thresholds; alpha * U_k^(i) <= 1, so no layer beyond the first grows once C2 * rho^B * c_1^(i) > 1).")
     c3: float = Field(1.5, gt=0, description="Reranking threshold C3: verify k nodes while marginal expected tokens per marginal verifier cost exceeds C3.")
     r: int = Field(4, ge=1, le=64, description="R: number of recent depth gain ratios averaged into alpha.")
     min_speedup: float = Field(1.0, gt=0, description="Speedup gate: draft at batch size B only while drafted steps there achieve at least this speedup over plain decoding (tokens per step x plain step seconds / measured step seconds); see cast_core.gate.")
