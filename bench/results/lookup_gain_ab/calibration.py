@@ -1,6 +1,6 @@
 """Calibration of drafter path confidence v against acceptance, by depth, at B=8 and B=1 (gate open)."""
 import sys, collections
-import numpy as np, torch
+import torch
 sys.path.insert(0, '/work/main')
 from bench.methods import ModelPair
 from bench.datasets import load_prompts

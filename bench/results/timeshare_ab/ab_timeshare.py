@@ -6,7 +6,6 @@ from bench.methods import ModelPair
 from bench.datasets import load_prompts
 from cast_core.engine import Engine
 from cast_core import decoder as dec
-from cast_core.gate import DraftGate
 torch.set_num_threads(2)
 pair = ModelPair.load('qwen2.5-coder-1.5b-instruct', 'qwen2.5-coder-0.5b-instruct', drafter_quantization='int8')
 data = {d: [pair.encode(p.text) for p in load_prompts(d, pair.tokenizer, 'tuning')] for d in ('humaneval', 'mtbench')}
