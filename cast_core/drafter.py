@@ -166,7 +166,6 @@ class Drafter:
         ahead = _lookups(chains, [guess for guess, _ in guesses], policy, ctx)
         try:
             decisive = _decisive_rows(plans, active) if policy.sizes_for_slowest else active
-            cold = all(plan.depth.holds_prior for plan, d in zip(plans, decisive) if d)  # before this step pushes ratios
             result, layer_costs, catch_up_s, lookup_depth = self._grow(state, chains, ahead, gaps, head, roots, active, decisive, policy, ctx, plans)
         except BaseException:
             state.discard_tail()  # a failed step leaves no half-built tree behind
@@ -181,12 +180,10 @@ class Drafter:
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
             excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if feeds_prompt and ctx.step_s > 0 else 0.0
             fed_lookup = any(ahead)
-            on_prior = cold and result.layers > 1
             for plan, guess, depth, a in zip(plans, ahead, lookup_depth, active):
                 if a:
                     lookup = (guess, int(depth)) if fed_lookup else None
-                    cost = float(catch_up + layer_costs + verify)
-                    plan.last_step = DraftedStep(ctx.batch_size, t0 + excess, ctx.step_s, cost, lookup, on_prior=on_prior)
+                    plan.last_step = DraftedStep(ctx.batch_size, t0 + excess, ctx.step_s, float(catch_up + layer_costs + verify), lookup)
         return result
 
     def _grow(
@@ -468,7 +465,7 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
             plan.tokens_left = max(0, plan.tokens_left - len(tokens))
         if isinstance(step, PlainStep) and step.timed:
             plain.setdefault(step.batch_size, []).append((now - step.started, reference_step_s(step.plain_step_s)))
-        elif isinstance(step, DraftedStep) and not step.on_prior:
+        elif isinstance(step, DraftedStep):
             drafted.setdefault(step.batch_size, []).append((step, len(tokens), left))
     for batch_size, timings in plain.items():
         seconds, reference = np.mean(timings, axis=0).tolist()
@@ -478,8 +475,8 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
         judged = [step.judge(now, scale) for step, _, _ in steps]
         cost, on_profile = float(np.mean([c for c, _ in judged])), all(p for _, p in judged)
         most_left = max(left for _, _, left in steps)
-        counted = [n for _, n, left in steps if left == most_left]
-        gate.observe(batch_size, float(np.mean(counted)), cost, on_profile, rows=len(counted))
+        critical = float(np.mean([n for _, n, left in steps if left == most_left]))
+        gate.observe(batch_size, critical, cost, on_profile)
 
 
 def _assemble(

@@ -96,9 +96,7 @@ their whole budget left), so their noise shrinks with ``B``, while learning
 costs more where drafting pays least: at B=8 on the
 2-core AMD EPYC, 8 judged steps at 0.8x lost 2.4 s of a 36 s HumanEval group.
 With 8 rows (2 steps at B=4), MT-bench B=4 closed on the 8-token warm-up's
-two steps, the first feeding whole prompts. A step whose tree grew on the
-depth prior alone (``DraftedStep.on_prior``) is not judged at all, and a
-judged step counts only the rows it is judged by.
+two steps, the first feeding whole prompts.
 
 Past ``min_judged``, while ``rho^B < min_speedup`` but the gate is not closed
 (below), drafting is thinned to the chance that it pays,
@@ -519,10 +517,10 @@ class DraftGate:
             if gate.tokens >= (1.0 + REOPEN_MARGIN) * self.min_speedup * gate.cost:
                 gate.skip_left = gate.backoff = 0
 
-    def observe(self, batch_size: int, tokens: float, cost: float, on_profile: bool = False, rows: int | None = None) -> None:
-        """Record one drafted step at ``batch_size`` (``rows`` judged row steps, ``batch_size`` if None); open or close the gate.
+    def observe(self, batch_size: int, tokens: float, cost: float, on_profile: bool = False) -> None:
+        """Record one drafted step at ``batch_size`` (``batch_size`` judged row steps); open or close the gate.
 
-        ``tokens``: ``n``, tokens it committed per counted row; ``cost``: its ``C`` in plain steps;
+        ``tokens``: ``n``, tokens it committed per row; ``cost``: its ``C`` in plain steps;
         ``on_profile``: whether ``C`` divides by the profile's plain step (rescaled by ``m^B`` once plain
         steps are timed; False: judged against timed plain steps, or a predicted cost, never rescaled).
         ``T, K <- d T + n, d K + C`` with ``d = exp(-C / window)``.
@@ -531,7 +529,7 @@ class DraftGate:
             raise ValueError(f"tokens must be >= 0 and cost > 0; got {tokens}, {cost}")
         gate = self._at(batch_size)
         gate.add(tokens, cost, math.exp(-cost / self.window))
-        gate.judged += batch_size if rows is None else rows
+        gate.judged += batch_size
         self._age(cost)
         if gate.thinned:
             self._thin_loss = max(0.0, self._thin_loss + cost - tokens / self.min_speedup)

@@ -209,14 +209,10 @@ def _extended(curve: np.ndarray, tokens: int) -> float:
 
 @dataclass
 class DepthHistory:
-    """Per-sequence FIFO of the last ``R`` depth gain ratios ``phi`` (starts as ``{1}``, the prior).
-
-    ``measured`` counts the ratios pushed; the prior has left the FIFO once ``R`` have been.
-    """
+    """Per-sequence FIFO of the last ``R`` depth gain ratios ``phi`` (starts as ``{1}``)."""
 
     r: int
     ratios: deque[float] = field(default_factory=deque)
-    measured: int = 0
 
     def __post_init__(self) -> None:
         if not self.ratios:
@@ -229,12 +225,6 @@ class DepthHistory:
 
     def push(self, phi: float) -> None:
         self.ratios.append(phi)
-        self.measured += 1
-
-    @property
-    def holds_prior(self) -> bool:
-        """Whether the prior ``1`` is still among the ratios ``alpha`` averages."""
-        return self.measured < self.r
 
 
 def reference_step_s(plain_step_s: float) -> float:
@@ -278,18 +268,6 @@ class DraftedStep:
             (catch-up + drafted layers + verify forward).
         lookup: the context-lookup tokens fed for its row and the depth the
             drafted tree reached along their path (None: the step fed no lookup).
-        on_prior: its tree grew past its first layer while the depth FIFO of every row it was
-            sized for still held the prior 1 (``DepthHistory.holds_prior``); the gate does not
-            judge it. Such a tree is no sample of drafting once ``alpha`` is measured: the prior
-            reads each layer as keeping all of its parent's utility, so early trees grow deep. On
-            the MT-bench tuning prompts at B=8 (2-core Intel Xeon with AMX), a fresh batch's first
-            two steps grew 3 and 4 layers (13 and 28 nodes, of which 3 and 4 were verified) at 3.2
-            and 4.2 plain steps for 2.0 and 3.7 tokens; judged, they closed the gate for the rest of
-            a group whose drafted steps ran 1.15-1.2x vanilla with the gate held open. A tree that
-            grew no layer is judged: measured ratios are at most 1 (a layer's kept ``v`` are its
-            parents' times probabilities), so it would not have grown on them either, and where
-            drafting does not pay the gate learns it as fast as ever. Each such step pushes a ratio
-            into every one of those rows, so a batch of fixed rows has at most ``R`` of them.
     """
 
     batch_size: int
@@ -297,7 +275,6 @@ class DraftedStep:
     plain_step_s: float
     predicted_cost: float
     lookup: tuple[list[int], int] | None = None
-    on_prior: bool = False
 
     def judge(self, now: float, scale: float | None) -> tuple[float, bool]:
         """``(C, on_profile)`` of the step, ``now`` being the next drafting call.

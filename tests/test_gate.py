@@ -311,10 +311,9 @@ def test_closed_gate_decodes_plainly_and_probes_catch_the_drafter_up(tokenizer, 
 def test_a_probe_feeds_the_drafter_a_window_of_the_skipped_tokens(tokenizer, exact_pair_case) -> None:
     """Behind a closed gate, however long the skip, a probe's catch-up forward is at most 4 + probe_context tokens.
 
-    Only the first drafted step (the gate has judged nothing yet) feeds whole prompts, and only the next one a
-    catch-up longer than a probe's (the first tree, sized on the depth prior, is not judged, so the gate is still
-    open and that step feeds the tokens the tree got accepted); with ``top_k=2`` a tree layer feeds at most 2
-    nodes. Context lookup is off: its tokens ride on the catch-up forward too (up to ``lookup_tokens`` more).
+    Only the first drafted step (the gate has judged nothing yet) feeds whole prompts;
+    with ``top_k=2`` a tree layer feeds at most 2 nodes. Context lookup is off: its tokens ride on the catch-up
+    forward too (up to ``lookup_tokens`` more).
     """
     models, prompts, refs = exact_pair_case
     cast = CastConfig(top_k=2, c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, min_judged=1, max_skip=16, probe_context=3, lookup_tokens=0)
@@ -327,7 +326,7 @@ def test_a_probe_feeds_the_drafter_a_window_of_the_skipped_tokens(tokenizer, exa
         hook.remove()
     assert [g.token_ids for g in gens] == refs
     assert all(0 < g.stats.drafted_steps < g.stats.steps for g in gens)
-    assert widths[0] == max(len(p) for p in prompts) and sum(w > 4 + 3 for w in widths[1:]) <= 1, widths
+    assert widths[0] == max(len(p) for p in prompts) and max(widths[1:]) <= 4 + 3, widths
 
 
 def test_dear_drafter_falls_back_to_plain_decoding_and_a_cheap_one_always_drafts(tokenizer, exact_pair_case) -> None:
@@ -388,19 +387,19 @@ def test_rows_count_their_judged_tokens_against_their_budget(exact_pair_case) ->
 def test_only_plain_steps_after_plain_steps_are_timed(exact_pair_case) -> None:
     """The first plain step after a drafted one is not reported to the gate (``PlainStep.timed``).
 
-    A gate that never opens drafts (its first trees, grown on the depth prior, are not judged),
-    then skips steps until the next probe: every plain step of the skip but its first is timed.
+    A gate that never opens drafts a probe, then skips steps until the next: every plain
+    step of the skip but its first is timed.
     """
     (target, drafter), prompts, _ = exact_pair_case
     policy = CastPolicy(CastConfig(c1=0.5, c2=0.5, c3=0.5, min_speedup=1e9, min_judged=1, max_skip=4))
     decoder = SpecDecoder(Verifier(target), Drafter(drafter, target.config.vocab_size), policy, CostProfile.synthetic(0.01, 0.0002, 0.003, 0.0001))
     decoder.admit(0, prompts[0], SamplingParams())
     drafted: list[bool] = []
-    while False not in drafted or not drafted[-1]:  # drafted steps, a skip (at most max_skip steps), a probe
+    while drafted.count(True) < 2:  # a probe, its skip (at most max_skip steps), the next probe
         drafted.append(decoder.step()[1].drafter_forwards > 0)
-    decoder.step()  # judges the probe; the skip's plain steps were judged as they went
+    decoder.step()  # judges the second probe; the skip's plain steps were judged as they went
     plain = drafted.count(False)
-    assert drafted[0] and 2 <= plain <= 4, drafted
+    assert drafted[0] and drafted[-1] and 2 <= plain <= 4, drafted
     assert len(policy.gate._at(1).plain_scales) == plain - 1
 
 
@@ -408,9 +407,8 @@ def test_a_drafted_step_is_charged_the_backlog_of_plain_steps_but_not_a_prompt(e
     """A drafted step's predicted cost counts its catch-up forward whole when that feeds the tokens of the plain
     steps before it (drafting at that rate keeps paying them), and only the fresh chain when it feeds a prompt.
 
-    A gate that never opens drafts the first step (the prompt) and those its first trees' growth on the depth prior
-    keeps unjudged, skips, then probes; the drafter's catch-up forward (its first of the step) is priced at
-    ``C_D(B, n)``, here about 0.3 plain steps a token.
+    A gate that never opens drafts the first step (the prompt), skips, then probes; the drafter's catch-up
+    forward (its first of the step) is priced at ``C_D(B, n)``, here about 0.3 plain steps a token.
     """
     (target, drafter), prompts, _ = exact_pair_case
     profile = CostProfile.synthetic(0.01, 0.0002, 0.003, 0.003)
@@ -419,15 +417,13 @@ def test_a_drafted_step_is_charged_the_backlog_of_plain_steps_but_not_a_prompt(e
     decoder.admit(0, prompts[0], SamplingParams())
     widths: list[int] = []
     hook = drafter.model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
-    charged: list[tuple[int, float]] = []  # (catch-up width, predicted cost) of the first drafted step and the probe
-    skipped = False
+    charged: list[tuple[int, float]] = []  # (catch-up width, predicted cost) per drafted step
     try:
         while len(charged) < 2:
             before = len(widths)
             stats = decoder.step()[1]
-            if stats.drafter_forwards and (not charged or skipped):
+            if stats.drafter_forwards:
                 charged.append((widths[before], decoder.rows[0].plan.last_step.predicted_cost))
-            skipped = skipped or not stats.drafter_forwards
     finally:
         hook.remove()
     price = CostContext.from_profile(profile, 1, 64, 64).drafter_cost
@@ -441,8 +437,7 @@ def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> Non
 
     Three rows of one drafted step at B=3 (2.0 plain steps of wall): budgets 10, 20, 20 left,
     4, 1 and 2 tokens committed: the step counts 1.5 tokens (rows 2 and 3), not the mean 2.33.
-    Unbounded rows count as having the most left; with every row's budget equal, all rows count. Only the
-    counted rows add to the rows judged (``min_judged``).
+    Unbounded rows count as having the most left; with every row's budget equal, all rows count.
     """
     def judged(budgets: list[int | None], committed: list[int]) -> tuple[float | None, list[int | None]]:
         gate = DraftGate(window=math.inf, min_judged=1)
@@ -450,8 +445,6 @@ def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> Non
         for plan in plans:
             plan.last_step = DraftedStep(len(plans), started=0.0, plain_step_s=0.1, predicted_cost=9.0)
         _report_speedups(gate, plans, [list(range(n)) for n in committed], now=0.2)
-        left = [math.inf if b is None else b for b in budgets]
-        assert gate._at(len(plans)).judged == left.count(max(left))
         return gate.speedup(len(plans)), [p.tokens_left for p in plans]
 
     rho, left = judged([10, 20, 20], [4, 1, 2])
@@ -460,50 +453,6 @@ def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> Non
     assert rho == pytest.approx(1.0 / 2.0)
     rho, _ = judged([20, 20, 20], [4, 1, 2])
     assert rho == pytest.approx(7 / 3 / 2.0)
-
-
-def test_steps_sized_on_the_depth_prior_are_not_judged() -> None:
-    """A tree grown on the depth prior (alpha averages in the initial 1) is no sample of drafting: the gate is told
-    nothing of that step (its tokens still count against the row's budget). The prior leaves a row's FIFO once R
-    ratios are measured."""
-    gate = DraftGate(window=math.inf, min_judged=1)
-    plans = [RowPlan(depth=DepthHistory(2), tokens_left=20) for _ in range(2)]
-    for plan in plans:
-        plan.last_step = DraftedStep(2, started=0.0, plain_step_s=0.1, predicted_cost=9.0, on_prior=True)
-    _report_speedups(gate, plans, [[1, 2], [3, 4]], now=0.4)
-    assert gate.speedup(2) is None and [p.tokens_left for p in plans] == [18, 18]
-    for plan in plans:
-        plan.last_step = DraftedStep(2, started=0.4, plain_step_s=0.1, predicted_cost=9.0)
-    _report_speedups(gate, plans, [[1, 2], [3]], now=0.6)
-    assert gate.speedup(2) == pytest.approx(1.5 / 2.0)
-
-    depth = DepthHistory(2)
-    depth.push(0.5)
-    assert depth.holds_prior and depth.alpha() == pytest.approx(0.75)
-    depth.push(0.5)
-    assert not depth.holds_prior and depth.alpha() == pytest.approx(0.5), "the prior has left the FIFO"
-
-
-@pytest.mark.parametrize("drafter_s", [0.0005, 0.1])
-def test_only_trees_grown_on_the_depth_prior_go_unjudged(exact_pair_case, drafter_s: float) -> None:
-    """A step whose tree grew past its first layer while its row's depth FIFO held the prior is marked ``on_prior``;
-    once R ratios are measured, or where the drafter is so dear that no tree grows, steps are judged from the first."""
-    (target, drafter), prompts, _ = exact_pair_case
-    policy = CastPolicy(CastConfig(r=2, lookup_tokens=0))
-    decoder = SpecDecoder(Verifier(target), Drafter(drafter, target.config.vocab_size), policy, CostProfile.synthetic(0.01, 0.0002, drafter_s, 0.0001))
-    decoder.admit(0, prompts[0], SamplingParams())
-    marks: list[tuple[bool, bool, bool]] = []  # (held the prior before the step, tree grew past a layer, on_prior)
-    for _ in range(6):
-        plan = decoder.rows[0].plan
-        held = plan.depth.holds_prior
-        stats = decoder.step()[1]
-        if stats.drafter_forwards:
-            marks.append((held, stats.drafter_forwards > 1, plan.last_step.on_prior))
-    assert marks and all(on_prior == (held and grew) for held, grew, on_prior in marks), marks
-    if drafter_s < 0.01:
-        assert marks[0] == (True, True, True) and not marks[-1][0], "the exact cheap drafter grows, and measures alpha"
-    else:
-        assert not any(grew for _, grew, _ in marks), "the dear drafter grows no layer, and every step is judged"
 
 
 def test_draft_chance_is_one_at_or_above_break_even_and_before_min_judged() -> None:
