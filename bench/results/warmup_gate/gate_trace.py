@@ -1,8 +1,8 @@
-"""Trace CAST's speedup gate through a warm-up and MT-bench B=8 groups (run from the repository root):
+"""Trace CAST's speedup gate through a warm-up and MT-bench groups (run from the repository root):
 
-    RAY_AUTH_MODE=disabled python bench/results/warmup_gate/gate_trace.py <groups> <warm-up tokens>
+    RAY_AUTH_MODE=disabled python bench/results/warmup_gate/gate_trace.py <groups> <warm-up tokens> [<batch size, 8>]
 
-Vanilla and CAST (default config, mixed drafter) warm up on the first group of 8 reported MT-bench
+Vanilla and CAST (default config, mixed drafter) warm up on the first group of B reported MT-bench
 prompts with the given number of new tokens, as `cast bench run` does, then run each group with 128 new
 tokens, vanilla first. Every gate decision (`sd B -> drafts?`) and every judged drafted step (`obs`: its
 tokens n from the rows with the most tokens left, its cost C in plain steps, whether C is on the profile's
@@ -42,10 +42,10 @@ def _flush() -> None:
     LOG.clear()
 
 
-def main(n_groups: int, warmup_tokens: int) -> None:
+def main(n_groups: int, warmup_tokens: int, batch_size: int = 8) -> None:
     DraftGate.observe, DraftGate.should_draft = _traced_observe, _traced_should_draft
     pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "bfloat16", "cpu", "mixed")
-    groups = make_groups(load_prompts("mtbench", pair.tokenizer, "reported"), 8, 8 * n_groups)
+    groups = make_groups(load_prompts("mtbench", pair.tokenizer, "reported"), batch_size, batch_size * n_groups)
     cast, vanilla = EngineMethod(pair, "cast", "cast"), EngineMethod(pair, "vanilla", "none")
     first = [pair.encode(p.text) for p in groups[0]]
     vanilla.run(first, warmup_tokens)
@@ -66,4 +66,4 @@ def main(n_groups: int, warmup_tokens: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(*map(int, sys.argv[1:4]))
