@@ -1,10 +1,10 @@
 """Trace CAST's speedup gate through a warm-up and MT-bench groups (run from the repository root):
 
-    RAY_AUTH_MODE=disabled python bench/results/warmup_gate/gate_trace.py <groups> <warm-up tokens> [<batch size, 8>]
+    RAY_AUTH_MODE=disabled python bench/results/warmup_gate/gate_trace.py <groups> <warm-up tokens> [<batch size, 8> [<datasets, mtbench>]]
 
-Vanilla and CAST (default config, mixed drafter) warm up on the first group of B reported MT-bench
-prompts with the given number of new tokens, as `cast bench run` does, then run each group with 128 new
-tokens, vanilla first. Every gate decision (`sd B -> drafts?`) and every judged drafted step (`obs`: its
+Per dataset (comma-separated, in order, one policy throughout as in `cast bench run`), vanilla and CAST
+(default config, mixed drafter) warm up on the first group of B reported prompts with the given number of new
+tokens, as `cast bench run` does, then run each group with 128 new tokens, vanilla first. Every gate decision (`sd B -> drafts?`) and every judged drafted step (`obs`: its
 tokens n from the rows with the most tokens left, its cost C in plain steps, whether C is on the profile's
 basis, whether it was a thinned step, the record's rho and standard error, closed or not, and the thinning
 loss L against the time E) is printed, then the group's tokens/s and CAST / vanilla.
@@ -42,11 +42,19 @@ def _flush() -> None:
     LOG.clear()
 
 
-def main(n_groups: int, warmup_tokens: int, batch_size: int = 8) -> None:
+def main(n_groups: int, warmup_tokens: int, batch_size: int = 8, datasets: str = "mtbench") -> None:
     DraftGate.observe, DraftGate.should_draft = _traced_observe, _traced_should_draft
     pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "bfloat16", "cpu", "mixed")
-    groups = make_groups(load_prompts("mtbench", pair.tokenizer, "reported"), batch_size, batch_size * n_groups)
     cast, vanilla = EngineMethod(pair, "cast", "cast"), EngineMethod(pair, "vanilla", "none")
+    for dataset in datasets.split(","):
+        print(f"=== {dataset}")
+        _trace_dataset(pair, cast, vanilla, dataset, n_groups, warmup_tokens, batch_size)
+
+
+def _trace_dataset(
+    pair: ModelPair, cast: EngineMethod, vanilla: EngineMethod, dataset: str, n_groups: int, warmup_tokens: int, batch_size: int
+) -> None:
+    groups = make_groups(load_prompts(dataset, pair.tokenizer, "reported"), batch_size, batch_size * n_groups)
     first = [pair.encode(p.text) for p in groups[0]]
     vanilla.run(first, warmup_tokens)
     cast.run(first, warmup_tokens)
@@ -66,4 +74,4 @@ def main(n_groups: int, warmup_tokens: int, batch_size: int = 8) -> None:
 
 
 if __name__ == "__main__":
-    main(*map(int, sys.argv[1:4]))
+    main(*map(int, sys.argv[1:4]), *sys.argv[4:5])
