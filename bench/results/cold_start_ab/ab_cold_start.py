@@ -6,9 +6,9 @@ Each variant is a JSON object of ``CastConfig`` fields plus ``"_no_prior": 1`` (
 depth FIFO at the first measured gain ratio, instead of once ``R`` of them have pushed it out) and, with
 ``sized_on_prior.patch`` applied (the speedup gate does not judge steps sized on the depth prior),
 ``"_judge_first": 1`` (it judges them, as the engine without the patch does); with
-``sized_on_prior_count_told_rows.patch`` applied (or at ``e074b97``, which landed it narrowed), ``"_count_all": 1`` also counts every row of a judged step
-toward ``min_judged`` again (as the engine without the patch does). The runs' logs and the engine each
-ran on are listed in README.md. Runs interleaved as ``bench.ab`` describes.
+``sized_on_prior_count_told_rows.patch`` applied (or at ``e074b97``, which landed it narrowed),
+``"_count_all": 1`` also counts every row of a judged step toward ``min_judged`` again (as the engine
+without the patch does). The runs' logs and the engine each ran on are listed in README.md. Runs interleaved as ``bench.ab`` describes.
 """
 
 from collections import deque

@@ -1,10 +1,11 @@
-"""Trace CAST's speedup gate through a warm-up and MT-bench groups (run from the repository root):
+"""Trace CAST's speedup gate through a warm-up and groups of reported prompts (run from the repository root):
 
-    RAY_AUTH_MODE=disabled python bench/results/warmup_gate/gate_trace.py <groups> <warm-up tokens> [<batch size, 8> [<datasets, mtbench>]]
+    RAY_AUTH_MODE=disabled python bench/results/warmup_gate/gate_trace.py <groups> <warm-up tokens> [<B, 8> [<datasets, mtbench>]]
 
 Per dataset (comma-separated, in order, one policy throughout as in `cast bench run`), vanilla and CAST
 (default config, mixed drafter) warm up on the first group of B reported prompts with the given number of new
-tokens, as `cast bench run` does, then run each group with 128 new tokens, vanilla first. Every gate decision (`sd B -> drafts?`) and every judged drafted step (`obs`: its
+tokens (`cast bench run` warms each method up once per B, on its first dataset only), then run each group with
+128 new tokens, vanilla first. Every gate decision (`sd B -> drafts?`) and every judged drafted step (`obs`: its
 tokens n from the rows with the most tokens left, its cost C in plain steps, whether C is on the profile's
 basis, whether it was a thinned step, the record's rho and standard error, closed or not, and the thinning
 loss L against the time E) is printed, then the group's tokens/s and CAST / vanilla.
