@@ -84,6 +84,15 @@ neighbour's does not, so the new size may close on its own first
 ``min_judged`` rows: ``rho`` falls as ``B`` grows, and at HumanEval B=8
 (2-core AMD EPYC) a record inherited open from B=4 at about 1.05x drafted 6
 steps at a loss before its own steps pulled it under 1.0 (0.93x vanilla).
+A neighbour open below break-even (past ``min_judged``, thinning) hands on
+its whole record, moments and judged count included, scaled like the prior
+(every step's weight ``w_i`` times the same factor, which keeps ``rho`` and
+``S / K``): the new size thins as its neighbour does, on the same budget,
+instead of drafting its first ``min_judged`` rows unconditionally. At B=16
+on the 2-core Intel Xeon with AMX, rows finishing one by one walked a
+thinning record at 0.76x (``S / K`` 0.15) through 14, 13, ..., and each new
+size drafted its first ``min_judged`` rows unconditionally, most of them at a
+loss (``bench/results/b16/``).
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
@@ -268,6 +277,23 @@ class _BatchGate:
         self.cross = d2 * self.cross + tokens * cost
         self.cost_sq = d2 * self.cost_sq + cost**2
 
+    def scaled(self, weight: float) -> "_BatchGate":
+        """A new record with this one's steps, each weight ``w_i`` times ``weight``: ``T``, ``K``, ``sum w``,
+        ``sum w C`` times ``weight``, the squared moments times ``weight^2``, so ``rho``, ``n_eff`` and ``S / K``
+        stay; the judged count comes along (no skip state or plain times)."""
+        w2 = weight**2
+        return _BatchGate(
+            tokens=self.tokens * weight,
+            cost=self.cost * weight,
+            judged=self.judged,
+            weight=self.weight * weight,
+            own_cost=self.own_cost * weight,
+            weight_sq=self.weight_sq * w2,
+            tokens_sq=self.tokens_sq * w2,
+            cross=self.cross * w2,
+            cost_sq=self.cost_sq * w2,
+        )
+
     def prior(self, weight: float) -> "_BatchGate":
         """A new record starting from this one's ``T`` and ``K`` times ``weight``: a prior for ``rho``
         that adds no steps to judge the spread by (no moments, skip state or plain times)."""
@@ -333,7 +359,8 @@ class DraftGate:
                 near_b = min(near, key=lambda b: (abs(b - batch_size), b))
                 nearest = self._by_batch[near_b]
                 # rho is a ratio, a prior across batch sizes (it falls as B grows); its basis (plain seconds at another size) is not
-                gate = nearest.prior(min(1.0, INHERITED_SHARE * self.window / nearest.cost))
+                share = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
+                gate = nearest.scaled(share) if self._thinning(nearest) else nearest.prior(share)
                 if self._closed(nearest):
                     gate.judged = nearest.judged
                     shared = min(near_b, batch_size) >= SHARED_SKIP * max(near_b, batch_size)
@@ -344,6 +371,11 @@ class DraftGate:
     @staticmethod
     def _rho(gate: _BatchGate) -> float | None:
         return gate.tokens / gate.cost if gate.has_record else None
+
+    def _thinning(self, gate: _BatchGate) -> bool:
+        """Open, past ``min_judged`` and below break-even: ``rho^B < min_speedup`` within ``z`` standard errors."""
+        rho = self._rho(gate)
+        return rho is not None and rho < self.min_speedup and gate.judged >= self.min_judged and not self._closed(gate)
 
     def _closed(self, gate: _BatchGate) -> bool:
         """``judged >= min_judged`` and ``T + z S < min_speedup K``: ``rho^B`` is below ``min_speedup`` by ``z`` standard errors."""

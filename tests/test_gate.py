@@ -162,6 +162,28 @@ def test_a_new_batch_size_weighs_its_neighbours_record_a_quarter_window_and_take
     assert open_gate.should_draft(8) and open_gate.speedup(8) == pytest.approx(1.5), "an open neighbour: draft at once"
 
 
+def test_a_new_batch_size_under_a_thinning_neighbour_thins_as_it_does() -> None:
+    """B=16 on the Intel Xeon with AMX: a record open at 0.76x (within 2 standard errors of break-even)
+    walked through 14, 13, ... as rows finished, and each new size drafted its first rows unconditionally.
+    A thinning neighbour hands on its record scaled, its ``rho``, ``S / K`` and judged count kept."""
+    noisy = [(1.0, 2.24), (3.0, 3.05), (9.0, 6.83), (2.0, 7.5), (7.0, 6.93), (4.0, 9.12)]  # 0.68x, S / K 0.18
+    gate = DraftGate(min_judged=12)
+    for n, c in noisy:
+        gate.observe(2, n, c)
+    assert gate.speedup(2) < 1 and not gate.is_closed(2) and 0 < gate.draft_chance(2) < 1
+    share = min(1.0, 0.25 * gate.window / gate._by_batch[2].cost)
+    assert share < 1, "a quarter window weighs less than the neighbour's record"
+    assert gate.speedup(3) == pytest.approx(gate.speedup(2)) and gate.speedup_error(3) == pytest.approx(gate.speedup_error(2))
+    assert gate.draft_chance(3) == pytest.approx(gate.draft_chance(2)) and not gate.is_closed(3)
+    drafted = sum(gate.should_draft(3) for _ in range(200))
+    assert drafted < 20, "the new size drafts on the neighbour's chance, within the thinning budget, not every step"
+    gate.observe(3, 9.0, 3.0)  # a good step of its own weighs against the scaled record
+    assert gate.speedup(3) > gate.speedup(2)
+    learning = DraftGate(min_judged=12)
+    learning.observe(2, 1.0, 2.0)  # below break-even, but 2 of 12 rows judged: a prior only, the new size learns on its own
+    assert learning.speedup_error(3) == 0.0 and learning.draft_chance(3) == 1.0 and learning.should_draft(3)
+
+
 def test_timed_plain_steps_rescale_the_record_and_reopen_a_gate_closed_on_a_stale_basis() -> None:
     """Drafted steps judged against a profiled 0.20 s plain step, on a machine where it takes 0.25 s."""
     gate = DraftGate(window=math.inf, min_judged=2, probe_budget=0.1)
