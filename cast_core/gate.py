@@ -152,7 +152,8 @@ Past ``min_judged``, the gate closes only where ``rho^B`` is below
 
 with ``w_i`` the steps' decayed weights (``S / K`` is the delta-method
 standard error of the ratio ``T / K``). The sums run over the steps judged
-at ``B``: an inherited record moves ``rho^B``, not ``S``, and on one step
+at ``B`` (and those of a thinning neighbour, inherited scaled): an
+inherited prior moves ``rho^B``, not ``S``, and on one step
 ``S = 0``, so ``min_judged`` alone says how much a first step must show.
 How far one step's tokens stray depends on the tree: small trees commit
 1-3 tokens a step, and a few steps pin ``rho^B`` down; the deep trees a
@@ -373,7 +374,7 @@ class DraftGate:
         return gate.tokens / gate.cost if gate.has_record else None
 
     def _thinning(self, gate: _BatchGate) -> bool:
-        """Open, past ``min_judged`` and below break-even: ``rho^B < min_speedup`` within ``z`` standard errors."""
+        """Open past ``min_judged`` below break-even: ``rho^B < min_speedup``, by less than ``z`` standard errors."""
         rho = self._rho(gate)
         return rho is not None and rho < self.min_speedup and gate.judged >= self.min_judged and not self._closed(gate)
 

@@ -171,8 +171,6 @@ def test_a_new_batch_size_under_a_thinning_neighbour_thins_as_it_does() -> None:
     for n, c in noisy:
         gate.observe(2, n, c)
     assert gate.speedup(2) < 1 and not gate.is_closed(2) and 0 < gate.draft_chance(2) < 1
-    share = min(1.0, 0.25 * gate.window / gate._by_batch[2].cost)
-    assert share < 1, "a quarter window weighs less than the neighbour's record"
     assert gate.speedup(3) == pytest.approx(gate.speedup(2)) and gate.speedup_error(3) == pytest.approx(gate.speedup_error(2))
     assert gate.draft_chance(3) == pytest.approx(gate.draft_chance(2)) and not gate.is_closed(3)
     drafted = sum(gate.should_draft(3) for _ in range(200))
