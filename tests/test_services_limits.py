@@ -114,19 +114,23 @@ def long_prompt(engine: Engine, tokens: int) -> tuple[list[int], str]:
 class FullVerifier:
     """Keeps the one verifier replica at ``MAX_SESSIONS`` with ``fill-*`` sessions opened directly.
 
-    The streaming request under test holds one slot and may finish at any moment, freeing it;
-    ``rejects`` therefore tops the replica up before each try and retries a check that was
-    served only when that request's session is gone (a check served while every slot is
-    held is a real failure).
+    A fill is never stepped, so the replica evicts it ``IDLE_TIMEOUT_S`` after it opened:
+    ``top_up`` therefore replaces the fills with fresh ones before each check. The streaming
+    request under test holds one slot and may finish at any moment, freeing it. ``rejects``
+    retries a check that was served only when a slot was free during it (that request's session
+    or a fill gone); a check served while every slot was held is a real failure.
     """
 
     def __init__(self) -> None:
         self.verifier = handle("Verifier")
         self.fills: list[str] = []
+        self.opened = 0
 
     def top_up(self) -> None:
+        self.close()
         for _ in range(MAX_SESSIONS - len(live_sessions("Verifier"))):
-            sid = f"fill-{len(self.fills)}"
+            sid = f"fill-{self.opened}"
+            self.opened += 1
             self.verifier.options(session_id=sid).open.remote(sid, [5, 6, 7], SamplingParams()).result(timeout_s=60)
             self.fills.append(sid)
         assert len(live_sessions("Verifier")) == MAX_SESSIONS
@@ -138,13 +142,16 @@ class FullVerifier:
             try:
                 return check()
             except AssertionError:
-                running = [sid for sid in live_sessions("Verifier") if not sid.startswith("fill-")]
-                if running or attempt:
+                live = live_sessions("Verifier")
+                running = [sid for sid in live if not sid.startswith("fill-")]
+                evicted = set(self.fills) - set(live)
+                if attempt or (running and not evicted):
                     raise
 
     def close(self) -> None:
         for sid in self.fills:
             self.verifier.options(session_id=sid).close.remote(sid).result(timeout_s=60)
+        self.fills = []
 
 
 def test_full_replica_is_a_declared_overload(served: Served, stub) -> None:
