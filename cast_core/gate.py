@@ -166,8 +166,19 @@ close as soon as before.
 Closed, the gate skips ``s`` steps, then probes with one drafted step. A
 failing probe costs ``C - 1`` plain steps, so ``s = (C - 1) /
 probe_budget`` (at least twice the previous ``s``, at most ``max_skip``)
-keeps the time lost to probing near ``probe_budget``; a probe that pays
-reopens the gate.
+keeps the time lost to probing near ``probe_budget``. A probe that pays
+(``n >= min_speedup C``) hands the decision back to the closing test; one
+that fails keeps the gate closed (shut) whatever the spread says, until a
+probe pays or timed plain steps rescale the record open. The closing test
+alone would reopen it: a gate closed on its first judged step (``S = 0`` on
+one step, so it closes on the point estimate) gains a spread from the
+probe's step (``n_eff`` about 2), and ``T + z S`` can clear
+``min_speedup K`` though both steps lost. At B=16 on the 2-core Intel Xeon
+with AMX, a probe at 0.99x (``n`` 2.31, ``C`` 2.33) turned a gate closed
+at 0.6x into a thinning one at 0.90x (``S / K`` 0.08), and it and a size
+below that inherited its record drafted 3 thinned steps at 0.57-0.82x in
+the next groups (``bench/results/b16/``). A new size under a closed
+neighbour starts shut too.
 
 A probe must not cost more the longer the gate stayed closed: the drafter
 would otherwise catch up on every skipped token (at batch size ``B``, ``s``
@@ -255,6 +266,7 @@ class _BatchGate:
     on_profile: bool = False  # the last judged step's C divided by the profile's plain step (rescaled once timings come)
     skip_left: int = 0
     backoff: int = 0
+    shut: bool = False  # a probe failed here: closed whatever the spread, until a probe pays or a rescale reopens it
     draft_credit: float = 0.0  # running sum of p (``DraftGate._step_share``) over the steps thinned below break-even
     thinned: bool = False  # the last drafted step here was thinned (its loss counts against the budget when judged)
 
@@ -363,7 +375,7 @@ class DraftGate:
                 share = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
                 gate = nearest.scaled(share) if self._thinning(nearest) else nearest.prior(share)
                 if self._closed(nearest):
-                    gate.judged = nearest.judged
+                    gate.judged, gate.shut = nearest.judged, True
                     shared = min(near_b, batch_size) >= SHARED_SKIP * max(near_b, batch_size)
                     gate.skip_left, gate.backoff = (nearest.skip_left, nearest.backoff) if shared else (2, 2)
             self._by_batch[batch_size] = gate
@@ -379,7 +391,10 @@ class DraftGate:
         return rho is not None and rho < self.min_speedup and gate.judged >= self.min_judged and not self._closed(gate)
 
     def _closed(self, gate: _BatchGate) -> bool:
-        """``judged >= min_judged`` and ``T + z S < min_speedup K``: ``rho^B`` is below ``min_speedup`` by ``z`` standard errors."""
+        """Shut by a failing probe, or ``judged >= min_judged`` and ``T + z S < min_speedup K``: ``rho^B`` is below
+        ``min_speedup`` by ``z`` standard errors."""
+        if gate.shut:
+            return True
         return gate.judged >= self.min_judged and gate.tokens + self.close_confidence * gate.tokens_spread() < self.min_speedup * gate.cost
 
     def speedup(self, batch_size: int) -> float | None:
@@ -549,6 +564,7 @@ class DraftGate:
             gate.on_profile = False
             if gate.tokens >= (1.0 + REOPEN_MARGIN) * self.min_speedup * gate.cost:
                 gate.skip_left = gate.backoff = 0
+                gate.shut = False
 
     def observe(self, batch_size: int, tokens: float, cost: float, on_profile: bool = False) -> None:
         """Record one drafted step at ``batch_size`` (``batch_size`` judged row steps); open or close the gate.
@@ -561,8 +577,10 @@ class DraftGate:
         if tokens < 0 or cost <= 0:
             raise ValueError(f"tokens must be >= 0 and cost > 0; got {tokens}, {cost}")
         gate = self._at(batch_size)
+        probe = self._closed(gate)
         gate.add(tokens, cost, math.exp(-cost / self.window))
         gate.judged += batch_size
+        gate.shut = probe and tokens < self.min_speedup * cost
         self._age(cost)
         if gate.thinned:
             self._thin_loss = max(0.0, self._thin_loss + cost - tokens / self.min_speedup)

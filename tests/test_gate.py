@@ -128,6 +128,26 @@ def test_a_probe_that_pays_reopens_and_scales_thresholds() -> None:
     assert gate.threshold_scale(2) == pytest.approx(2.5)
 
 
+def test_a_failing_probe_keeps_the_gate_closed_whatever_the_spread() -> None:
+    """B=16 on the Intel Xeon with AMX: a gate closed on one step at 0.6x (no spread on one step) probed at 0.99x;
+    the two steps' spread lifted ``T + 2 S`` over ``K`` and the gate went on thinning at a loss. A failing probe
+    keeps it closed and doubles the skip; a probe that pays hands the decision back to the closing test."""
+    gate = DraftGate(min_judged=16, max_skip=256)
+    gate.observe(16, 2.75, 4.6)
+    assert gate.is_closed(16) and gate.speedup_error(16) == 0.0
+    skipped = 0
+    while not gate.should_draft(16):
+        skipped += 1
+    gate.observe(16, 2.31, 2.33)  # a probe just short of break-even
+    rho, error = gate.speedup(16), gate.speedup_error(16)
+    assert rho < 1.0 < rho + 2 * error, "the closing test alone would reopen the gate"
+    assert gate.is_closed(16) and gate.draft_chance(16) > 0
+    assert not any(gate.should_draft(16) for _ in range(skipped)), "closed: the next probe after a skip at least as long"
+    assert gate.is_closed(15), "a size new under the shut gate starts closed"
+    gate.observe(16, 12.0, 3.0)  # a probe that pays
+    assert not gate.is_closed(16) and gate.should_draft(16)
+
+
 def test_a_dear_probe_buys_a_long_skip_and_plain_steps_are_timed() -> None:
     """A failing probe that cost C plain steps is followed by (C - 1) / probe_budget plain steps."""
     gate = DraftGate(probe_budget=0.03, max_skip=256, min_judged=1)
