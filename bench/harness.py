@@ -34,35 +34,25 @@ from pathlib import Path
 
 import torch
 import transformers
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from bench.datasets import DATASET_NAMES, Prompt
-from bench.methods import METHOD_NAMES, MethodRun, ModelPair, RunStats, add_counts, build_methods
+from bench.methods import METHOD_NAMES, MethodRun, ModelPair, ModelPairConfig, RunStats, add_counts, build_methods
 from bench.ranks import DrafterGuesses, teacher_forced_guesses
 from cast_core import CastConfig, StaticConfig
 from cast_core.cost import cpu_info
-from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 from cast_core.vocab import DraftVocab
 
 RESULTS_DIR: Path = Path(__file__).with_name("results")
 SCHEMA_VERSION = 1
 
 
-class BenchConfig(BaseModel):
+class BenchConfig(ModelPairConfig):
     """What a benchmark run measures."""
 
-    model_config = ConfigDict(extra="forbid")
-
     name: str = Field("benchmark", description="Result name: written to <results_dir>/<name>.json.")
-    target: str = Field(DEFAULT_TARGET, description="Target model: known name or local path.")
-    drafter: str = Field(DEFAULT_DRAFTER, description="Drafter model: known name or local path.")
-    dtype: str = Field("bfloat16", description="Model dtype of every method.")
-    device: str = Field("cpu", description="Torch device.")
-    drafter_quantization: str = Field(
-        "auto", description="The drafter's linear layers: int8, mixed, none, or auto (cast_core.quantize.resolve_quantization)."
-    )
     datasets: list[str] = Field(list(DATASET_NAMES), min_length=1, description="Datasets to run, in order.")
     methods: list[str] = Field(
         list(METHOD_NAMES), min_length=1, description="Methods to compare; must include 'vanilla' (the reference)."

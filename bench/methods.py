@@ -32,16 +32,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cast_core import CastConfig, Engine, StaticConfig
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
-from cast_core.cost import CostProfile, device_name, dtype_name, resolve_drafter_quantization, resolve_profile
-from cast_core.models import DTYPES, check_tokenizers_compatible, load_drafter, load_model, load_tokenizer, resolve_model
+from cast_core.cost import CostProfile, dtype_name, resolve_drafter_quantization, resolve_dtype_name, resolve_profile, usable_device_name
+from cast_core.models import AUTO_DTYPE, DTYPES, add_dtype_arg, check_dtype_name, check_tokenizers_compatible, load_drafter, load_model, load_tokenizer, resolve_model
 from cast_core.policy import make_policy
 from cast_core.quantize import add_quantization_arg, drafter_profile_name
 
 METHOD_NAMES = ("vanilla", "hf_generate", "hf_assisted", "static", "cast")
+
+
+class ModelPairConfig(BaseModel):
+    """The models a benchmark command loads (``ModelPair.load``'s arguments). ``dtype`` ``auto`` is resolved on
+    construction, so a result records the dtype that ran."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(DEFAULT_TARGET, description="Target model: known name or local path.")
+    drafter: str = Field(DEFAULT_DRAFTER, description="Drafter model: known name or local path.")
+    dtype: str = Field(
+        AUTO_DTYPE,
+        description=f"Model dtype of both models, one of {', '.join(DTYPES)}, or {AUTO_DTYPE} (stored resolved): bfloat16 "
+        "where the device multiplies it natively, else float32 (cast_core.cost.native_dtype).",
+    )
+    device: str = Field("cpu", description="Torch device of both models.")
+    drafter_quantization: str = Field(
+        "auto", description="The drafter's linear layers: int8, mixed, none, or auto (cast_core.quantize.resolve_quantization)."
+    )
+
+    @model_validator(mode="after")
+    def _resolve_dtype(self) -> "ModelPairConfig":
+        if check_dtype_name(self.dtype) == AUTO_DTYPE:
+            self.dtype = resolve_dtype_name(self.dtype, usable_device_name(self.device))
+        return self
 
 
 @dataclass
@@ -82,14 +108,15 @@ class ModelPair:
 
     @classmethod
     def load(
-        cls, target: str, drafter: str, dtype: str = "bfloat16", device: str = "cpu", drafter_quantization: str = "auto"
+        cls, target: str, drafter: str, dtype: str = AUTO_DTYPE, device: str = "cpu", drafter_quantization: str = "auto"
     ) -> "ModelPair":
         """Load both models once (known names are fetched on first use) and resolve the cost profile
-        (the drafter's, named with its quantization)."""
+        (the drafter's, named with its quantization); ``dtype`` ``auto``: the device's native one."""
         target_path, drafter_path = resolve_model(target), resolve_model(drafter)
         tokenizer = load_tokenizer(target_path)
         check_tokenizers_compatible(tokenizer, load_tokenizer(drafter_path))
-        kind = device_name(device)
+        kind = usable_device_name(device)
+        dtype = resolve_dtype_name(dtype, kind)
         quantization = resolve_drafter_quantization(drafter_quantization, kind, target_path.name, drafter_path.name, dtype)
         drafter_model, _ = load_drafter(drafter_path, dtype, device, quantization)
         drafter_key = drafter_profile_name(drafter_path.name, quantization)
@@ -108,7 +135,7 @@ def add_model_pair_args(parser: argparse.ArgumentParser) -> None:
     """``--target --drafter --dtype --device --drafter-quantization``: the arguments of ``ModelPair.load``."""
     parser.add_argument("--target", default=DEFAULT_TARGET, help="target model: known name or local path")
     parser.add_argument("--drafter", default=DEFAULT_DRAFTER, help="drafter model: known name or local path")
-    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="model dtype")
+    add_dtype_arg(parser)
     parser.add_argument("--device", default="cpu", help="torch device")
     add_quantization_arg(parser)
 

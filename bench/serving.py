@@ -42,13 +42,13 @@ from typing import Any
 
 import httpx
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.datasets import DATASET_NAMES, load_prompts
 from bench.harness import RESULTS_DIR, machine_info, plain_top2
-from bench.methods import add_model_pair_args
-from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET, Engine
+from bench.methods import ModelPairConfig, add_model_pair_args
+from cast_core.engine import Engine
 from cast_core.models import load_tokenizer, resolve_model
 from cast_core.policy import POLICY_NAMES
 from cast_core.quantize import quantization_of
@@ -58,17 +58,10 @@ SERVE_TIMEOUT_S = 600.0
 _STEP_METRIC = re.compile(r'^ray_cast_step_latency_seconds_(sum|count)\{[^}]*phase="(\w+)"[^}]*\}\s+(\S+)$', re.M)
 
 
-class ServingBenchConfig(BaseModel):
-    """What a serving benchmark run measures."""
-
-    model_config = ConfigDict(extra="forbid")
+class ServingBenchConfig(ModelPairConfig):
+    """What a serving benchmark run measures (both sides load the same models)."""
 
     name: str = Field("serving", description="Result name: written to <results_dir>/<name>.json.")
-    target: str = Field(DEFAULT_TARGET, description="Target model: known name or local path.")
-    drafter: str = Field(DEFAULT_DRAFTER, description="Drafter model: known name or local path.")
-    dtype: str = Field("bfloat16", description="Model dtype of both sides.")
-    device: str = Field("cpu", description="Torch device of both sides.")
-    drafter_quantization: str = Field("auto", description="The drafter's linear layers on both sides: int8, none, or auto (cast_core.quantize).")
     policy: str = Field("cast", description="Tree policy of both sides.")
     dataset: str = Field("humaneval", description=f"Dataset of the prompts, one of {', '.join(DATASET_NAMES)}.")
     prompts: int = Field(8, ge=1, description="Prompts per concurrency level (rounded up to whole groups).")

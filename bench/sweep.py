@@ -20,31 +20,21 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from tqdm.auto import tqdm
 
 from bench.datasets import DATASET_NAMES, Prompt
 from bench.harness import RESULTS_DIR, machine_info, make_groups, profile_info
-from bench.methods import EngineMethod, Method, ModelPair
+from bench.methods import EngineMethod, Method, ModelPair, ModelPairConfig
 from cast_core import CastConfig
-from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
 
 SWEEP_FILE = "sweep.json"
 PARAMS = ("c1", "c2", "c3", "r")
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(ModelPairConfig):
     """What the threshold sweep runs."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    target: str = Field(DEFAULT_TARGET, description="Target model: known name or local path.")
-    drafter: str = Field(DEFAULT_DRAFTER, description="Drafter model: known name or local path.")
-    dtype: str = Field("bfloat16", description="Model dtype.")
-    device: str = Field("cpu", description="Torch device.")
-    drafter_quantization: str = Field(
-        "auto", description="The drafter's linear layers: int8, mixed, none, or auto (cast_core.quantize.resolve_quantization)."
-    )
     datasets: list[str] = Field(list(DATASET_NAMES), min_length=1, description="Datasets (tuning subsets) to run.")
     batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes every trial runs.")
     prompts: int = Field(2, ge=1, description="Tuning prompts per dataset and batch size, rounded up to whole batches.")

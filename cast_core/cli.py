@@ -11,7 +11,7 @@ import sys
 
 from cast_core import fetch, profiler
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET, Engine
-from cast_core.models import DTYPES
+from cast_core.models import add_dtype_arg
 from cast_core.policy import POLICY_NAMES
 from cast_core.quantize import add_quantization_arg
 
@@ -65,7 +65,7 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="target model: known name or local path")
     p.add_argument("--drafter", default=DEFAULT_DRAFTER, help="drafter model: known name or local path")
     p.add_argument("--policy", default="cast", choices=POLICY_NAMES, help="tree policy")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="model dtype")
+    add_dtype_arg(p)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--cost-profile", default=None, help="cost profile JSON (default: look up by device)")
     add_quantization_arg(p)

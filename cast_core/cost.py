@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from cast_core.attention import GROUPED_SDPA
 from cast_core.fetch import default_cache_dir
+from cast_core.models import AUTO_DTYPE
 from cast_core.quantize import drafter_profile_name, resolve_quantization
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,33 @@ def cpu_isa(flags: Sequence[str]) -> str:
         if flag in flags:
             return level
     return "base"
+
+
+def native_dtype(device_kind: str) -> str:
+    """The dtype ``"auto"`` stands for on a device kind (``device_name``): ``bfloat16`` on accelerators and on
+    CPUs with bf16 matrix units (ISA ``amx`` or ``avx512bf16``, ``cpu_isa``), ``float32`` on other CPUs.
+
+    Those emulate bf16 matmuls: on a 2-core Intel Xeon with AVX-512 but neither AVX-512 bf16 nor AMX, a
+    16 x 1536 by 1536 x 8960 matmul took 16.8 ms in bf16 against 5.4 ms in fp32 (128 rows: 73.5 against 18.2 ms).
+    A GPU without bf16 (before NVIDIA Ampere) needs an explicit ``float16``.
+    """
+    if device_kind.startswith("cpu-"):
+        return "bfloat16" if device_kind.rsplit("-", 1)[-1] in ("amx", "avx512bf16") else "float32"
+    return "bfloat16"
+
+
+def resolve_dtype_name(dtype: str, device_kind: str) -> str:
+    """``dtype`` as given, or ``native_dtype(device_kind)`` for ``"auto"``."""
+    return native_dtype(device_kind) if dtype == AUTO_DTYPE else dtype
+
+
+def usable_device_name(device: str | torch.device) -> str:
+    """``device_name(device)``; a malformed device, or one this process has none of (CUDA without a GPU), raises
+    ``ValueError`` naming the ``device`` field."""
+    try:
+        return device_name(device)
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"device: {str(device)!r} is not usable here ({err})") from None
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:

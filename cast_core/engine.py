@@ -17,7 +17,16 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cast_core.cost import CostProfile, device_name, dtype_name, find_profile, resolve_drafter_quantization, resolve_profile
+from cast_core.cost import (
+    AUTO_DTYPE,
+    CostProfile,
+    dtype_name,
+    find_profile,
+    resolve_drafter_quantization,
+    resolve_dtype_name,
+    resolve_profile,
+    usable_device_name,
+)
 from cast_core.decoder import SpecDecoder, StepStats
 from cast_core.drafter import Drafter
 from cast_core.models import check_tokenizers_compatible, load_drafter, load_model, load_tokenizer, resolve_model
@@ -175,7 +184,7 @@ class Engine:
         target: str | Path = DEFAULT_TARGET,
         drafter: str | Path | None = DEFAULT_DRAFTER,
         policy: str = "cast",
-        dtype: str = "bfloat16",
+        dtype: str = AUTO_DTYPE,
         device: str = "cpu",
         cost_profile: CostProfile | str | Path | None = None,
         max_batch_size: int = 8,
@@ -190,16 +199,19 @@ class Engine:
         device, model pair (the drafter named with its quantization) and dtype (a synthetic
         affine profile, with a warning, if none was measured). Policy ``none`` loads no
         drafter; it uses a measured profile of the pair, where one is found, to pad its plain steps.
+        ``dtype``: a name from ``cast_core.models.DTYPES``, or ``auto``: bfloat16 where the device multiplies
+        it natively, else float32 (``cast_core.cost.native_dtype``).
         ``drafter_quantization``: ``auto`` (int8 linears on a CPU, unless only the plain drafter's
         profile was measured there), ``none`` or ``int8`` (:mod:`cast_core.quantize`; the output is the
         target's either way).
         """
         if policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}; got {policy!r}")
+        kind = usable_device_name(device)
+        dtype = resolve_dtype_name(dtype, kind)
         target_path = resolve_model(str(target))
         tokenizer = load_tokenizer(target_path)
         target_model = load_model(target_path, dtype, device)
-        kind = device_name(device)
         drafter_model = None
         profile: CostProfile | None = None
         if isinstance(cost_profile, CostProfile):

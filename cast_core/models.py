@@ -17,6 +17,7 @@ embedding matrices may still differ in size (padding rows), which is fine.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -33,7 +34,10 @@ from cast_core.fetch import KNOWN_MODELS, default_cache_dir, fetch_model
 from cast_core.quantize import MIXED_DENSE_ROWS, quantize_linears, resolve_quantization
 
 __all__ = [
+    "AUTO_DTYPE",
     "DTYPES",
+    "add_dtype_arg",
+    "check_dtype_name",
     "check_tokenizers_compatible",
     "default_cache_dir",
     "load_drafter",
@@ -50,6 +54,29 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 """Accepted model dtypes by name (float64 is for bit-exact tests on tiny models)."""
+
+AUTO_DTYPE = "auto"
+"""The dtype name that stands for the device's native one (``cast_core.cost.native_dtype``)."""
+
+
+def check_dtype_name(dtype: str) -> str:
+    """``dtype`` if it names one of :data:`DTYPES` or is ``auto``; else ``ValueError`` naming the ``dtype`` field."""
+    if dtype not in DTYPES and dtype != AUTO_DTYPE:
+        raise ValueError(f"dtype: must be one of {', '.join(DTYPES)} or {AUTO_DTYPE}; got {dtype!r}")
+    return dtype
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser, default: str | None = AUTO_DTYPE) -> None:
+    """``--dtype {float32,bfloat16,float16,float64,auto}``, as the CLI commands that load a model take it
+    (``default`` None: unset unless given, for a config file's value to stand)."""
+    parser.add_argument(
+        "--dtype",
+        default=default,
+        choices=[*DTYPES, AUTO_DTYPE],
+        help="model dtype; auto (default): bfloat16 where the device multiplies it natively (GPUs, CPUs with "
+        "AVX-512 bf16 or AMX), else float32 (other CPUs emulate bf16 matmuls, at up to 4x fp32's time)",
+    )
+
 
 _SPECIAL_IDS = ("eos_token_id", "bos_token_id", "pad_token_id")
 

@@ -48,10 +48,10 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from cast_core.cost import CostProfile, CostTable, device_name, dtype_name, user_profiles_dir
+from cast_core.cost import CostProfile, CostTable, device_name, dtype_name, resolve_dtype_name, usable_device_name, user_profiles_dir
 from cast_core.forward import forward_logits, prefill_prompts
 from cast_core.kv import KVState
-from cast_core.models import DTYPES, load_drafter, load_model, resolve_model
+from cast_core.models import add_dtype_arg, load_drafter, load_model, resolve_model
 from cast_core.quantize import add_quantization_arg, drafter_profile_name
 from cast_core.vocab import DEFAULT_CORE_SIZE, DraftHead, DraftVocab
 
@@ -232,7 +232,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``profile`` command's options."""
     parser.add_argument("--target", required=True, help="target model: known name or path (folder / .gguf)")
     parser.add_argument("--drafter", required=True, help="drafter model: known name or path (folder / .gguf)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="model dtype (default: bfloat16)")
+    add_dtype_arg(parser)
     parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -279,9 +279,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_profile_command(args: argparse.Namespace) -> int:
     """Load (or build) both models, measure, write the JSON; exit status 0, or 2 on a bad model/dtype/device."""
     try:
-        target = load_model(resolve_model(args.target), args.dtype, args.device, args.random_weights)
+        dtype = resolve_dtype_name(args.dtype, usable_device_name(args.device))
+        target = load_model(resolve_model(args.target), dtype, args.device, args.random_weights)
         drafter, quantization = load_drafter(
-            resolve_model(args.drafter), args.dtype, args.device, args.drafter_quantization, args.random_weights
+            resolve_model(args.drafter), dtype, args.device, args.drafter_quantization, args.random_weights
         )
     except (ValueError, OSError) as err:  # OSError: a folder without weight files
         print(f"cast profile: error: {err}", file=sys.stderr)
@@ -292,7 +293,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
         args.target,
         drafter_profile_name(args.drafter, quantization),
         args.device,
-        args.dtype,
+        dtype,
         batch_sizes=args.batch_sizes,
         context_buckets=args.contexts,
         token_counts=args.tokens,

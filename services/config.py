@@ -17,9 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from cast_core.cost import resolve_drafter_quantization
+from cast_core.cost import resolve_drafter_quantization, resolve_dtype_name
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
-from cast_core.models import DTYPES
+from cast_core.models import AUTO_DTYPE, DTYPES, check_dtype_name
 from cast_core.policy import CastConfig, StaticConfig
 from cast_core.quantize import MIXED_DENSE_ROWS, Quantization, drafter_profile_name, resolve_quantization
 from cast_core.vocab import DEFAULT_CORE_SIZE
@@ -150,7 +150,11 @@ class AppConfig(BaseModel):
     drafter: str = Field(DEFAULT_DRAFTER, description="Drafter model: known name or local path; must share the target's tokenizer.")
     model_id: str | None = Field(None, description="Model id clients see in /v1/models and responses; None = the target's name.")
     policy: PolicyName = Field("cast", description="Tree policy: cast (cost-aware), static (EAGLE-2) or none (plain decoding).")
-    dtype: str = Field("bfloat16", description=f"Model dtype, one of {', '.join(DTYPES)}.")
+    dtype: str = Field(
+        AUTO_DTYPE,
+        description=f"Model dtype, one of {', '.join(DTYPES)}, or {AUTO_DTYPE}: each replica's native one, bfloat16 on GPUs "
+        "and on CPUs with AVX-512 bf16 or AMX, else float32 (cast_core.cost.native_dtype).",
+    )
     draft_vocab: int | None = Field(
         DEFAULT_CORE_SIZE,
         ge=1,
@@ -230,8 +234,7 @@ class AppConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        check_dtype_name(self.dtype)
         resolve_quantization(self.drafter_quantization, self.device)
         if self.planner.num_replicas != 1:
             raise ValueError("planner.num_replicas: the planner is the single cluster view; use 1")
@@ -242,10 +245,14 @@ class AppConfig(BaseModel):
         """Model id shown to clients."""
         return self.model_id or Path(self.target).name
 
+    def dtype_on(self, device: str) -> str:
+        """The models' dtype on ``device``, a device kind: ``dtype``, with ``auto`` resolved (``cast_core.cost.resolve_dtype_name``)."""
+        return resolve_dtype_name(self.dtype, device)
+
     def drafter_quantization_on(self, device: str) -> str:
         """The drafter's quantization on ``device``, a device kind (``cast_core.cost.resolve_drafter_quantization``)."""
         target, drafter = Path(self.target).name, Path(self.drafter).name
-        return resolve_drafter_quantization(self.drafter_quantization, device, target, drafter, self.dtype)
+        return resolve_drafter_quantization(self.drafter_quantization, device, target, drafter, self.dtype_on(device))
 
     def drafter_profile_key(self, device: str) -> str:
         """The drafter's name in the cost profiles of ``device``, a device kind: with its quantization there."""

@@ -68,7 +68,7 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
         drafter_path = resolve_model(self.config.drafter)
         vocab_size = len(load_tokenizer(drafter_path))
         quantization = self.config.drafter_quantization_on(self.info.device)
-        model, _ = load_drafter(drafter_path, self.config.dtype, self.config.device, quantization)
+        model, _ = load_drafter(drafter_path, self.config.dtype_on(self.info.device), self.config.device, quantization)
         self._sessions = DrafterSessions(Drafter(model, vocab_size, self.config.draft_vocab), self._policy, self.config.max_sessions_per_replica)
 
     def on_sessions_changed(self) -> None:

@@ -64,7 +64,7 @@ class PlannerReplica:
             return self._fixed
         if device not in self._profiles:
             target, drafter = Path(self.config.target).name, self.config.drafter_profile_key(device)
-            self._profiles[device] = resolve_profile(device, target, drafter, self.config.dtype)
+            self._profiles[device] = resolve_profile(device, target, drafter, self.config.dtype_on(device))
         return self._profiles[device]
 
     def _live(self) -> dict[str, VerifierView]:

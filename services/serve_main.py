@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from cast_core.models import DTYPES, resolve_model
+from cast_core.models import add_dtype_arg, resolve_model
 from cast_core.policy import POLICY_NAMES
 from cast_core.quantize import add_quantization_arg
 
@@ -115,7 +115,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=None, help="target model: known name or local path (default qwen2.5-coder-1.5b-instruct)")
     p.add_argument("--drafter", default=None, help="drafter model: known name or local path (default qwen2.5-coder-0.5b-instruct)")
     p.add_argument("--policy", default=None, choices=POLICY_NAMES, help="tree policy (default cast)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="model dtype (default bfloat16)")
+    add_dtype_arg(p, default=None)
     p.add_argument("--device", default=None, help="torch device of the model replicas (default cpu)")
     add_quantization_arg(p, default=None)
     p.add_argument("--cost-profile", default=None, help="cost profile JSON for every device (default: look up per device)")

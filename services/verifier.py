@@ -67,7 +67,7 @@ class VerifierReplica(ModelReplica[VerifierSessions]):
 
     def _load(self) -> None:
         target_path = resolve_model(self.config.target)
-        model = load_model(target_path, self.config.dtype, self.config.device)
+        model = load_model(target_path, self.config.dtype_on(self.info.device), self.config.device)
         check_drafter_tokenizer(target_path, resolve_model(self.config.drafter), int(model.config.vocab_size))
         self._sessions = VerifierSessions(Verifier(model, self._cost_profile(target_path)), self.config.max_sessions_per_replica)
 
@@ -76,7 +76,7 @@ class VerifierReplica(ModelReplica[VerifierSessions]):
         config = self.config
         if config.cost_profile:
             return CostProfile.load(config.cost_profile)
-        return find_profile(self.info.device, target_path.name, config.drafter_profile_key(self.info.device), config.dtype)
+        return find_profile(self.info.device, target_path.name, config.drafter_profile_key(self.info.device), config.dtype_on(self.info.device))
 
     def on_sessions_changed(self) -> None:
         super().on_sessions_changed()

@@ -12,10 +12,10 @@ from bench.harness import BenchConfig, explain_mismatch, first_difference, load_
 from bench.methods import METHOD_NAMES, ModelPair
 from bench.overhead import profile_overhead
 from bench.report import END, START, generate_report, paired_ratio, pooled_ratio, write_readme_section
-from bench.serving import explain_serving_mismatch, shared_tokens
+from bench.serving import ServingBenchConfig, explain_serving_mismatch, shared_tokens
 from bench.sweep import SweepConfig, load_sweep, run_sweep, save_sweep
 from cast_core import CastConfig, StaticConfig
-from cast_core.cost import CostProfile
+from cast_core.cost import CostProfile, device_name, native_dtype
 from cast_core.vocab import DraftVocab
 
 from conftest import TINY_EOS, TINY_VOCAB, reference_greedy, tiny_pair, tiny_tokenizer
@@ -261,6 +261,15 @@ def test_groups_and_first_difference() -> None:
 def test_config_requires_vanilla() -> None:
     with pytest.raises(ValueError, match="vanilla"):
         BenchConfig(methods=["cast"])
+
+
+def test_configs_store_the_dtype_that_runs() -> None:
+    """``auto`` is resolved when a config is built, so a result names the dtype its models ran in."""
+    native = native_dtype(device_name("cpu"))
+    assert BenchConfig().dtype == SweepConfig().dtype == ServingBenchConfig().dtype == native
+    assert BenchConfig(dtype="float32").dtype == "float32"
+    with pytest.raises(ValueError, match="dtype"):
+        BenchConfig(dtype="int3")
 
 
 def test_prompts_at_overrides_prompts_per_batch_size() -> None:

@@ -23,8 +23,11 @@ from cast_core.cost import (
     cpu_isa,
     device_name,
     find_profile,
+    native_dtype,
     profile_slug,
+    resolve_dtype_name,
     resolve_profile,
+    usable_device_name,
     user_profiles_dir,
 )
 
@@ -348,6 +351,25 @@ def test_cpu_isa_names_the_widest_matmul_instructions() -> None:
     assert cpu_isa(["avx2", "avx512f"]) == "avx512"
     assert cpu_isa(["avx2"]) == "avx2"
     assert cpu_isa([]) == "base"
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_device_multiplies_it_natively() -> None:
+    """A CPU without AVX-512 bf16 or AMX emulates bf16 matmuls (3-4x fp32's time at 16+ rows): ``auto`` is float32 there."""
+    xeon = "cpu-2core-Intel(R) Xeon(R) Processor"
+    assert [native_dtype(f"{xeon}-{isa}") for isa in ("amx", "avx512bf16", "avx512", "avx2", "base")] == [
+        "bfloat16",
+        "bfloat16",
+        "float32",
+        "float32",
+        "float32",
+    ]
+    assert native_dtype("NVIDIA H100 80GB HBM3") == "bfloat16"
+    assert resolve_dtype_name("auto", f"{xeon}-avx512") == "float32"
+    assert resolve_dtype_name("float16", f"{xeon}-amx") == "float16", "an explicit dtype is kept"
+    assert resolve_dtype_name("auto", device_name("cpu")) == native_dtype(device_name("cpu"))
+    assert usable_device_name("cpu") == device_name("cpu")
+    with pytest.raises(ValueError, match="device"):
+        usable_device_name("warp-drive")
 
 
 def test_latency_call_speed_is_reported(profile: CostProfile) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cast_core import CastConfig, Engine, StaticConfig
-from cast_core.cost import CostProfile, CostTable
+from cast_core.cost import CostProfile, CostTable, device_name, native_dtype
+from cast_core.models import DTYPES
 
 from conftest import TINY_EOS, TINY_VOCAB, random_prompts, reference_greedy, tiny_pair, tiny_tokenizer
 
@@ -171,6 +172,11 @@ def test_from_pretrained_local_folders(tmp_path) -> None:
     )
     prompt = random_prompts(1, seed=21)[0]
     assert engine.generate([prompt], max_new_tokens=8)[0].token_ids == reference_greedy(target, prompt, 8, TINY_EOS)
+    native = Engine.from_pretrained(target=tmp_path / "target", drafter=tmp_path / "drafter", cost_profile=PROFILE)
+    expected = DTYPES[native_dtype(device_name("cpu"))]
+    assert native.target.dtype == expected and native.drafter_model.dtype == expected, "dtype auto: this CPU's native one"
+    with pytest.raises(ValueError, match="device"):
+        Engine.from_pretrained(target=tmp_path / "target", drafter=tmp_path / "drafter", device="warp-drive")
 
 
 def test_drafter_feeds_only_what_its_last_tree_did_not(tokenizer) -> None:

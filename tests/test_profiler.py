@@ -118,7 +118,7 @@ def _cli() -> argparse.ArgumentParser:
 def test_cli_defaults_and_grid_parsing() -> None:
     args = _cli().parse_args(["profile", "--target", "a", "--drafter", "b", "--tokens", "1,2,8", "--contexts", "64"])
     assert args.func is profiler.run_profile_command
-    assert (args.dtype, args.batch_sizes, args.contexts, args.tokens) == ("bfloat16", [1, 2, 4, 8], [64], [1, 2, 8])
+    assert (args.dtype, args.batch_sizes, args.contexts, args.tokens) == ("auto", [1, 2, 4, 8], [64], [1, 2, 8])
     assert (args.repeats, args.warmup, args.out) == (5, 2, None)
     with pytest.raises(SystemExit):
         _cli().parse_args(["profile", "--target", "a", "--drafter", "b", "--tokens", "1,x"])

@@ -67,6 +67,9 @@ def test_config_from_yaml_and_args(tmp_path: Path) -> None:
         AppConfig(policy="greedy")
     with pytest.raises(ValidationError, match="dtype"):
         AppConfig(dtype="int3")
+    auto = AppConfig()
+    assert auto.dtype == "auto" and auto.dtype_on("cpu-2core-Xeon-avx512") == "float32" and auto.dtype_on("cpu-2core-Xeon-amx") == "bfloat16"
+    assert AppConfig(dtype="float16").dtype_on("cpu-2core-Xeon-amx") == "float16"
     assert AppConfig.from_args({"draft_vocab": "16384"}).draft_vocab == 16384
     with pytest.raises(ValidationError, match="draft_vocab"):
         AppConfig(draft_vocab=0)
