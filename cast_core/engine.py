@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cast_core.cost import (
-    AUTO_DTYPE,
     CostProfile,
     dtype_name,
     find_profile,
@@ -29,7 +28,7 @@ from cast_core.cost import (
 )
 from cast_core.decoder import SpecDecoder, StepStats
 from cast_core.drafter import Drafter
-from cast_core.models import check_tokenizers_compatible, load_drafter, load_model, load_tokenizer, resolve_model
+from cast_core.models import AUTO_DTYPE, check_tokenizers_compatible, load_drafter, load_model, load_tokenizer, resolve_model
 from cast_core.output import OutputTracker
 from cast_core.policy import POLICY_NAMES, CastConfig, StaticConfig, TreePolicy, make_policy
 from cast_core.quantize import drafter_profile_name
