@@ -354,7 +354,7 @@ def test_cpu_isa_names_the_widest_matmul_instructions() -> None:
 
 
 def test_auto_dtype_is_bfloat16_only_where_the_device_multiplies_it_natively() -> None:
-    """A CPU without AVX-512 bf16 or AMX emulates bf16 matmuls (3-4x fp32's time at 16+ rows): ``auto`` is float32 there."""
+    """A CPU without AVX-512 bf16 or AMX emulates bf16 matmuls (a B=16 forward in about 3x fp32's time): ``auto`` is float32 there."""
     xeon = "cpu-2core-Intel(R) Xeon(R) Processor"
     assert [native_dtype(f"{xeon}-{isa}") for isa in ("amx", "avx512bf16", "avx512", "avx2", "base")] == [
         "bfloat16",
