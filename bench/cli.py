@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,28 @@ def _load_prompts(pair: ModelPair, datasets: list[str], subset: Subset) -> dict[
     return {d: load_prompts(d, pair.tokenizer, subset) for d in datasets}
 
 
+def trace_gate() -> None:
+    """Print the speedup gate's DEBUG log (``cast_core.gate``) to stderr, each line stamped with the seconds since
+    start: every step it lets draft (``draft``: the batch size's record new or not, its ``rho``, judged row steps,
+    thinned, closed) and every judged drafted step (``judged``: tokens ``n`` from the rows with the most tokens left,
+    cost ``C`` in plain steps, on the profile's basis or not, a closed gate's probe or not, thinned or not, the
+    record's ``rho`` and standard error, judged rows, closed, skip countdown and backoff, the thinning loss ``L``
+    against the time ``E``, the recent plain-step scales ``t / t_ref``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_SecondsFormatter("%(seconds)7.1f %(message)s"))
+    gate_logger = logging.getLogger("cast_core.gate")
+    gate_logger.addHandler(handler)
+    gate_logger.setLevel(logging.DEBUG)
+
+
+class _SecondsFormatter(logging.Formatter):
+    """Adds ``seconds``: a record's time since logging started, in seconds."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.seconds = record.relativeCreated / 1000.0
+        return super().format(record)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``cast bench run``: measure, write ``<results-dir>/<name>.json``, print the tables."""
     try:
@@ -76,6 +99,8 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValidationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.trace_gate:
+        trace_gate()
     pair = ModelPair.load(config.target, config.drafter, config.dtype, config.device, config.drafter_quantization)
     results_dir = Path(args.results_dir)
     result = run_benchmark(
@@ -197,6 +222,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     _add_cast_args(run)
     run.add_argument("--results-dir", default=str(RESULTS_DIR))
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--trace-gate", action="store_true", help="log the speedup gate's decisions to stderr")
     run.set_defaults(func=run_bench)
 
     report = sub.add_parser("report", help="regenerate plots + README table from result JSON")

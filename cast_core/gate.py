@@ -218,12 +218,15 @@ speedup already achieved, not merely 1 (the optimum of ``(1 + U) / C`` has
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+#: DEBUG: each drafted step's decision and each judged step (``cast bench run --trace-gate``)
+logger = logging.getLogger(__name__)
 
 #: first tokens of a row a probe feeds the drafter when its cache is empty
 SINK_TOKENS = 4
@@ -498,6 +501,7 @@ class DraftGate:
         break-even on the profile's basis, steps are plain until ``MIN_PLAIN_SAMPLES`` are timed; below
         break-even, an open gate drafts when the running sum of ``_step_share(draft_chance)`` reaches 1, while
         the thinned steps' loss is within budget, ``L <= probe_budget * E``)."""
+        new = batch_size not in self._by_batch
         gate = self._at(batch_size)
         if gate.skip_left > 0:
             gate.skip_left -= 1
@@ -507,6 +511,7 @@ class DraftGate:
         chance = 1.0 if self._closed(gate) else self.draft_chance(batch_size)  # a closed gate's probe is due
         if chance >= 1.0:
             gate.draft_credit, gate.thinned = 0.0, False
+            self._log_draft(batch_size, gate, new)
             return True
         if self._thin_loss > self.probe_budget * self._elapsed:  # thinning has lost its share of the time
             return self._plain()
@@ -515,7 +520,17 @@ class DraftGate:
             return self._plain()
         gate.draft_credit -= 1.0
         gate.thinned = True
+        self._log_draft(batch_size, gate, new)
         return True
+
+    def _log_draft(self, batch_size: int, gate: _BatchGate, new: bool) -> None:
+        """DEBUG: a step at ``batch_size`` drafts (``new``: its record was made for this step)."""
+        if logger.isEnabledFor(logging.DEBUG):
+            rho = self._rho(gate)
+            logger.debug(
+                "draft B=%d new=%s rho=%s judged=%d thinned=%s closed=%s",
+                batch_size, new, "none" if rho is None else f"{rho:.3f}", gate.judged, gate.thinned, self._closed(gate),
+            )
 
     def _age(self, plain_steps: float) -> None:
         """Add ``plain_steps`` of time to ``E``, decaying ``L`` and ``E`` by ``exp(-plain_steps / THIN_HORIZON)``."""
@@ -577,7 +592,7 @@ class DraftGate:
         if tokens < 0 or cost <= 0:
             raise ValueError(f"tokens must be >= 0 and cost > 0; got {tokens}, {cost}")
         gate = self._at(batch_size)
-        probe = self._closed(gate)
+        probe, thinned = self._closed(gate), gate.thinned
         gate.add(tokens, cost, math.exp(-cost / self.window))
         gate.judged += batch_size
         gate.shut = probe and tokens < self.min_speedup * cost
@@ -592,3 +607,11 @@ class DraftGate:
             wanted = math.ceil(max(0.0, cost - 1.0) / self.probe_budget)
             gate.backoff = min(self.max_skip, max(2, 2 * gate.backoff, wanted))
             gate.skip_left = gate.backoff
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "judged B=%d n=%.2f C=%.2f prof=%s probe=%s thinned=%s rho=%.3f se=%.3f judged=%d closed=%s skip=%d "
+                "backoff=%d L=%.2f E=%.1f scales=%s",
+                batch_size, tokens, cost, on_profile, probe, thinned, gate.tokens / gate.cost, gate.tokens_spread() / gate.cost,
+                gate.judged, self._closed(gate), gate.skip_left, gate.backoff, self._thin_loss, self._elapsed,
+                [round(x, 2) for x in gate.plain_scales],
+            )

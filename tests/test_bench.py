@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
 from bench.cli import main as bench_main
+from bench.cli import trace_gate
 from bench.datasets import DATASET_NAMES, TUNING_SIZE, Prompt, load_prompts
 from bench.harness import BenchConfig, explain_mismatch, first_difference, load_result, make_groups, plain_top2, run_benchmark, save_result
 from bench.methods import METHOD_NAMES, ModelPair
@@ -16,6 +19,7 @@ from bench.serving import ServingBenchConfig, explain_serving_mismatch, shared_t
 from bench.sweep import SweepConfig, load_sweep, run_sweep, save_sweep
 from cast_core import CastConfig, StaticConfig
 from cast_core.cost import CostProfile, device_name, native_dtype
+from cast_core.gate import DraftGate
 from cast_core.vocab import DraftVocab
 
 from conftest import TINY_EOS, TINY_VOCAB, reference_greedy, tiny_pair, tiny_tokenizer
@@ -486,3 +490,16 @@ def test_explain_serving_mismatch_finds_the_first_token_the_text_leaves(pair) ->
     shared = len(pair.tokenizer.decode(ref[:2]))
     assert (m.http_text, m.inprocess_text) == (http_text[shared : shared + 40], pair.tokenizer.decode(ref)[shared : shared + 40])
     assert m.http_text != m.inprocess_text
+
+
+def test_trace_gate_prints_the_gates_decisions_with_seconds_since_start(capsys) -> None:
+    gate_logger = logging.getLogger("cast_core.gate")
+    handlers, level = list(gate_logger.handlers), gate_logger.level
+    try:
+        trace_gate()
+        DraftGate().should_draft(4)
+    finally:
+        gate_logger.handlers, gate_logger.level = handlers, level
+    line = capsys.readouterr().err.strip()
+    seconds, message = line.split(" ", 1)
+    assert float(seconds) >= 0 and message == "draft B=4 new=True rho=none judged=0 thinned=False closed=False"

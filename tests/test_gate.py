@@ -552,3 +552,16 @@ def test_a_drafted_step_is_judged_against_the_plain_step_of_its_own_context() ->
     unprofiled = DraftedStep(batch_size=4, started=10.0, plain_step_s=0.0, predicted_cost=3.0)
     assert unprofiled.judge(10.6, 0.3) == (pytest.approx(2.0), False), "no profile: the timed seconds"
     assert unprofiled.judge(10.6, None) == (3.0, False)
+
+
+def test_gate_logs_each_drafted_step_and_each_judged_step_at_debug(caplog) -> None:
+    gate = DraftGate(min_speedup=1.0, window=math.inf, probe_budget=1.0, min_judged=8)
+    with caplog.at_level("DEBUG", logger="cast_core.gate"):
+        assert gate.should_draft(8)
+        gate.observe(8, tokens=1.0, cost=3.0)
+        assert not gate.should_draft(8)  # closed on 8 judged row steps at 0.33x: a plain step, not logged
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "draft B=8 new=True rho=none judged=0 thinned=False closed=False"
+    assert messages[1].startswith("judged B=8 n=1.00 C=3.00 prof=False probe=False thinned=False rho=0.333 ")
+    assert "judged=8 closed=True skip=2 backoff=2 " in messages[1]
+    assert len(messages) == 2

@@ -22,7 +22,7 @@ from cast_core.gate import DraftGate
 
 def main(batch_size: int, pairs: int, new_tokens: int, dataset: str) -> None:
     DraftGate.should_draft = lambda self, b: self._plain()
-    pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "bfloat16", "cpu", "mixed")
+    pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")  # the native dtype, drafter "auto"
     group = make_groups(load_prompts(dataset, pair.tokenizer, "tuning"), batch_size, batch_size)[0]
     prompts = [pair.encode(p.text) for p in group]
     methods = {"vanilla": EngineMethod(pair, "vanilla", "none"), "cast": EngineMethod(pair, "cast", "cast")}

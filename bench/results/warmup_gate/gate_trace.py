@@ -5,37 +5,28 @@
 Per dataset (comma-separated, in order, one policy throughout as in `cast bench run`), vanilla and CAST
 (default config, mixed drafter) warm up on the first group of B reported prompts with the given number of new
 tokens (`cast bench run` warms each method up once per B, on its first dataset only), then run each group with
-128 new tokens, vanilla first. Every gate decision (`sd B -> drafts?`) and every judged drafted step (`obs`: its
-tokens n from the rows with the most tokens left, its cost C in plain steps, whether C is on the profile's
-basis, whether it was a thinned step, the record's rho and standard error, closed or not, and the thinning
-loss L against the time E) is printed, then the group's tokens/s and CAST / vanilla.
+128 new tokens, vanilla first. The gate's DEBUG log (`cast_core.gate`: every step it lets draft and every judged
+drafted step, as `cast bench run --trace-gate` prints it, `bench.cli.trace_gate`) is printed after each group, then
+the group's tokens/s and CAST / vanilla. The logs beside this script were written before the gate logged: it then
+hooked the gate's methods and printed every decision (`sd B -> drafts?`, plain steps included) and every judged step
+(`obs`).
 """
 
+import logging
 import sys
 
 from bench.datasets import load_prompts
 from bench.harness import make_groups
 from bench.methods import EngineMethod, ModelPair
-from cast_core.gate import DraftGate
 
 LOG: list[str] = []
-_observe, _should_draft = DraftGate.observe, DraftGate.should_draft
 
 
-def _traced_observe(self: DraftGate, b: int, tokens: float, cost: float, on_profile: bool = False) -> None:
-    thinned = b in self._by_batch and self._by_batch[b].thinned
-    _observe(self, b, tokens, cost, on_profile)
-    g = self._by_batch[b]
-    LOG.append(
-        f"  obs B={b} n={tokens:.2f} C={cost:.2f} prof={on_profile} thinned={thinned} rho={g.tokens / g.cost:.3f} "
-        f"se={g.tokens_spread() / g.cost:.3f} closed={self._closed(g)} L={self._thin_loss:.2f} E={self._elapsed:.1f}"
-    )
+class _ListHandler(logging.Handler):
+    """Keeps the gate's DEBUG records (``cast_core.gate``) in ``LOG`` until the group is done."""
 
-
-def _traced_should_draft(self: DraftGate, b: int) -> bool:
-    drafts = _should_draft(self, b)
-    LOG.append(f"sd B={b} -> {drafts}")
-    return drafts
+    def emit(self, record: logging.LogRecord) -> None:
+        LOG.append(record.getMessage())
 
 
 def _flush() -> None:
@@ -44,7 +35,9 @@ def _flush() -> None:
 
 
 def main(n_groups: int, warmup_tokens: int, batch_size: int = 8, datasets: str = "mtbench") -> None:
-    DraftGate.observe, DraftGate.should_draft = _traced_observe, _traced_should_draft
+    gate_logger = logging.getLogger("cast_core.gate")
+    gate_logger.addHandler(_ListHandler())
+    gate_logger.setLevel(logging.DEBUG)
     pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "bfloat16", "cpu", "mixed")
     cast, vanilla = EngineMethod(pair, "cast", "cast"), EngineMethod(pair, "vanilla", "none")
     for dataset in datasets.split(","):
