@@ -501,7 +501,6 @@ class DraftGate:
         break-even on the profile's basis, steps are plain until ``MIN_PLAIN_SAMPLES`` are timed; below
         break-even, an open gate drafts when the running sum of ``_step_share(draft_chance)`` reaches 1, while
         the thinned steps' loss is within budget, ``L <= probe_budget * E``)."""
-        new = batch_size not in self._by_batch
         gate = self._at(batch_size)
         if gate.skip_left > 0:
             gate.skip_left -= 1
@@ -511,7 +510,7 @@ class DraftGate:
         chance = 1.0 if self._closed(gate) else self.draft_chance(batch_size)  # a closed gate's probe is due
         if chance >= 1.0:
             gate.draft_credit, gate.thinned = 0.0, False
-            self._log_draft(batch_size, gate, new)
+            self._log_draft(batch_size, gate)
             return True
         if self._thin_loss > self.probe_budget * self._elapsed:  # thinning has lost its share of the time
             return self._plain()
@@ -520,16 +519,16 @@ class DraftGate:
             return self._plain()
         gate.draft_credit -= 1.0
         gate.thinned = True
-        self._log_draft(batch_size, gate, new)
+        self._log_draft(batch_size, gate)
         return True
 
-    def _log_draft(self, batch_size: int, gate: _BatchGate, new: bool) -> None:
-        """DEBUG: a step at ``batch_size`` drafts (``new``: its record was made for this step)."""
+    def _log_draft(self, batch_size: int, gate: _BatchGate) -> None:
+        """DEBUG: a step at ``batch_size`` drafts."""
         if logger.isEnabledFor(logging.DEBUG):
             rho = self._rho(gate)
             logger.debug(
-                "draft B=%d new=%s rho=%s judged=%d thinned=%s closed=%s",
-                batch_size, new, "none" if rho is None else f"{rho:.3f}", gate.judged, gate.thinned, self._closed(gate),
+                "draft B=%d rho=%s judged=%d thinned=%s closed=%s",
+                batch_size, "none" if rho is None else f"{rho:.3f}", gate.judged, gate.thinned, self._closed(gate),
             )
 
     def _age(self, plain_steps: float) -> None:

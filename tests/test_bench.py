@@ -502,4 +502,4 @@ def test_trace_gate_prints_the_gates_decisions_with_seconds_since_start(capsys) 
         gate_logger.handlers, gate_logger.level = handlers, level
     line = capsys.readouterr().err.strip()
     seconds, message = line.split(" ", 1)
-    assert float(seconds) >= 0 and message == "draft B=4 new=True rho=none judged=0 thinned=False closed=False"
+    assert float(seconds) >= 0 and message == "draft B=4 rho=none judged=0 thinned=False closed=False"

@@ -561,7 +561,7 @@ def test_gate_logs_each_drafted_step_and_each_judged_step_at_debug(caplog) -> No
         gate.observe(8, tokens=1.0, cost=3.0)
         assert not gate.should_draft(8)  # closed on 8 judged row steps at 0.33x: a plain step, not logged
     messages = [r.getMessage() for r in caplog.records]
-    assert messages[0] == "draft B=8 new=True rho=none judged=0 thinned=False closed=False"
+    assert messages[0] == "draft B=8 rho=none judged=0 thinned=False closed=False"
     assert messages[1].startswith("judged B=8 n=1.00 C=3.00 prof=False probe=False thinned=False rho=0.333 ")
     assert "judged=8 closed=True skip=2 backoff=2 " in messages[1]
     assert len(messages) == 2
