@@ -69,6 +69,19 @@ step costs about nothing, so while ``rho^B`` is within ``TIMING_MARGIN`` of
 ``min_speedup`` on the profile's basis, the gate decodes plainly at ``B``
 until ``MIN_PLAIN_SAMPLES`` plain steps are timed, and judges on from there.
 
+For the same reason a timed basis goes stale while the gate drafts every step:
+the machine's speed drifts (on the 2-core AMD EPYC, plain steps read
+``t / t_ref`` 1.17 in one dataset's first group and 0.95-1.01 twenty minutes
+later, and the next dataset's drafted steps, judged against 1.17, read
+ρ 1.2-1.4 where the wall clock gave 0.75-0.97x). So once a batch size has
+drafted ``RETIME_HORIZON`` plain steps' worth of time since its last timed
+plain step (never timed: since it began, on the profile's basis), its old
+timings are dropped and it decodes plainly until ``MIN_PLAIN_SAMPLES`` fresh
+ones are timed (the first plain step after a drafted one is not timed,
+``cast_core.policy.PlainStep``); a record on the profile's basis is then
+rescaled as above. Four plain steps per horizon: about 0.3 % of the time at
+ρ 1.2, 0.8 % at ρ 2.
+
 A batch size seen for the first time starts from the record of the nearest
 one judged within a factor 2 (sequences finishing one by one walk a batch
 through every size below it; each would otherwise pay a probe), worth a
@@ -249,6 +262,9 @@ REOPEN_MARGIN = 0.05
 #: plain steps' worth of time over which thinned steps' loss is weighed against ``probe_budget`` (as long as ``max_skip``)
 THIN_HORIZON = 256.0
 
+#: plain steps' worth of drafted time at a batch size after which its plain step timings are taken afresh
+RETIME_HORIZON = 256.0
+
 
 @dataclass
 class _BatchGate:
@@ -272,6 +288,8 @@ class _BatchGate:
     shut: bool = False  # a probe failed here: closed whatever the spread, until a probe pays or a rescale reopens it
     draft_credit: float = 0.0  # running sum of p (``DraftGate._step_share``) over the steps thinned below break-even
     thinned: bool = False  # the last drafted step here was thinned (its loss counts against the budget when judged)
+    drafted_since_timing: float = 0.0  # plain steps' worth of drafted time judged here since the last timed plain step
+    retiming: bool = False  # its timings were dropped as stale; plain until ``MIN_PLAIN_SAMPLES`` fresh ones come
 
     @property
     def has_record(self) -> bool:
@@ -505,7 +523,7 @@ class DraftGate:
         if gate.skip_left > 0:
             gate.skip_left -= 1
             return self._plain()
-        if self._needs_timing(gate):
+        if self._needs_timing(gate) or self._retiming(gate):
             return self._plain()
         chance = 1.0 if self._closed(gate) else self.draft_chance(batch_size)  # a closed gate's probe is due
         if chance >= 1.0:
@@ -557,6 +575,17 @@ class DraftGate:
             return False
         return abs(rho / self.min_speedup - 1.0) < TIMING_MARGIN
 
+    @staticmethod
+    def _retiming(gate: _BatchGate) -> bool:
+        """Whether ``gate``'s plain step is being timed afresh: once ``RETIME_HORIZON`` plain steps' worth of time
+        was drafted since its last timed plain step (or since it began, on the profile's basis), its timings are
+        dropped, and its steps are plain until ``MIN_PLAIN_SAMPLES`` fresh ones are timed (a record on the profile's
+        basis is then rescaled, ``observe_plain``)."""
+        if not gate.retiming and gate.drafted_since_timing >= RETIME_HORIZON:
+            gate.retiming = True
+            gate.plain_scales.clear()
+        return gate.retiming
+
     def observe_plain(self, batch_size: int, seconds: float, reference_s: float = 1.0) -> None:
         """Record the wall time of one plain step at ``batch_size`` as ``seconds / reference_s`` (``reference_s``: the
         profile's plain step at the step's context, ``t_ref``; 1 without a profile); rescale a record judged on the
@@ -573,6 +602,9 @@ class DraftGate:
         gate = self._at(batch_size)
         gate.plain_scales.append(seconds / reference_s)
         scale = gate.plain_scale
+        gate.drafted_since_timing = 0.0
+        if scale is not None:
+            gate.retiming = False
         if gate.has_record and gate.on_profile and scale is not None:
             gate.rescale_costs(1.0 / scale)
             gate.on_profile = False
@@ -594,6 +626,7 @@ class DraftGate:
         probe, thinned = self._closed(gate), gate.thinned
         gate.add(tokens, cost, math.exp(-cost / self.window))
         gate.judged += batch_size
+        gate.drafted_since_timing += cost
         gate.shut = probe and tokens < self.min_speedup * cost
         self._age(cost)
         if gate.thinned:

@@ -13,7 +13,7 @@ from cast_core import CastConfig, Engine
 from cast_core.cost import CostProfile
 from cast_core.decoder import SpecDecoder
 from cast_core.drafter import Drafter, _report_speedups
-from cast_core.gate import DraftGate
+from cast_core.gate import RETIME_HORIZON, DraftGate
 from cast_core.policy import CastPolicy, CostContext, DepthHistory, DraftedStep, RowPlan
 from cast_core.sampling import SamplingParams
 from cast_core.verifier import Verifier
@@ -524,6 +524,7 @@ def _thinned_loss_share(budget: float, steps: list[tuple[float, float]], decisio
             gate.observe(2, n, c)
             lost, elapsed = lost + c - n, elapsed + c
         else:
+            gate.observe_plain(2, 1.0)  # the engine times its plain steps (cost 1: the basis stays)
             elapsed += 1.0
     assert not gate.is_closed(2)
     return lost / elapsed, drafted
@@ -565,3 +566,31 @@ def test_gate_logs_each_drafted_step_and_each_judged_step_at_debug(caplog) -> No
     assert messages[1].startswith("judged B=8 n=1.00 C=3.00 prof=False probe=False thinned=False rho=0.333 ")
     assert "judged=8 closed=True skip=2 backoff=2 " in messages[1]
     assert len(messages) == 2
+
+
+def test_an_open_gate_times_its_plain_step_afresh_once_its_basis_is_a_horizon_old() -> None:
+    """Drafting every step times no plain step, and the machine drifts: after ``RETIME_HORIZON`` plain steps' worth
+    of drafted time the old timings go and the steps are plain until three fresh ones are timed."""
+    gate = DraftGate(min_judged=1)
+    for seconds in (1.2, 1.2, 1.2):
+        gate.observe_plain(4, seconds)
+    drafted = 0
+    while gate.should_draft(4):  # 3 tokens for 2 plain steps: drafting pays
+        gate.observe(4, 3.0, 2.0)
+        drafted += 1
+    assert drafted == RETIME_HORIZON / 2 and gate.plain_scale(4) is None
+    for seconds in (1.0, 0.9):
+        gate.observe_plain(4, seconds)
+        assert not gate.should_draft(4)
+    gate.observe_plain(4, 1.0)
+    assert gate.plain_scale(4) == 1.0 and gate.should_draft(4)
+
+
+def test_a_record_on_the_profiles_basis_is_timed_and_rescaled_after_a_horizon() -> None:
+    gate = DraftGate(min_judged=1)
+    while gate.should_draft(2):  # never timed: judged on the profile's plain step
+        gate.observe(2, 3.0, 2.0, on_profile=True)
+    assert gate.speedup(2) == pytest.approx(1.5)
+    for seconds in (1.25, 1.25, 1.25):  # plain steps take 1.25x the profile's: drafting paid 1.25x more
+        gate.observe_plain(2, seconds)
+    assert gate.speedup(2) == pytest.approx(1.875) and gate.should_draft(2)
