@@ -55,15 +55,16 @@ def _load_prompts(pair: ModelPair, datasets: list[str], subset: Subset) -> dict[
     return {d: load_prompts(d, pair.tokenizer, subset) for d in datasets}
 
 
-def trace_gate() -> None:
-    """Print the speedup gate's DEBUG log (``cast_core.gate``) to stderr, each line stamped with the seconds since
-    start: every step it lets draft (``draft``: the batch size's ``rho``, judged row steps, thinned, closed) and
-    every judged drafted step (``judged``: tokens ``n`` from the rows with the most tokens left, cost ``C`` in plain
-    steps, on the profile's basis or not, a closed gate's probe or not, thinned or not, the record's ``rho`` and
-    standard error, judged rows, closed, skip countdown and backoff, the thinning loss ``L`` against the time ``E``,
-    the recent plain-step scales ``t / t_ref``)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_SecondsFormatter("%(seconds)7.1f %(message)s"))
+def trace_gate(handler: logging.Handler | None = None) -> None:
+    """Send the speedup gate's DEBUG log (``cast_core.gate``) to ``handler``; by default print it to stderr, each
+    line stamped with the seconds since start: every step it lets draft (``draft``: the batch size's ``rho``, judged
+    row steps, thinned, closed) and every judged drafted step (``judged``: tokens ``n`` from the rows with the most
+    tokens left, cost ``C`` in plain steps, on the profile's basis or not, a closed gate's probe or not, thinned or
+    not, the record's ``rho`` and standard error, judged rows, closed, skip countdown and backoff, the thinning loss
+    ``L`` against the time ``E``, the recent plain-step scales ``t / t_ref``)."""
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_SecondsFormatter("%(seconds)7.1f %(message)s"))
     gate_logger = logging.getLogger("cast_core.gate")
     gate_logger.addHandler(handler)
     gate_logger.setLevel(logging.DEBUG)

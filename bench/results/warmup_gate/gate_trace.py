@@ -15,6 +15,7 @@ hooked the gate's methods and printed every decision (`sd B -> drafts?`, plain s
 import logging
 import sys
 
+from bench.cli import trace_gate
 from bench.datasets import load_prompts
 from bench.harness import make_groups
 from bench.methods import EngineMethod, ModelPair
@@ -35,9 +36,7 @@ def _flush() -> None:
 
 
 def main(n_groups: int, warmup_tokens: int, batch_size: int = 8, datasets: str = "mtbench") -> None:
-    gate_logger = logging.getLogger("cast_core.gate")
-    gate_logger.addHandler(_ListHandler())
-    gate_logger.setLevel(logging.DEBUG)
+    trace_gate(_ListHandler())
     pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "bfloat16", "cpu", "mixed")
     cast, vanilla = EngineMethod(pair, "cast", "cast"), EngineMethod(pair, "vanilla", "none")
     for dataset in datasets.split(","):
