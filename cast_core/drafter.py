@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cast_core.forward import feed_chain_ahead, forward_logits
+from cast_core.forward import feed_chain_ahead, feed_rows_apart, forward_logits
 from cast_core.kv import KVState, TailStash
 from cast_core.gate import DraftGate
 from cast_core.lookup import lookup_gain
@@ -160,13 +160,18 @@ class Drafter:
             plan.rare_tokens |= self.vocab.rare(chain)
         head = self.vocab.head(set().union(*(plan.rare_tokens for plan in live)))
         gaps = None
+        cached = state.next_pos.tolist()
         if gate is not None:  # a prompt or a backlog is fed whole only where drafting repays it
             left = [plan.budget_left for plan in plans]
-            chains, gaps = gate.catch_up(ctx.batch_size, chains, state.next_pos.tolist(), left, ctx.drafter_cost)
+            chains, gaps = gate.catch_up(ctx.batch_size, chains, cached, left, lambda fed, cut: _rows_fed_apart(fed, cut, cached, ctx)[1])
+        apart = {b: chains[b][:-1] for b in _rows_fed_apart(chains, gaps, cached, ctx)[0]}
+        chains = [chain[-1:] if b in apart else chain for b, chain in enumerate(chains)]
         ahead = _lookups(chains, [guess for guess, _ in guesses], policy, ctx)
         try:
             decisive = _decisive_rows(plans, active) if policy.sizes_for_slowest else active
-            result, layer_costs, catch_up_s, lookup_depth = self._grow(state, chains, ahead, gaps, head, roots, active, decisive, policy, ctx, plans)
+            result, layer_costs, catch_up_s, lookup_depth = self._grow(
+                state, chains, apart, ahead, gaps, head, roots, active, decisive, policy, ctx, plans
+            )
         except BaseException:
             state.discard_tail()  # a failed step leaves no half-built tree behind
             raise
@@ -190,6 +195,7 @@ class Drafter:
         self,
         state: KVState,
         chains: list[list[int]],
+        apart: dict[int, list[int]],
         ahead: list[list[int]],
         gaps: list[tuple[int, int]] | None,
         head: DraftHead,
@@ -200,8 +206,8 @@ class Drafter:
         ctx: CostContext | None,
         plans: list[RowPlan],
     ) -> tuple[DraftResult, float, float, np.ndarray]:
-        """Feed ``chains`` (with ``gaps``, see ``feed_chain``) and, uncommitted, the lookup tokens ``ahead``
-        of them; grow the tree layer by layer over ``head``'s ids, stash the fed nodes, graft the lookup
+        """Feed the chains of the rows fed ``apart`` (``feed_rows_apart``), then ``chains`` (with ``gaps``, see
+        ``feed_chain``) and, uncommitted, the lookup tokens ``ahead`` of them; grow the tree layer by layer over ``head``'s ids, stash the fed nodes, graft the lookup
         tokens on (``_graft_lookup``), rerank. The policy sizes every row's tree from the ``decisive``
         rows' confidences (a subset of the ``active`` ones, ``_decisive_rows``).
 
@@ -210,6 +216,7 @@ class Drafter:
         """
         bsz, k = len(chains), min(policy.top_k, int(head.ids.numel()))  # a draft vocabulary may hold fewer ids than top_k
         t_feed = time.perf_counter()
+        feed_rows_apart(self.model, state, apart)
         fed_logits = feed_chain_ahead(self.model, state, chains, ahead, gaps=gaps, head=head)
         catch_up_s = time.perf_counter() - t_feed
         assert fed_logits is not None
@@ -313,6 +320,41 @@ def _decisive_rows(plans: list[RowPlan], active: np.ndarray) -> np.ndarray:
     """
     left = np.array([plan.budget_left for plan in plans])
     return active & (left >= left[active].max())
+
+
+def _rows_fed_apart(
+    chains: list[list[int]], gaps: list[tuple[int, int]] | None, cached: list[int], ctx: CostContext | None
+) -> tuple[list[int], float]:
+    """The rows whose catch-up ``chains`` are fed apart, each alone (``feed_rows_apart``), and the catch-up's cost in
+    plain steps (0 without ``ctx``).
+
+    A batched forward pads every row to the longest chain. A row that holds nothing in the drafter's cache
+    (``cached[b] == 0``: a new row's prompt) and whose chain is fed whole may instead be fed alone, but for its
+    last token, which joins the batched forward for its logits. With the ``j`` longest such chains
+    (``L_1 >= L_2 >= ...``) fed apart::
+
+        cost_j = sum_{i <= j} C_D(1, L_i - 1) + C_D(B, W_j)
+
+    ``W_j`` the longest chain left in the batched forward (1 for a row fed apart); the least ``cost_j`` wins
+    (``j = 0`` on ties, and always without ``ctx.drafter_alone``).
+    """
+    if ctx is None:
+        return [], 0.0
+    lengths = [len(chain) for chain in chains]
+    best = (ctx.drafter_cost(max(lengths, default=0)), 0)
+    if ctx.drafter_alone is None:
+        return [], best[0]
+    candidates = sorted(
+        (b for b, n in enumerate(lengths) if n > 1 and cached[b] == 0 and (gaps is None or gaps[b][1] == 0)),
+        key=lambda b: -lengths[b],
+    )
+    batched = [n for b, n in enumerate(lengths) if b not in candidates]
+    alone = 0.0
+    for j, b in enumerate(candidates, start=1):
+        alone += ctx.drafter_alone_cost(lengths[b] - 1)
+        width = max([1] + batched + [lengths[r] for r in candidates[j:]])
+        best = min(best, (alone + ctx.drafter_cost(width), j))
+    return candidates[: best[1]], best[0]
 
 
 def _lookups(chains: list[list[int]], guesses: list[list[int]], policy: TreePolicy, ctx: CostContext | None) -> list[list[int]]:

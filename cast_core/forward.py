@@ -147,6 +147,20 @@ def feed_chain_ahead(
 
 
 @torch.inference_mode()
+def feed_rows_apart(model: torch.nn.Module, state: KVState, chains: dict[int, list[int]]) -> None:
+    """Commit each listed row's chain with a forward of that row alone, into rows of ``state`` that hold nothing yet.
+
+    A batched forward pads every row to the longest chain: 8 MT-bench prompts of 49-186 tokens fed to
+    the int8 Qwen2.5-Coder 0.5B on the 2-core AMD EPYC took 3.8 s padded and 1.3 s one by one. Each
+    row's cache is filled in a state of its own and put in place (``KVState.replace_rows``).
+    """
+    for row, chain in chains.items():
+        alone = KVState(state.num_layers, 1, state.device)
+        feed_chain(model, alone, [chain], want_last=False)
+        state.replace_rows([row], alone)
+
+
+@torch.inference_mode()
 def prefill_prompts(model: torch.nn.Module, state: KVState, prompts: list[list[int]]) -> None:
     """Cache every prompt but its last token, which becomes the first step's root."""
     feed_chain(model, state, [p[:-1] for p in prompts], want_last=False)

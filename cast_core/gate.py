@@ -203,10 +203,13 @@ a drafted step feeds at most ``probe_context`` of a row's most recent
 tokens, plus the row's first ``SINK_TOKENS`` when its cache is still empty
 (models lean on their first tokens as attention sinks); the rest is skipped
 over as a gap in its cache (``KVState.skip_positions``): drafts may get
-worse for it, never wrong. Fed whole, the catch-up forward (padded to its
-longest chain ``L``, where the window's longest is ``L_w``) costs
+worse for it, never wrong. Fed whole, the catch-up forward costs
 
-    dC = C_D(B, L) - C_D(B, L_w)         plain steps more (profile, ``catch_up_cost``)
+    dC = C(whole) - C(window)            plain steps more (profile, ``catch_up_cost``)
+
+each ``C`` as the drafter feeds the chains: one forward padded to the
+longest, ``C_D(B, L)``, or the prompts of rows new to the drafter each
+alone where that is cheaper (``cast_core.drafter._rows_fed_apart``)
 
 and buys drafts from the whole context for the ``N`` tokens the cut rows
 have left (their mean; ``RowPlan.tokens_left``). Drafting at ``rho^B``
@@ -219,9 +222,9 @@ taking a window to buy nothing, which leans towards feeding whole. A closed
 gate's probes are windowed (drafting does not go on to repay a whole feed
 unless the probe reopens the gate); with nothing known at ``B`` yet, the
 first drafted step feeds whole. The same 8 code prompts (up to 265 tokens)
-cost ``dC`` = 37 plain steps at B=8, where 128 tokens at 1.05x buy 6; 4 of
-up to 157 tokens cost 13 at B=4, where 128 tokens at 1.18x buy 19. Only long
-catch-ups are cut: a step's own new tokens are fewer than a window.
+cost ``dC`` = 37 plain steps at B=8 padded, where 128 tokens at 1.05x buy 6;
+4 of up to 157 tokens cost 13 at B=4, where 128 tokens at 1.18x buy 19. Only
+long catch-ups are cut: a step's own new tokens are fewer than a window.
 
 ``rho^B`` also serves as the scale of CAST's thresholds (``threshold_scale``):
 a node is worth adding when its marginal tokens per marginal cost beat the
@@ -466,20 +469,20 @@ class DraftGate:
         chains: list[list[int]],
         cached: list[int],
         tokens_left: list[float],
-        catch_up_cost: Callable[[int], float],
+        catch_up_cost: Callable[[list[list[int]], list[tuple[int, int]] | None], float],
     ) -> tuple[list[list[int]], list[tuple[int, int]] | None]:
         """What a drafted step at ``batch_size`` feeds of each row's catch-up chain: the chains whole
         (gaps None), or ``probe_window``'s cut where ``windows_catch_up`` says feeding them whole does not pay.
 
         ``cached[b]``: tokens row ``b`` has in the drafter's cache; ``tokens_left[b]``: tokens it may still
-        commit (``math.inf``: unbounded); ``catch_up_cost(n)``: ``C_D(B, n)``, a catch-up forward of ``n``
-        tokens per row in plain steps.
+        commit (``math.inf``: unbounded); ``catch_up_cost(chains, gaps)``: the catch-up forward feeding
+        ``chains`` (``gaps``: as ``probe_window`` returns them; None: whole) in plain steps.
         """
         fed, gaps = self.probe_window(chains, cached)
         cut = [left for left, (_, skipped) in zip(tokens_left, gaps) if skipped]
         if not cut:
             return chains, None
-        extra = catch_up_cost(max(map(len, chains))) - catch_up_cost(max(map(len, fed)))
+        extra = catch_up_cost(chains, None) - catch_up_cost(fed, gaps)
         if self.windows_catch_up(batch_size, sum(cut) / len(cut), extra):
             return fed, gaps
         return chains, None

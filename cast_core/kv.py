@@ -385,6 +385,38 @@ class KVState:
             self.compact()
 
     @torch.inference_mode()
+    def replace_rows(self, rows: Sequence[int], other: "KVState") -> None:
+        """Put ``other``'s row ``i`` in place of row ``rows[i]``, which must hold nothing yet (no slot, position 0):
+        a row's cache filled by a forward of its own (``cast_core.forward.feed_rows_apart``).
+
+        Its slots, validity and ``next_pos`` come over; every row is padded with holes to the longer committed length.
+        """
+        if self.length != self.base or other.length != other.base:
+            raise RuntimeError("replace_rows() with an uncommitted tail")
+        if len(rows) != other.batch_size:
+            raise ValueError(f"rows: one per row of the other state ({other.batch_size}); got {len(rows)}")
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        if bool(self.valid.index_select(0, idx).any()) or bool(self.next_pos.index_select(0, idx).any()):
+            raise ValueError(f"rows: only rows that hold nothing can be replaced; got {list(rows)}")
+        length = max(self.base, other.base)
+        for mine, theirs in zip(self.layers, other.layers):
+            if theirs._k is None:
+                continue
+            if mine._k is None:
+                mine.lazy_initialization(*(t[:, :, :0] for t in _empty_like_rows(theirs, self.batch_size)))
+            mine.pad_to(length)
+            theirs.pad_to(length)
+            assert mine._k is not None and mine._v is not None and theirs._k is not None and theirs._v is not None
+            mine._k[idx, :, :length] = theirs._k[:, :, :length]
+            mine._v[idx, :, :length] = theirs._v[:, :, :length]
+        valid = torch.zeros((self.batch_size, length), dtype=torch.bool, device=self.device)
+        valid[:, : self.base] = self.valid
+        valid[idx, : other.base] = other.valid.to(self.device)
+        next_pos = self.next_pos.clone()
+        next_pos[idx] = other.next_pos.to(self.device)
+        self.valid, self.next_pos = valid, next_pos
+
+    @torch.inference_mode()
     def extend(self, other: "KVState") -> None:
         """Append ``other``'s rows after this state's rows (admission of new sequences)."""
         if self.length != self.base or other.length != other.base:

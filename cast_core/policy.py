@@ -169,6 +169,8 @@ class CostContext:
         context: context length the curves were read at.
         step_s: ``f_T(B, ctx, 1)`` in seconds (0: unknown; the speedup gate
             then judges steps by their predicted cost instead of their wall time).
+        drafter_alone: ``drafter_alone[k] = f_D(1, ctx, k) / f_T(B, ctx, 1)``: a drafter forward of one
+            row alone, as a prompt is fed apart from the batch (``cast_core.drafter``); None: unknown.
     """
 
     drafter: np.ndarray
@@ -176,6 +178,7 @@ class CostContext:
     batch_size: int
     context: int
     step_s: float = 0.0
+    drafter_alone: np.ndarray | None = None
 
     @staticmethod
     def from_profile(profile: CostProfile, batch_size: int, context: int, max_tokens: int) -> "CostContext":
@@ -185,13 +188,28 @@ class CostContext:
         """
         target = np.asarray(profile.latency_curve("target", batch_size, context, max_tokens), dtype=np.float64)
         drafter = np.asarray(profile.latency_curve("drafter", batch_size, context, max_tokens), dtype=np.float64)
+        alone = np.asarray(profile.latency_curve("drafter", 1, context, max_tokens), dtype=np.float64)
         step = target[1]
-        return CostContext(drafter=drafter / step, target=target / step, batch_size=batch_size, context=context, step_s=profile.plain_step_seconds(step))
+        return CostContext(
+            drafter=drafter / step,
+            target=target / step,
+            batch_size=batch_size,
+            context=context,
+            step_s=profile.plain_step_seconds(step),
+            drafter_alone=alone / step,
+        )
 
     def drafter_cost(self, tokens: int) -> float:
         """``C_D(B, n) = f_D(B, ctx, n) / f_T(B, ctx, 1)`` for any ``n >= 0``: the curve, extended past its end
         with its last segment's slope (as the profile extrapolates past its largest measured token count)."""
         return _extended(self.drafter, tokens)
+
+    def drafter_alone_cost(self, tokens: int) -> float:
+        """``f_D(1, ctx, n) / f_T(B, ctx, 1)``: one row's drafter forward of ``n`` tokens alone, extended as
+        ``drafter_cost``; ValueError where ``drafter_alone`` is unknown."""
+        if self.drafter_alone is None:
+            raise ValueError("drafter_alone: no curve for a row fed alone")
+        return _extended(self.drafter_alone, tokens)
 
     def target_cost(self, tokens: int) -> float:
         """``C_T(B, n) = f_T(B, ctx, n) / f_T(B, ctx, 1)`` for any ``n >= 0``, extended as ``drafter_cost``."""

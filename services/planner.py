@@ -10,6 +10,7 @@ drafter batch, context)`` and gets the ``CostContext`` its CastPolicy reads::
     B_v        = live sessions on that verifier replica (every row rides in its forward)
     target[k]  = f_T^(verifier device)(B_v, ctx, k) / f_T^(verifier device)(B_v, ctx, 1)
     drafter[k] = f_D^(drafter device)(B_d, ctx, k)  / f_T^(verifier device)(B_v, ctx, 1)
+    drafter_alone[k] = f_D^(drafter device)(1, ctx, k) / f_T^(verifier device)(B_v, ctx, 1)   (a prompt fed apart)
 
 An unknown or silent verifier replica (no report for ``STALE_AFTER_S``) is
 planned as the busiest live replica (or, with none, at ``B = 1`` on the
@@ -81,9 +82,10 @@ class PlannerReplica:
         b_v, b_d = max(1, view.sessions), max(1, drafter_batch)
         target = np.asarray(self.profile(view.device).latency_curve("target", b_v, context, self._horizon), dtype=np.float64)
         drafter = np.asarray(self.profile(drafter_device).latency_curve("drafter", b_d, context, self._horizon), dtype=np.float64)
+        alone = np.asarray(self.profile(drafter_device).latency_curve("drafter", 1, context, self._horizon), dtype=np.float64)
         step = target[1]
         step_s = self.profile(view.device).plain_step_seconds(step)
-        return CostContext(drafter=drafter / step, target=target / step, batch_size=b_v, context=context, step_s=step_s)
+        return CostContext(drafter=drafter / step, target=target / step, batch_size=b_v, context=context, step_s=step_s, drafter_alone=alone / step)
 
     def cluster(self) -> dict[str, dict[str, object]]:
         """The current view: live verifier replicas and their occupancy."""

@@ -98,10 +98,15 @@ def test_context_is_clamped_to_the_buckets(profile: CostProfile) -> None:
     assert profile.latency("target", 4, 301, 7) == pytest.approx(9.0)
 
 
-def test_tokens_extrapolate_with_last_segment_slope(profile: CostProfile) -> None:
-    # B = 1, ctx = 100: last segment 3 -> 7 rises 2.0 over 4 tokens: slope 0.5 s/token
+def test_tokens_extrapolate_with_the_slope_over_the_upper_half_of_the_counts(profile: CostProfile) -> None:
+    # B = 1, ctx = 100: from 3 (the first count >= 7 / 2) to 7 rises 2.0 over 4 tokens: slope 0.5 s/token
     assert profile.latency("target", 1, 100, 11) == pytest.approx(4.0 + 4 * 0.5)
     assert profile.latency("target", 1, 100, 8) == pytest.approx(4.5)
+    # the 2-core AMD EPYC's int8 drafter at B=8: a flat last segment (48 -> 64) does not set the slope, 32 -> 64 does
+    table = CostTable(
+        model="m", batch_sizes=[8], context_buckets=[512], token_counts=[1, 16, 32, 48, 64], seconds=[[[0.043, 0.257, 0.491, 0.862, 0.925]]]
+    )
+    assert table.latency(8, 512, 186) == pytest.approx(0.925 + 122 * (0.925 - 0.491) / 32)
 
 
 def test_tokens_below_first_count_and_zero() -> None:

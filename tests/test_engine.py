@@ -201,6 +201,21 @@ def test_drafter_feeds_only_what_its_last_tree_did_not(tokenizer) -> None:
     assert sum(catch_ups) / len(catch_ups) <= 2.0 < gen.stats.mean_accepted_length
 
 
+def test_ragged_prompts_are_fed_to_the_drafter_apart_and_output_stays_greedy(tokenizer) -> None:
+    """With a cost per token and row (the synthetic profile), the first drafted step feeds the longest prompts to
+    the drafter one row at a time (``cast_core.drafter._rows_fed_apart``) instead of padding every row to the
+    longest, and the output is still the target's own greedy output."""
+    target, drafter = tiny_pair("llama", torch.float32)
+    shapes: list[tuple[int, int]] = []
+    drafter.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    prompts = [random_prompts(1, max_len=3, seed=5)[0], list(range(3, 43)), random_prompts(1, max_len=4, seed=6)[0]]
+    engine = make_engine((target, drafter), tokenizer, "cast", 3)
+    generations = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+    assert [g.token_ids for g in generations] == [reference_greedy(target, p, NEW_TOKENS, TINY_EOS) for p in prompts]
+    assert shapes[0] == (1, 39), "the 40-token prompt, but its last token, alone"
+    assert shapes[1][0] == 3 and shapes[1][1] < 10, "then every row's last tokens, batched"
+
+
 def _profile_where_padding_pays() -> CostProfile:
     """A measured-looking profile whose target runs 1 token slower than 2 and 4-7 tokens slower than 8."""
     counts = [1, 2, 4, 8, 16, 32, 64]

@@ -222,6 +222,35 @@ def test_decisive_rows_are_the_active_ones_with_the_most_tokens_left() -> None:
     assert _decisive_rows(plans, np.array([True, True, True, True])).tolist() == [False, False, False, True]  # unbounded: most left
 
 
+def test_prompts_are_fed_apart_where_padding_them_together_costs_more() -> None:
+    """``cost_j = sum_{i <= j} C_D(1, L_i - 1) + C_D(B, W_j)``, the least wins: on a CPU (cost per token and
+    row) ragged prompts are each fed alone; where a batched forward costs about what one row's does (a GPU), or
+    without a curve for one row, none is; a row holding tokens, or whose chain is cut to a window, never is."""
+    from cast_core.drafter import _rows_fed_apart
+
+    n = np.arange(200.0)
+    cpu = CostContext(
+        drafter=np.where(n > 0, 0.3 + 0.08 * n, 0.0), target=np.ones(10), batch_size=8, context=0,
+        drafter_alone=np.where(n > 0, 0.04 + 0.012 * n, 0.0),
+    )
+    lengths = (60, 68, 51, 49, 55, 186, 60, 54)  # 8 MT-bench prompts
+    prompts = [[1] * k for k in lengths]
+    rows, cost = _rows_fed_apart(prompts, None, [0] * 8, cpu)
+    assert rows == [5, 1, 0, 6, 4, 7, 2, 3] and cost == pytest.approx(sum(0.04 + 0.012 * (k - 1) for k in lengths) + 0.38)
+    one_long = [[1] * k for k in (4, 3, 5, 2, 4, 3, 6, 186)]
+    assert _rows_fed_apart(one_long, None, [0] * 8, cpu)[0] == [7], "the short ones stay batched"
+    held = _rows_fed_apart(prompts, None, [0, 3, 0, 0, 0, 0, 0, 0], cpu)[0]
+    assert 5 in held and 1 not in held, "a row holding tokens stays batched"
+    assert _rows_fed_apart(prompts, None, [0, 0, 0, 0, 0, 3, 0, 0], cpu)[0] == [], "the longest stays: nothing to save"
+    cut = [(0, 0)] * 5 + [(4, 166)] + [(0, 0)] * 2
+    assert 5 not in _rows_fed_apart(prompts, cut, [0] * 8, cpu)[0], "a windowed chain stays"
+    gpu = CostContext(drafter=1.0 + 0.001 * n, target=np.ones(10), batch_size=8, context=0, drafter_alone=1.0 + 0.0005 * n)
+    assert _rows_fed_apart(prompts, None, [0] * 8, gpu) == ([], pytest.approx(1.186))
+    unknown = CostContext(drafter=cpu.drafter, target=np.ones(10), batch_size=8, context=0)
+    assert _rows_fed_apart(prompts, None, [0] * 8, unknown) == ([], pytest.approx(0.3 + 0.08 * 186))
+    assert _rows_fed_apart(prompts, None, [0] * 8, None) == ([], 0.0)
+
+
 def test_depth_gain_counts_only_the_next_layer_nodes_it_prices() -> None:
     """A wide layer's whole utility is not bought with one verified node: growing pays iff some ``k`` of the next
     layer's nodes (``alpha`` times the ``k`` best kept ``v``) pay for the forward and for verifying those ``k``,

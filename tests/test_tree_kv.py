@@ -226,3 +226,36 @@ def test_a_chain_fed_with_a_gap_matches_a_forward_at_the_true_positions(model: t
         torch.testing.assert_close(more[b], expected(chain + [4 + b], head, skipped), rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="counts"):
         state.skip_positions([1, -1, 0])
+
+
+def test_rows_fed_apart_decode_on_as_if_fed_in_the_batch(model: torch.nn.Module) -> None:
+    """``feed_rows_apart``: prompts fed one row at a time into empty rows of a batch (one row already holding
+    tokens), then the rows' last tokens batched, give the logits of a plain forward of each whole chain, and
+    decoding goes on from there."""
+    from cast_core.forward import feed_chain, feed_rows_apart
+
+    gen = torch.Generator().manual_seed(5)
+    vocab = model.config.vocab_size
+    chains = [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in (3, 17, 6, 11)]
+    state = KVState(model.config.num_hidden_layers, 4)
+    feed_chain(model, state, [chains[0][:2], [], [], []], want_last=False)  # row 0 holds 2 tokens; the rest nothing
+    feed_rows_apart(model, state, {1: chains[1][:-1], 3: chains[3][:-1]})
+    assert state.next_pos.tolist() == [2, 16, 0, 10]
+    last = feed_chain(model, state, [chains[0][2:], chains[1][-1:], chains[2], chains[3][-1:]], want_last=True)
+    more = feed_chain(model, state, [[4], [5], [6], [7]], want_last=True)
+    for b, chain in enumerate(chains):
+        torch.testing.assert_close(last[b], full_logits(model, chain), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(more[b], full_logits(model, chain + [4 + b]), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="only rows that hold nothing"):
+        feed_rows_apart(model, state, {0: [3, 4]})
+
+
+def test_rows_fed_apart_fill_a_state_no_forward_has_touched(model: torch.nn.Module) -> None:
+    from cast_core.forward import feed_chain, feed_rows_apart
+
+    chains = [[5, 6, 7, 8, 9], [10, 11]]
+    state = KVState(model.config.num_hidden_layers, 2)
+    feed_rows_apart(model, state, {0: chains[0][:-1]})
+    last = feed_chain(model, state, [chains[0][-1:], chains[1]], want_last=True)
+    for b, chain in enumerate(chains):
+        torch.testing.assert_close(last[b], full_logits(model, chain), rtol=1e-9, atol=1e-9)
