@@ -107,6 +107,18 @@ thinning record at 0.76x (``S / K`` 0.15) through 14, 13, ..., and each new
 size drafted its first ``min_judged`` rows unconditionally, most of them at a
 loss (``bench/results/b16/``).
 
+A record is only as current as its last judged step. One that thins at a
+small chance, or is closed, may go hundreds of steps without one while a
+neighbour's record moves on: on the 2-core AMD EPYC, B=7 started from B=8's
+record thinning at 0.84 in the warm-up and never drafted again, while B=8's
+own steps lifted it to 1.45; MT-bench rows end by EOS, so its batches spent
+most of each group at B=7 and below, plain (5-25 % of row steps drafted,
+0.95x vanilla pooled). So a record no step was judged by for
+``RECORD_HORIZON`` plain steps' worth of time, at any batch size (a closed
+one: that plus its skip schedule's backoff), gives way to its nearest fresh
+neighbour's as a new size's does (keeping its plain step timings); without
+a fresh neighbour within a factor 2 it stays.
+
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
 drafted *row* steps were judged there (a drafted step at ``B`` judges ``B``
@@ -268,6 +280,9 @@ THIN_HORIZON = 256.0
 #: plain steps' worth of drafted time at a batch size after which its plain step timings are taken afresh
 RETIME_HORIZON = 256.0
 
+#: plain steps' worth of time (at any batch size) after which a record no step was judged by gives way to a fresh neighbour's
+RECORD_HORIZON = 256.0
+
 
 @dataclass
 class _BatchGate:
@@ -293,6 +308,7 @@ class _BatchGate:
     thinned: bool = False  # the last drafted step here was thinned (its loss counts against the budget when judged)
     drafted_since_timing: float = 0.0  # plain steps' worth of drafted time judged here since the last timed plain step
     retiming: bool = False  # its timings were dropped as stale; plain until ``MIN_PLAIN_SAMPLES`` fresh ones come
+    judged_at: float = 0.0  # ``DraftGate._clock`` at its last judged step, or when it started
 
     @property
     def has_record(self) -> bool:
@@ -370,6 +386,7 @@ class DraftGate:
     _by_batch: dict[int, _BatchGate] = field(default_factory=dict)
     _thin_loss: float = 0.0  # L: decayed plain steps lost by judged thinned steps
     _elapsed: float = 0.0  # E: decayed plain steps' worth of time of every step
+    _clock: float = 0.0  # plain steps' worth of time of every step so far
 
     def __post_init__(self) -> None:
         if self.min_speedup <= 0:
@@ -388,22 +405,41 @@ class DraftGate:
             raise ValueError(f"probe_context must be >= 1; got {self.probe_context}")
 
     def _at(self, batch_size: int) -> _BatchGate:
-        """The record of ``batch_size``; a new one starts from the nearest batch size with a record within a factor 2."""
-        if batch_size not in self._by_batch:
-            near = [b for b, g in self._by_batch.items() if g.has_record and b <= 2 * batch_size and batch_size <= 2 * b]
-            gate = _BatchGate()
-            if near:
-                near_b = min(near, key=lambda b: (abs(b - batch_size), b))
-                nearest = self._by_batch[near_b]
-                # rho is a ratio, a prior across batch sizes (it falls as B grows); its basis (plain seconds at another size) is not
-                share = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
-                gate = nearest.scaled(share) if self._thinning(nearest) else nearest.prior(share)
-                if self._closed(nearest):
-                    gate.judged, gate.shut = nearest.judged, True
-                    shared = min(near_b, batch_size) >= SHARED_SKIP * max(near_b, batch_size)
-                    gate.skip_left, gate.backoff = (nearest.skip_left, nearest.backoff) if shared else (2, 2)
-            self._by_batch[batch_size] = gate
-        return self._by_batch[batch_size]
+        """The record of ``batch_size``. A new one starts from the nearest batch size with a fresh record within a
+        factor 2; so does one that no step was judged by for ``RECORD_HORIZON`` plain steps' worth of time, where
+        such a neighbour exists (keeping its plain step timings)."""
+        gate = self._by_batch.get(batch_size)
+        if gate is not None and self._fresh(gate):
+            return gate
+        near = [
+            b
+            for b, g in self._by_batch.items()
+            if b != batch_size and g.has_record and self._fresh(g) and b <= 2 * batch_size and batch_size <= 2 * b
+        ]
+        if gate is not None and not near:
+            return gate
+        new = _BatchGate(judged_at=self._clock)
+        if near:
+            near_b = min(near, key=lambda b: (abs(b - batch_size), b))
+            nearest = self._by_batch[near_b]
+            # rho is a ratio, a prior across batch sizes (it falls as B grows); its basis (plain seconds at another size) is not
+            share = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
+            new = nearest.scaled(share) if self._thinning(nearest) else nearest.prior(share)
+            new.judged_at = self._clock
+            if self._closed(nearest):
+                new.judged, new.shut = nearest.judged, True
+                shared = min(near_b, batch_size) >= SHARED_SKIP * max(near_b, batch_size)
+                new.skip_left, new.backoff = (nearest.skip_left, nearest.backoff) if shared else (2, 2)
+        if gate is not None:  # a stale record gives way; its plain step timings stay
+            new.plain_scales, new.drafted_since_timing, new.retiming = gate.plain_scales, gate.drafted_since_timing, gate.retiming
+            logger.debug("forgot B=%d rho=%s for B=%d's", batch_size, f"{self._rho(gate):.3f}" if gate.has_record else "none", near_b)
+        self._by_batch[batch_size] = new
+        return new
+
+    def _fresh(self, gate: _BatchGate) -> bool:
+        """Whether a step was judged by ``gate`` (or it started) within ``RECORD_HORIZON`` plain steps' worth of time,
+        plus its skip schedule's ``backoff`` where it is closed (its next probe is that many of its own steps away)."""
+        return self._clock - gate.judged_at <= RECORD_HORIZON + gate.backoff
 
     @staticmethod
     def _rho(gate: _BatchGate) -> float | None:
@@ -553,10 +589,11 @@ class DraftGate:
             )
 
     def _age(self, plain_steps: float) -> None:
-        """Add ``plain_steps`` of time to ``E``, decaying ``L`` and ``E`` by ``exp(-plain_steps / THIN_HORIZON)``."""
+        """Add ``plain_steps`` of time to ``E`` and the clock, decaying ``L`` and ``E`` by ``exp(-plain_steps / THIN_HORIZON)``."""
         decay = math.exp(-plain_steps / THIN_HORIZON)
         self._thin_loss *= decay
         self._elapsed = decay * self._elapsed + plain_steps
+        self._clock += plain_steps
 
     def _plain(self) -> bool:
         """A plain step: one plain step's time to ``E``; returns False (do not draft)."""
@@ -629,6 +666,7 @@ class DraftGate:
         probe, thinned = self._closed(gate), gate.thinned
         gate.add(tokens, cost, math.exp(-cost / self.window))
         gate.judged += batch_size
+        gate.judged_at = self._clock
         gate.drafted_since_timing += cost
         gate.shut = probe and tokens < self.min_speedup * cost
         self._age(cost)

@@ -202,6 +202,30 @@ def test_a_new_batch_size_under_a_thinning_neighbour_thins_as_it_does() -> None:
     assert learning.speedup_error(3) == 0.0 and learning.draft_chance(3) == 1.0 and learning.should_draft(3)
 
 
+def test_a_record_no_step_judged_for_a_horizon_gives_way_to_its_fresh_neighbours() -> None:
+    """The 2-core AMD EPYC: B=7 started from B=8's warm-up record thinning at 0.84 and never drafted again,
+    while B=8's own steps lifted it past break-even; MT-bench's batches, shrinking to 7 as rows end, then ran
+    plain. A record no step was judged by for ``RECORD_HORIZON`` plain steps' worth of time starts afresh from
+    its nearest fresh neighbour's, keeping its plain step timings; with no fresh neighbour it stays."""
+    gate = DraftGate(min_judged=16)
+    for n, c in [(1.0, 2.2), (3.0, 2.4)]:  # the warm-up's prior-sized trees: 0.87x, thinning
+        gate.observe(8, n, c)
+    assert 0 < gate.draft_chance(7) < 1 and gate.speedup(7) == pytest.approx(gate.speedup(8)), "B=7 thins as B=8 did"
+    for _ in range(3):
+        gate.observe_plain(7, 0.3, 0.25)
+    for _ in range(150):  # B=8 drafts on at 1.45x, about 300 plain steps' worth of time
+        gate.observe(8, 2.9, 2.0)
+    assert gate.speedup(8) > 1.4
+    assert gate.speedup(7) == pytest.approx(gate.speedup(8)) and gate.draft_chance(7) == 1.0 and gate.should_draft(7)
+    assert gate.plain_scale(7) == pytest.approx(1.2), "its plain step timings stay"
+    lone = DraftGate(min_judged=2)
+    lone.observe(16, 1.0, 3.0)
+    lone.observe(16, 1.0, 3.0)  # closed at 0.33x
+    for _ in range(300):
+        lone.observe(4, 3.0, 2.0)  # B=4, over a factor 2 away, is no neighbour of B=16
+    assert lone.is_closed(16) and lone.speedup(16) == pytest.approx(1 / 3), "without a fresh neighbour the record stays"
+
+
 def test_timed_plain_steps_rescale_the_record_and_reopen_a_gate_closed_on_a_stale_basis() -> None:
     """Drafted steps judged against a profiled 0.20 s plain step, on a machine where it takes 0.25 s."""
     gate = DraftGate(window=math.inf, min_judged=2, probe_budget=0.1)
