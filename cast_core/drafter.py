@@ -207,9 +207,10 @@ class Drafter:
         plans: list[RowPlan],
     ) -> tuple[DraftResult, float, float, np.ndarray]:
         """Feed the chains of the rows fed ``apart`` (``feed_rows_apart``), then ``chains`` (with ``gaps``, see
-        ``feed_chain``) and, uncommitted, the lookup tokens ``ahead`` of them; grow the tree layer by layer over ``head``'s ids, stash the fed nodes, graft the lookup
-        tokens on (``_graft_lookup``), rerank. The policy sizes every row's tree from the ``decisive``
-        rows' confidences (a subset of the ``active`` ones, ``_decisive_rows``).
+        ``feed_chain``) and, uncommitted, the lookup tokens ``ahead`` of them; grow the tree layer by layer over
+        ``head``'s ids, stash the fed nodes, graft the lookup tokens on (``_graft_lookup``), rerank. The policy
+        sizes every row's tree from the ``decisive`` rows' confidences (a subset of the ``active`` ones,
+        ``_decisive_rows``).
 
         Also returns the drafted layers' cost (target steps), the catch-up forward's seconds and, per
         row, the depth the drafted tree reached along its lookup's path (below it the lookup was grafted).
