@@ -7,7 +7,9 @@ Per step and batch (one forward per layer, every row in it):
    come from its stashed cache entries, the rest (at least the root) is fed
    as a causal chain -- of a long one (a prompt, a backlog) only its most
    recent tokens where the speedup gate finds feeding it whole does not pay
-   (``DraftGate.catch_up``). The logits at the root give layer 1: the root's
+   (``DraftGate.catch_up``); a new row's prompt fed whole goes in a forward
+   of its own where the profile prices that below padding it with the
+   batch's (``_rows_fed_apart``). The logits at the root give layer 1: the root's
    ``top_k`` children, ``v = p_D(child)``. ``p_D`` is the drafter's
    distribution over its draft vocabulary ``V_D`` (:mod:`cast_core.vocab`):
    a core of leading ids plus the rows' own rarer context tokens.
