@@ -418,18 +418,18 @@ class DraftGate:
         ]
         if gate is not None and not near:
             return gate
-        new = _BatchGate(judged_at=self._clock)
+        new = _BatchGate()
         if near:
             near_b = min(near, key=lambda b: (abs(b - batch_size), b))
             nearest = self._by_batch[near_b]
             # rho is a ratio, a prior across batch sizes (it falls as B grows); its basis (plain seconds at another size) is not
             share = min(1.0, INHERITED_SHARE * self.window / nearest.cost)
             new = nearest.scaled(share) if self._thinning(nearest) else nearest.prior(share)
-            new.judged_at = self._clock
             if self._closed(nearest):
                 new.judged, new.shut = nearest.judged, True
                 shared = min(near_b, batch_size) >= SHARED_SKIP * max(near_b, batch_size)
                 new.skip_left, new.backoff = (nearest.skip_left, nearest.backoff) if shared else (2, 2)
+        new.judged_at = self._clock
         if gate is not None:  # a stale record gives way; its plain step timings stay
             new.plain_scales, new.drafted_since_timing, new.retiming = gate.plain_scales, gate.drafted_since_timing, gate.retiming
             logger.debug("forgot B=%d rho=%s for B=%d's", batch_size, f"{self._rho(gate):.3f}" if gate.has_record else "none", near_b)

@@ -400,12 +400,8 @@ class KVState:
             raise ValueError(f"rows: only rows that hold nothing can be replaced; got {list(rows)}")
         length = max(self.base, other.base)
         for mine, theirs in zip(self.layers, other.layers):
-            if theirs._k is None:
+            if not _aligned(mine, self.batch_size, theirs, other.batch_size, length):
                 continue
-            if mine._k is None:
-                mine.lazy_initialization(*(t[:, :, :0] for t in _empty_like_rows(theirs, self.batch_size)))
-            mine.pad_to(length)
-            theirs.pad_to(length)
             assert mine._k is not None and mine._v is not None and theirs._k is not None and theirs._v is not None
             mine._k[idx, :, :length] = theirs._k[:, :, :length]
             mine._v[idx, :, :length] = theirs._v[:, :, :length]
@@ -427,14 +423,8 @@ class KVState:
             return
         length = max(self.base, other.base)
         for mine, theirs in zip(self.layers, other.layers):
-            if mine._k is None and theirs._k is None:
+            if not _aligned(mine, self.batch_size, theirs, other.batch_size, length):
                 continue
-            if theirs._k is None:
-                theirs.lazy_initialization(*(t[:, :, :0] for t in _empty_like_rows(mine, other.batch_size)))
-            if mine._k is None:
-                mine.lazy_initialization(*(t[:, :, :0] for t in _empty_like_rows(theirs, self.batch_size)))
-            mine.pad_to(length)
-            theirs.pad_to(length)
             assert mine._k is not None and mine._v is not None and theirs._k is not None and theirs._v is not None
             mine._k = torch.cat([mine._k[:, :, :length], theirs._k[:, :, :length]], dim=0)
             mine._v = torch.cat([mine._v[:, :, :length], theirs._v[:, :, :length]], dim=0)
@@ -447,6 +437,20 @@ class KVState:
 
         self.valid = torch.cat([pad_valid(self.valid), pad_valid(other.valid)], dim=0)
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
+
+
+def _aligned(mine: SlotLayer, mine_rows: int, theirs: SlotLayer, their_rows: int, length: int) -> bool:
+    """Allocate whichever of two layers (of ``mine_rows`` and ``their_rows`` rows) no forward has written yet,
+    shaped like the other, and pad both with zero slots to ``length``; False where neither holds anything."""
+    if mine._k is None and theirs._k is None:
+        return False
+    if theirs._k is None:
+        theirs.lazy_initialization(*(t[:, :, :0] for t in _empty_like_rows(mine, their_rows)))
+    if mine._k is None:
+        mine.lazy_initialization(*(t[:, :, :0] for t in _empty_like_rows(theirs, mine_rows)))
+    mine.pad_to(length)
+    theirs.pad_to(length)
+    return True
 
 
 def _empty_like_rows(layer: SlotLayer, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
