@@ -179,18 +179,13 @@ class Drafter:
             raise
         result.plan_s += plan_s
         if ctx is not None:
-            # the tokens of the plain steps since the last drafted one (thinned, skipped) are this step's to feed:
-            # charged, as drafting at this rate keeps paying them; a prompt is not: charge the fresh chain only,
-            # and the step's clock skips the catch-up's excess over a fresh chain's
-            charged = fresh if feeds_prompt else chains
-            catch_up = ctx.drafter_cost(max(len(c) + len(a) for c, a in zip(charged, ahead)))
+            catch_up = _catch_up_excess(fresh, chains, apart, ahead, catch_up_s, ctx)
             verify = ctx.target[min(result.tree.tokens.shape[1], len(ctx.target) - 1)]
-            excess = max(0.0, catch_up_s - catch_up * ctx.step_s) if feeds_prompt and ctx.step_s > 0 else 0.0
             fed_lookup = any(ahead)
             for plan, guess, depth, a in zip(plans, ahead, lookup_depth, active):
                 if a:
                     lookup = (guess, int(depth)) if fed_lookup else None
-                    plan.last_step = DraftedStep(ctx.batch_size, t0 + excess, ctx.step_s, float(catch_up + layer_costs + verify), lookup)
+                    plan.last_step = _drafted_step(ctx, t0, catch_up, feeds_prompt, float(layer_costs + verify), lookup)
         return result
 
     def _grow(
@@ -360,6 +355,57 @@ def _rows_fed_apart(
     return candidates[: best[1]], best[0]
 
 
+@dataclass(frozen=True)
+class _CatchUpExcess:
+    """A catch-up forward's price against its fresh chains' (``_catch_up_excess``)."""
+
+    fresh: float  # the fresh chains' catch-up, in plain steps
+    excess: float  # the fed chains' catch-up over ``fresh``, in plain steps
+    excess_s: float  # the same share of the catch-up forward's measured seconds
+
+
+def _catch_up_excess(
+    fresh: list[list[int]],
+    chains: list[list[int]],
+    apart: dict[int, list[int]],
+    ahead: list[list[int]],
+    catch_up_s: float,
+    ctx: CostContext,
+) -> _CatchUpExcess:
+    """How much of a catch-up forward went on more than each row's ``fresh`` chain (the tokens its last step
+    committed): a prompt or the backlog of plain steps before it. With the profile's prices::
+
+        c_fresh = C_D(B, max_b |fresh_b| + |ahead_b|)
+        c_fed   = C_D(B, max_b |chains_b| + |ahead_b|) + sum_{b apart} C_D(1, |apart_b|)
+        excess  = max(0, c_fed - c_fresh),  excess_s = catch_up_s * excess / c_fed
+
+    (the measured seconds shared in the priced proportion, so a machine slower than its profile does not
+    read as a backlog where there is none).
+    """
+    width = max(len(c) + len(a) for c, a in zip(chains, ahead))
+    fed = ctx.drafter_cost(width) + sum(ctx.drafter_alone_cost(len(tokens)) for tokens in apart.values())
+    own = ctx.drafter_cost(max(len(c) + len(a) for c, a in zip(fresh, ahead)))
+    excess = max(0.0, fed - own)
+    return _CatchUpExcess(own, excess, catch_up_s * excess / fed if fed > 0 else 0.0)
+
+
+def _drafted_step(
+    ctx: CostContext, started: float, catch_up: _CatchUpExcess, feeds_prompt: bool, rest: float, lookup: tuple[list[int], int] | None
+) -> DraftedStep:
+    """A row's record of a drafted step that began at ``started``, its drafted layers and verify costing
+    ``rest`` plain steps: judged as if it had fed its fresh chain alone.
+
+    A prompt is a one-off debt, not the cost of drafting: the step's clock skips the catch-up's excess. A
+    backlog (tokens of the plain steps before it, thinned or skipped) is what thinning and probing cost: judged
+    without it (an open gate drafts every step and carries none), it is kept as ``backlog_s`` so the gate
+    charges it to the loss it budgets (``DraftGate.observe``'s ``full_cost``).
+    """
+    predicted = catch_up.fresh + rest
+    if feeds_prompt:
+        return DraftedStep(ctx.batch_size, started + catch_up.excess_s, ctx.step_s, predicted, lookup)
+    return DraftedStep(ctx.batch_size, started, ctx.step_s, predicted, lookup, catch_up.excess_s, catch_up.excess)
+
+
 def _lookups(chains: list[list[int]], guesses: list[list[int]], policy: TreePolicy, ctx: CostContext | None) -> list[list[int]]:
     """Each active row's context-lookup tokens (``guesses``) to feed ahead of its root (``cast_core.lookup``), where
     the policy finds them worth the catch-up forward's extra width (``TreePolicy.use_lookup``); else ``[]``."""
@@ -483,8 +529,8 @@ def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[Ro
 
 def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]], now: float) -> None:
     """Tell ``gate`` how the rows' last steps went, per batch size: the mean wall time of timed plain
-    (skipped) steps (``PlainStep.timed``), then, of drafted ones, their cost and basis (``DraftedStep.judge``)
-    and the tokens committed by their critical rows. Each judged step's tokens count against its row's
+    (skipped) steps (``PlainStep.timed``), then, of drafted ones, their costs without and with the backlog
+    they fed, their basis (``DraftedStep.judge``) and the tokens committed by their critical rows. Each judged step's tokens count against its row's
     ``tokens_left``.
 
     ``pending`` holds each row's tokens committed by that step (accepted drafts + bonus). A batch
@@ -518,10 +564,11 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
     for batch_size, steps in drafted.items():
         scale = gate.plain_scale(batch_size)
         judged = [step.judge(now, scale) for step, _, _ in steps]
-        cost, on_profile = float(np.mean([c for c, _ in judged])), all(p for _, p in judged)
+        cost, full_cost = np.mean([(c, full) for c, full, _ in judged], axis=0).tolist()
+        on_profile = all(p for _, _, p in judged)
         most_left = max(left for _, _, left in steps)
         critical = float(np.mean([n for _, n, left in steps if left == most_left]))
-        gate.observe(batch_size, critical, cost, on_profile)
+        gate.observe(batch_size, critical, cost, on_profile, full_cost)
 
 
 def _assemble(

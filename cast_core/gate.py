@@ -12,11 +12,15 @@ with what drafted steps actually achieved::
                                  a plain step's at batch size B -- measured on
                                  the skipped steps, else read from a measured
                                  profile; with neither, the step's predicted
-                                 cost from its cost context. Both include the
-                                 catch-up of the plain steps' tokens before it
-                                 (thinned, skipped): drafting at that rate keeps
-                                 paying it; a new row's prompt is left out
-                                 (``cast_core.drafter``)
+                                 cost from its cost context. The catch-up of
+                                 the plain steps' tokens before it (thinned,
+                                 skipped; its share of the catch-up forward,
+                                 ``cast_core.drafter._catch_up_excess``) is left
+                                 out, as is a new row's prompt: an open gate
+                                 drafts every step and carries no backlog, and
+                                 that is what the record predicts; the backlog is
+                                 the price of thinning and probing, charged to
+                                 their budget (``C_full``, below)
     n     = 1 + a                tokens it committed (a = accepted drafts) to the
                                  rows with the most tokens left, whose progress
                                  ends the batch (``cast_core.drafter._report_speedups``)
@@ -158,16 +162,19 @@ the steps that still draft where drafting pays.
 
 Thinned steps draft at an expected loss, so their loss is budgeted like a
 closed gate's probes: each thinned step, once judged, adds
-``C - n / min_speedup`` plain steps to a loss ``L`` (a gain subtracts, to no
-less than 0), every step at any batch size adds its plain steps' worth of
-time (1 for a plain step, ``C`` for a drafted one) to ``E``, both decaying as
-``exp(-C / THIN_HORIZON)``, and a step thins (drafts on its share) only while
-``L <= probe_budget * E``. On
-the 2-core Intel Xeon with AMX about 20 % slower than its profile, MT-bench
-B=8 with 11 % of row steps drafted this way ran 0.94x vanilla (pairs
-0.90-0.99x; ``bench/results/floor_xeon_amx_slow_4c9c637.json``): each
-thinned step also carries the windowed catch-up of the plain steps before it,
-and their records hovered just under break-even without closing.
+``C_full - n / min_speedup`` plain steps to a loss ``L`` (a gain subtracts,
+to no less than 0), ``C_full`` being its whole wall time, the catch-up of the
+plain steps before it included; every step at any batch size adds its plain
+steps' worth of time (1 for a plain step, ``C_full`` for a drafted one) to
+``E``, both decaying as ``exp(-C / THIN_HORIZON)``, and a step thins (drafts
+on its share) only while ``L <= probe_budget * E``. On the 2-core Intel Xeon
+with AMX about 20 % slower than its profile, MT-bench B=8 with 11 % of row
+steps drafted this way ran 0.94x vanilla (pairs 0.90-0.99x;
+``bench/results/floor_xeon_amx_slow_4c9c637.json``). Judged with that
+catch-up in ``C`` (as until ``bench/results/backlog_ab/``), a thinning record
+read below what drafting every step gets (10-20 backlog tokens a row at B=8,
+0.5-1.1 plain steps of the 2-core AMD EPYC), and a gate the warm-up's first
+trees had thinned or closed stayed so for a group or two.
 
 Past ``min_judged``, the gate closes only where ``rho^B`` is below
 ``min_speedup`` by ``z`` (``close_confidence``) standard errors::
@@ -189,10 +196,10 @@ the rest of the group, where the same groups with the gate held open ran
 close as soon as before.
 
 Closed, the gate skips ``s`` steps, then probes with one drafted step. A
-failing probe costs ``C - 1`` plain steps, so ``s = (C - 1) /
+failing probe costs ``C_full - 1`` plain steps, so ``s = (C_full - 1) /
 probe_budget`` (at least twice the previous ``s``, at most ``max_skip``)
 keeps the time lost to probing near ``probe_budget``. A probe that pays
-(``n >= min_speedup C``) hands the decision back to the closing test; one
+(``n >= min_speedup C``, its window of the skipped tokens left out) hands the decision back to the closing test; one
 that fails keeps the gate closed (shut) whatever the spread says, until a
 probe pays or timed plain steps rescale the record open. The closing test
 alone would reopen it: a gate closed on its first judged step (``S = 0`` on
@@ -652,39 +659,42 @@ class DraftGate:
                 gate.skip_left = gate.backoff = 0
                 gate.shut = False
 
-    def observe(self, batch_size: int, tokens: float, cost: float, on_profile: bool = False) -> None:
+    def observe(self, batch_size: int, tokens: float, cost: float, on_profile: bool = False, full_cost: float | None = None) -> None:
         """Record one drafted step at ``batch_size`` (``batch_size`` judged row steps); open or close the gate.
 
-        ``tokens``: ``n``, tokens it committed per row; ``cost``: its ``C`` in plain steps;
+        ``tokens``: ``n``, tokens it committed per row; ``cost``: its ``C`` in plain steps, without the
+        backlog of plain steps before it; ``full_cost``: with it (None: ``cost``), the time the step took,
+        which ages the clock and counts against thinning's budget and a probe's skip;
         ``on_profile``: whether ``C`` divides by the profile's plain step (rescaled by ``m^B`` once plain
         steps are timed; False: judged against timed plain steps, or a predicted cost, never rescaled).
         ``T, K <- d T + n, d K + C`` with ``d = exp(-C / window)``.
         """
-        if tokens < 0 or cost <= 0:
-            raise ValueError(f"tokens must be >= 0 and cost > 0; got {tokens}, {cost}")
+        full_cost = cost if full_cost is None else full_cost
+        if tokens < 0 or cost <= 0 or full_cost < cost:
+            raise ValueError(f"tokens must be >= 0, cost > 0 and full_cost >= cost; got {tokens}, {cost}, {full_cost}")
         gate = self._at(batch_size)
         probe, thinned = self._closed(gate), gate.thinned
         gate.add(tokens, cost, math.exp(-cost / self.window))
         gate.judged += batch_size
         gate.judged_at = self._clock
-        gate.drafted_since_timing += cost
+        gate.drafted_since_timing += full_cost
         gate.shut = probe and tokens < self.min_speedup * cost
-        self._age(cost)
+        self._age(full_cost)
         if gate.thinned:
-            self._thin_loss = max(0.0, self._thin_loss + cost - tokens / self.min_speedup)
+            self._thin_loss = max(0.0, self._thin_loss + full_cost - tokens / self.min_speedup)
             gate.thinned = False
         gate.on_profile = on_profile
         if not self._closed(gate):
             gate.backoff = 0
         elif gate.skip_left == 0:
-            wanted = math.ceil(max(0.0, cost - 1.0) / self.probe_budget)
+            wanted = math.ceil(max(0.0, full_cost - 1.0) / self.probe_budget)
             gate.backoff = min(self.max_skip, max(2, 2 * gate.backoff, wanted))
             gate.skip_left = gate.backoff
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "judged B=%d n=%.2f C=%.2f prof=%s probe=%s thinned=%s rho=%.3f se=%.3f judged=%d closed=%s skip=%d "
+                "judged B=%d n=%.2f C=%.2f full=%.2f prof=%s probe=%s thinned=%s rho=%.3f se=%.3f judged=%d closed=%s skip=%d "
                 "backoff=%d L=%.2f E=%.1f scales=%s",
-                batch_size, tokens, cost, on_profile, probe, thinned, gate.tokens / gate.cost, gate.tokens_spread() / gate.cost,
+                batch_size, tokens, cost, full_cost, on_profile, probe, thinned, gate.tokens / gate.cost, gate.tokens_spread() / gate.cost,
                 gate.judged, self._closed(gate), gate.skip_left, gate.backoff, self._thin_loss, self._elapsed,
                 [round(x, 2) for x in gate.plain_scales],
             )

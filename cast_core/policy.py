@@ -283,9 +283,12 @@ class DraftedStep:
         started: ``time.perf_counter()`` when its drafting began.
         plain_step_s: seconds of one plain target step at ``B`` from a measured profile (0: unknown).
         predicted_cost: its cost in plain target steps, from the cost context
-            (catch-up + drafted layers + verify forward).
+            (catch-up of its fresh chains + drafted layers + verify forward).
         lookup: the context-lookup tokens fed for its row and the depth the
             drafted tree reached along their path (None: the step fed no lookup).
+        backlog_s: seconds of its catch-up forward spent on the tokens of the plain steps before it
+            (thinned, skipped), beyond what its fresh chains took (``cast_core.drafter``).
+        backlog_cost: the same in plain target steps, from the cost context.
     """
 
     batch_size: int
@@ -293,20 +296,23 @@ class DraftedStep:
     plain_step_s: float
     predicted_cost: float
     lookup: tuple[list[int], int] | None = None
+    backlog_s: float = 0.0
+    backlog_cost: float = 0.0
 
-    def judge(self, now: float, scale: float | None) -> tuple[float, bool]:
-        """``(C, on_profile)`` of the step, ``now`` being the next drafting call.
+    def judge(self, now: float, scale: float | None) -> tuple[float, float, bool]:
+        """``(C, C_full, on_profile)`` of the step, ``now`` being the next drafting call.
 
-        ``C = wall / plain``: ``plain = m^B * t_ref`` with ``scale`` = ``m^B``, timed plain steps' median
-        machine scale (``DraftGate.plain_scale``), and ``t_ref`` = ``plain_step_s`` (1 s without a profile);
-        else the profile's ``plain_step_s`` (``on_profile``); with neither, ``C = predicted_cost``.
+        ``C_full = wall / plain`` and ``C = (wall - backlog_s) / plain`` (what the step costs where every
+        step drafts, leaving no backlog): ``plain = m^B * t_ref`` with ``scale`` = ``m^B``, timed plain
+        steps' median machine scale (``DraftGate.plain_scale``), and ``t_ref`` = ``plain_step_s`` (1 s
+        without a profile); else the profile's ``plain_step_s`` (``on_profile``); with neither,
+        ``C = predicted_cost`` and ``C_full = predicted_cost + backlog_cost``.
         """
         wall = now - self.started
-        if scale is not None and wall > 0:
-            return wall / (scale * reference_step_s(self.plain_step_s)), False
-        if self.plain_step_s > 0 and wall > 0:
-            return wall / self.plain_step_s, True
-        return self.predicted_cost, False
+        plain = scale * reference_step_s(self.plain_step_s) if scale is not None else self.plain_step_s
+        if plain > 0 and wall > self.backlog_s:
+            return (wall - self.backlog_s) / plain, wall / plain, scale is None
+        return self.predicted_cost, self.predicted_cost + self.backlog_cost, False
 
 
 @dataclass

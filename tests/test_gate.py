@@ -14,7 +14,7 @@ from cast_core.cost import CostProfile
 from cast_core.decoder import SpecDecoder
 from cast_core.drafter import Drafter, _report_speedups
 from cast_core.gate import RETIME_HORIZON, DraftGate
-from cast_core.policy import CastPolicy, CostContext, DepthHistory, DraftedStep, RowPlan
+from cast_core.policy import CastPolicy, CostContext, DepthHistory, DraftedStep, RowPlan, reference_step_s
 from cast_core.sampling import SamplingParams
 from cast_core.verifier import Verifier
 
@@ -467,9 +467,10 @@ def test_only_plain_steps_after_plain_steps_are_timed(exact_pair_case) -> None:
     assert len(policy.gate._at(1).plain_scales) == plain - 1
 
 
-def test_a_drafted_step_is_charged_the_backlog_of_plain_steps_but_not_a_prompt(exact_pair_case) -> None:
-    """A drafted step's predicted cost counts its catch-up forward whole when that feeds the tokens of the plain
-    steps before it (drafting at that rate keeps paying them), and only the fresh chain when it feeds a prompt.
+def test_a_drafted_step_is_judged_without_the_backlog_of_plain_steps_or_a_prompt(exact_pair_case) -> None:
+    """A drafted step's cost counts the catch-up of its fresh chain only: a prompt is a one-off debt, and the
+    tokens of the plain steps before it are what thinning and probing cost (an open gate drafts every step and
+    carries none), kept apart as ``backlog_cost`` / ``backlog_s`` for the gate's budget.
 
     A gate that never opens drafts the first step (the prompt), skips, then probes; the drafter's catch-up
     forward (its first of the step) is priced at ``C_D(B, n)``, here about 0.3 plain steps a token.
@@ -481,19 +482,23 @@ def test_a_drafted_step_is_charged_the_backlog_of_plain_steps_but_not_a_prompt(e
     decoder.admit(0, prompts[0], SamplingParams())
     widths: list[int] = []
     hook = drafter.model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
-    charged: list[tuple[int, float]] = []  # (catch-up width, predicted cost) per drafted step
+    steps: list[tuple[int, DraftedStep]] = []  # (catch-up width, the row's record) per drafted step
     try:
-        while len(charged) < 2:
+        while len(steps) < 2:
             before = len(widths)
             stats = decoder.step()[1]
             if stats.drafter_forwards:
-                charged.append((widths[before], decoder.rows[0].plan.last_step.predicted_cost))
+                steps.append((widths[before], decoder.rows[0].plan.last_step))
     finally:
         hook.remove()
     price = CostContext.from_profile(profile, 1, 64, 64).drafter_cost
-    (prompt_width, prompt_cost), (backlog_width, backlog_cost) = charged
-    assert prompt_width == len(prompts[0]) and prompt_cost < price(prompt_width), "a prompt is not charged"
-    assert backlog_width >= 3 and backlog_cost >= price(backlog_width), "skipped steps' tokens are charged"
+    (prompt_width, prompt), (backlog_width, backlog) = steps
+    assert prompt_width == len(prompts[0]) and prompt.predicted_cost < price(prompt_width), "a prompt is not charged"
+    assert prompt.backlog_cost == 0 and prompt.backlog_s == 0, "nor budgeted"
+    assert backlog_width >= 3 and backlog.predicted_cost < price(backlog_width), "skipped steps' tokens are not judged"
+    assert backlog.backlog_cost == pytest.approx(price(backlog_width) - price(1)) and backlog.backlog_s > 0
+    plain = reference_step_s(backlog.plain_step_s)  # timed plain steps at scale 1
+    assert backlog.judge(backlog.started + 1.0, 1.0) == (pytest.approx((1.0 - backlog.backlog_s) / plain), pytest.approx(1.0 / plain), False)
 
 
 def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> None:
@@ -533,9 +538,10 @@ def test_draft_chance_is_one_at_or_above_break_even_and_before_min_judged() -> N
     assert decisions == [False, False, True], "the closed gate probes on its schedule, not on the chance"
 
 
-def _thinned_loss_share(budget: float, steps: list[tuple[float, float]], decisions: int = 3000) -> tuple[float, int]:
-    """Run a gate whose record is ``steps`` (repeated) and never closes; every drafted step repeats them in turn.
-    Returns the time lost to drafted steps, ``sum (C - n)`` over all time, and how many drafted."""
+def _thinned_loss_share(budget: float, steps: list[tuple[float, float]], backlog: float = 0.0, decisions: int = 3000) -> tuple[float, int]:
+    """Run a gate whose record is ``steps`` (repeated) and never closes; every drafted step repeats them in turn,
+    each thinned one also feeding ``backlog`` plain steps' worth of the plain steps' tokens before it.
+    Returns the time lost to drafted steps, ``sum (C_full - n)`` over all time, and how many drafted."""
     gate = DraftGate(min_judged=4, probe_budget=budget, close_confidence=10.0)
     for n, c in steps * 3:
         gate.observe(2, n, c)
@@ -545,8 +551,8 @@ def _thinned_loss_share(budget: float, steps: list[tuple[float, float]], decisio
         if gate.should_draft(2):
             n, c = steps[drafted % len(steps)]
             drafted += 1
-            gate.observe(2, n, c)
-            lost, elapsed = lost + c - n, elapsed + c
+            gate.observe(2, n, c, full_cost=c + backlog)
+            lost, elapsed = lost + c + backlog - n, elapsed + c + backlog
         else:
             gate.observe_plain(2, 1.0)  # the engine times its plain steps (cost 1: the basis stays)
             elapsed += 1.0
@@ -562,6 +568,27 @@ def test_thinned_steps_lose_at_most_the_probe_budget_of_the_time() -> None:
     tight, tight_drafted = _thinned_loss_share(0.01, losing)
     assert loose > 0.02, "without the budget biting, thinning at a chance of ~40 % loses several % of the time"
     assert tight <= 0.011 and tight_drafted < loose_drafted / 2
+    # each thinned step feeding a plain step's worth of backlog: left out of L, thinning would lose 5 % of the time;
+    # counted, the budget holds, but for one step's loss (2.8 plain steps) over a horizon of 256
+    with_backlog, backlog_drafted = _thinned_loss_share(0.01, losing, backlog=1.0)
+    assert with_backlog <= 0.015 and backlog_drafted < tight_drafted, "the backlog a thinned step feeds is budgeted too"
+
+
+def test_a_step_is_judged_without_its_backlog_and_charged_with_it() -> None:
+    """A closed gate's probe that pays on its own cost (``C``, 2.2 tokens for 2.0 plain steps) reopens the closing
+    test though the window of skipped tokens it fed made it take 4.0; its skip is sized on the 4.0, and the clock
+    runs on it."""
+    gate = DraftGate(min_judged=1, window=math.inf, close_confidence=0.0, probe_budget=0.05)
+    gate.observe(2, 1.0, 2.0)  # 0.5x: closed, skip ceil((2 - 1) / 0.05) = 20
+    assert gate.is_closed(2) and not any(gate.should_draft(2) for _ in range(20))
+    assert gate.should_draft(2), "the probe"
+    clock = gate._clock
+    gate.observe(2, 2.2, 2.0, full_cost=4.0)
+    rec = gate._at(2)
+    assert not rec.shut and gate.speedup(2) == pytest.approx(3.2 / 4.0), "judged on C: it paid"
+    assert rec.backoff == math.ceil((4.0 - 1.0) / 0.05) and gate._clock == clock + 4.0
+    with pytest.raises(ValueError, match="full_cost"):
+        gate.observe(2, 1.0, 2.0, full_cost=1.5)
 
 
 def test_a_drafted_step_is_judged_against_the_plain_step_of_its_own_context() -> None:
@@ -572,11 +599,11 @@ def test_a_drafted_step_is_judged_against_the_plain_step_of_its_own_context() ->
         gate.observe_plain(4, 0.20, 0.16)
     assert gate.plain_scale(4) == pytest.approx(1.25)
     late = DraftedStep(batch_size=4, started=10.0, plain_step_s=0.24, predicted_cost=2.0)
-    assert late.judge(10.6, gate.plain_scale(4)) == (pytest.approx(2.0), False)
-    assert late.judge(10.6, None) == (pytest.approx(2.5), True), "untimed: the profile's step, rescaled later"
-    unprofiled = DraftedStep(batch_size=4, started=10.0, plain_step_s=0.0, predicted_cost=3.0)
-    assert unprofiled.judge(10.6, 0.3) == (pytest.approx(2.0), False), "no profile: the timed seconds"
-    assert unprofiled.judge(10.6, None) == (3.0, False)
+    assert late.judge(10.6, gate.plain_scale(4)) == (pytest.approx(2.0), pytest.approx(2.0), False)
+    assert late.judge(10.6, None) == (pytest.approx(2.5), pytest.approx(2.5), True), "untimed: the profile's step, rescaled later"
+    unprofiled = DraftedStep(batch_size=4, started=10.0, plain_step_s=0.0, predicted_cost=3.0, backlog_s=0.15, backlog_cost=0.5)
+    assert unprofiled.judge(10.6, 0.3) == (pytest.approx(1.5), pytest.approx(2.0), False), "no profile: the timed seconds"
+    assert unprofiled.judge(10.6, None) == (3.0, 3.5, False)
 
 
 def test_gate_logs_each_drafted_step_and_each_judged_step_at_debug(caplog) -> None:
@@ -587,7 +614,7 @@ def test_gate_logs_each_drafted_step_and_each_judged_step_at_debug(caplog) -> No
         assert not gate.should_draft(8)  # closed on 8 judged row steps at 0.33x: a plain step, not logged
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "draft B=8 rho=none judged=0 thinned=False closed=False"
-    assert messages[1].startswith("judged B=8 n=1.00 C=3.00 prof=False probe=False thinned=False rho=0.333 ")
+    assert messages[1].startswith("judged B=8 n=1.00 C=3.00 full=3.00 prof=False probe=False thinned=False rho=0.333 ")
     assert "judged=8 closed=True skip=2 backoff=2 " in messages[1]
     assert len(messages) == 2
 
