@@ -138,8 +138,8 @@ two steps, the first feeding whole prompts.
 
 Past ``min_judged``, while ``rho^B < min_speedup`` but the gate is not closed
 (below), drafting is thinned to the chance that it pays,
-``P = Phi((rho^B - min_speedup) K / S)`` (the normal approximation of
-``P(rho > min_speedup)``), taken as a share of *time*. A drafted step takes
+``P = Q((min_speedup K - T) / S; n_eff - 1)`` (``P(rho > min_speedup)``,
+Student's t upper tail ``Q``, below), taken as a share of *time*. A drafted step takes
 ``C_bar = sum_i w_i C_i / sum_i w_i`` plain steps (the mean over the steps
 judged here), so drafting a share ``p`` of the steps spends
 ``p C_bar / (1 - p + p C_bar)`` of the time drafting, which is ``P`` for::
@@ -177,18 +177,29 @@ read below what drafting every step gets (10-20 backlog tokens a row at B=8,
 trees had thinned or closed stayed so for a group or two.
 
 Past ``min_judged``, the gate closes only where ``rho^B`` is below
-``min_speedup`` by ``z`` (``close_confidence``) standard errors::
+``min_speedup`` with the one-sided confidence ``Phi(z)`` of ``z``
+(``close_confidence``) standard errors of a normal::
 
-    T + z S < min_speedup K      S^2 = n_eff / (n_eff - 1) * sum_i w_i^2 (n_i - rho^B C_i)^2
+    T + t S < min_speedup K      S^2 = n_eff / (n_eff - 1) * sum_i w_i^2 (n_i - rho^B C_i)^2
                                  n_eff = (sum_i w_i)^2 / sum_i w_i^2
+                                 Q(t; n_eff - 1) = Phi(-z)
 
 with ``w_i`` the steps' decayed weights (``S / K`` is the delta-method
-standard error of the ratio ``T / K``). The sums run over the steps judged
+standard error of the ratio ``T / K``) and ``Q(t; nu)`` the upper tail of
+Student's t with ``nu`` degrees of freedom (``cast_core.student_t``): ``S``
+is estimated from the same few steps, so its ratio to the true error
+scatters, by a chi distribution with ``n_eff - 1`` degrees of freedom. With
+``z = 2``, ``t`` is 14.0 standard errors on two steps' weight, 3.3 on four,
+2.1 on 32. Taken as normal (``t = z``), two steps that happened to agree
+closed the gate at B=8 on the 2-core AMD EPYC at 0.994x and 0.987x with
+``S / K`` 0.001-0.005, and the warm-up's two prior-sized trees closed it in
+3 of 10 warm-ups against the fresh steps' 1.07-1.45x in the others
+(``bench/results/backlog_ab/``). The sums run over the steps judged
 at ``B`` (and those of a thinning neighbour, inherited scaled): an
 inherited prior moves ``rho^B``, not ``S``, and on one step
 ``S = 0``, so ``min_judged`` alone says how much a first step must show.
 How far one step's tokens stray depends on the tree: small trees commit
-1-3 tokens a step, and a few steps pin ``rho^B`` down; the deep trees a
+1-3 tokens a step, and a few more steps pin ``rho^B`` down; the deep trees a
 cheap drafter buys commit 1 to 11, and at HumanEval B=2
 on the 2-core AMD EPYC six such steps read 0.69x and closed the gate for
 the rest of the group, where the same groups with the gate held open ran
@@ -259,6 +270,8 @@ import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from cast_core.student_t import upper_quantile, upper_tail
 
 #: DEBUG: each drafted step's decision and each judged step (``cast bench run --trace-gate``)
 logger = logging.getLogger(__name__)
@@ -364,6 +377,11 @@ class _BatchGate:
         self.cost, self.own_cost = self.cost * factor, self.own_cost * factor
         self.cross, self.cost_sq = self.cross * factor, self.cost_sq * factor**2
 
+    @property
+    def effective_steps(self) -> float:
+        """``n_eff = (sum w_i)^2 / sum w_i^2``: how many equally weighted steps the record's are worth (0 before any)."""
+        return self.weight**2 / self.weight_sq if self.weight_sq > 0 else 0.0
+
     def tokens_spread(self) -> float:
         """``S``: the standard error of ``T`` about ``rho^B K`` (0 with one step's weight or less: nothing to judge its spread by).
 
@@ -371,7 +389,7 @@ class _BatchGate:
         ``S^2 = n_eff / (n_eff - 1) * sum w_i^2 e_i^2`` and ``n_eff = (sum w_i)^2 / sum w_i^2``
         (the delta method for a ratio of weighted sums: ``SE(rho^B) = S / K``).
         """
-        n_eff = self.weight**2 / self.weight_sq if self.weight_sq > 0 else 0.0
+        n_eff = self.effective_steps
         if n_eff <= 1.0 + 1e-9:
             return 0.0
         rho = self.tokens / self.cost
@@ -453,16 +471,24 @@ class DraftGate:
         return gate.tokens / gate.cost if gate.has_record else None
 
     def _thinning(self, gate: _BatchGate) -> bool:
-        """Open past ``min_judged`` below break-even: ``rho^B < min_speedup``, by less than ``z`` standard errors."""
+        """Open past ``min_judged`` below break-even: ``rho^B < min_speedup``, but not confidently (``_closed``)."""
         rho = self._rho(gate)
         return rho is not None and rho < self.min_speedup and gate.judged >= self.min_judged and not self._closed(gate)
 
+    def _margin(self, gate: _BatchGate) -> float:
+        """``t S``, ``Q(t; n_eff - 1) = Phi(-z)``: how far ``T`` may fall below ``rho K`` at the closing test's confidence
+        (0 without a spread to judge by)."""
+        spread = gate.tokens_spread()
+        if spread <= 0 or self.close_confidence == 0:
+            return 0.0
+        return upper_quantile(0.5 * math.erfc(self.close_confidence / math.sqrt(2.0)), gate.effective_steps - 1.0) * spread
+
     def _closed(self, gate: _BatchGate) -> bool:
-        """Shut by a failing probe, or ``judged >= min_judged`` and ``T + z S < min_speedup K``: ``rho^B`` is below
-        ``min_speedup`` by ``z`` standard errors."""
+        """Shut by a failing probe, or ``judged >= min_judged`` and ``T + t S < min_speedup K``: ``rho^B`` is below
+        ``min_speedup`` with confidence ``Phi(z)`` (``_margin``)."""
         if gate.shut:
             return True
-        return gate.judged >= self.min_judged and gate.tokens + self.close_confidence * gate.tokens_spread() < self.min_speedup * gate.cost
+        return gate.judged >= self.min_judged and gate.tokens + self._margin(gate) < self.min_speedup * gate.cost
 
     def speedup(self, batch_size: int) -> float | None:
         """``rho^B = T / K``: the windowed speedup of drafted steps at ``batch_size`` (None before any)."""
@@ -494,15 +520,15 @@ class DraftGate:
         ``tokens_left``: ``N``, mean tokens the cut rows have left (``math.inf``: unbounded);
         ``extra_cost``: ``dC``, plain steps feeding them whole costs over the window.
         False (feed whole) iff nothing is known at ``batch_size``, or the gate is open there and
-        ``(1 - 1 / rho_low) * N >= dC`` with ``rho_low = (T - z S) / K``: ``rho^B`` less
-        ``close_confidence`` (``z``) standard errors.
+        ``(1 - 1 / rho_low) * N >= dC`` with ``rho_low = (T - t S) / K``: ``rho^B`` less the closing
+        test's margin (``_margin``).
         """
         gate = self._at(batch_size)
         if not gate.has_record:
             return False
         if self._closed(gate):
             return True
-        rho_low = (gate.tokens - self.close_confidence * gate.tokens_spread()) / gate.cost
+        rho_low = (gate.tokens - self._margin(gate)) / gate.cost
         gain = (1.0 - 1.0 / rho_low) * tokens_left if rho_low > 1.0 else 0.0
         return gain < extra_cost
 
@@ -550,7 +576,7 @@ class DraftGate:
 
     def draft_chance(self, batch_size: int) -> float:
         """``P(rho > min_speedup)``: 1 while ``rho^B >= min_speedup`` or fewer than ``min_judged`` rows were judged,
-        else ``Phi((rho^B - min_speedup) K / S)`` (0 without spread to judge by)."""
+        else ``Q((min_speedup K - T) / S; n_eff - 1)``, Student's t upper tail (0 without spread to judge by)."""
         gate = self._at(batch_size)
         rho = self._rho(gate)
         if rho is None or rho >= self.min_speedup or gate.judged < self.min_judged:
@@ -558,7 +584,7 @@ class DraftGate:
         spread = gate.tokens_spread()
         if spread <= 0:
             return 0.0
-        return 0.5 * (1.0 + math.erf((gate.tokens - self.min_speedup * gate.cost) / (spread * math.sqrt(2.0))))
+        return upper_tail((self.min_speedup * gate.cost - gate.tokens) / spread, gate.effective_steps - 1.0)
 
     def should_draft(self, batch_size: int) -> bool:
         """Whether this step at ``batch_size`` drafts (a skipped step counts down to the next probe; near

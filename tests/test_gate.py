@@ -16,6 +16,7 @@ from cast_core.drafter import Drafter, _report_speedups
 from cast_core.gate import RETIME_HORIZON, DraftGate
 from cast_core.policy import CastPolicy, CostContext, DepthHistory, DraftedStep, RowPlan, reference_step_s
 from cast_core.sampling import SamplingParams
+from cast_core.student_t import upper_tail
 from cast_core.verifier import Verifier
 
 from conftest import TINY_EOS, random_prompts, reference_greedy, tiny_pair
@@ -102,9 +103,11 @@ def test_a_few_noisy_steps_below_break_even_do_not_close_the_gate_steady_losses_
         confident.observe(2, n, c)
     assert point.speedup(2) == pytest.approx(confident.speedup(2)) and confident.speedup(2) < 0.8
     assert point.is_closed(2) and not confident.is_closed(2)
-    chance = confident.draft_chance(2)  # P(rho > 1) under the normal approximation: 1 - Phi(1.77)
-    assert chance == pytest.approx(0.5 * (1 + math.erf((confident.speedup(2) - 1) / confident.speedup_error(2) / math.sqrt(2))))
-    assert 0.02 < chance < 0.06
+    chance = confident.draft_chance(2)  # P(rho > 1): Student's t upper tail at 1.77 standard errors
+    n_eff = confident._at(2).effective_steps
+    assert 5 < n_eff < 6  # the window (32 plain steps) weighs the early steps down
+    assert chance == pytest.approx(upper_tail((1 - confident.speedup(2)) / confident.speedup_error(2), n_eff - 1))
+    assert 0.06 < chance < 0.08, "the normal's tail would say 0.04"
     costs = np.array([c for _, c in noisy])
     weights = np.exp(-np.append(np.cumsum(costs[::-1])[::-1][1:], 0.0) / confident.window)  # w_i = prod_{j > i} d_j
     mean_cost = float((weights * costs).sum() / weights.sum())
@@ -116,6 +119,21 @@ def test_a_few_noisy_steps_below_break_even_do_not_close_the_gate_steady_losses_
     for n, c in [(1.6, 2.0), (1.5, 2.1), (1.7, 2.0), (1.6, 1.9), (1.5, 2.0), (1.6, 2.1)]:  # 0.78x
         steady.observe(2, n, c)
     assert steady.is_closed(2)
+
+
+def test_two_steps_that_happen_to_agree_do_not_close_the_gate() -> None:
+    """B=8, 2-core AMD EPYC: a warm-up's two steps read 0.994x with ``S / K`` 0.001 and, judged as normal (t = z),
+    closed the gate for 180 steps. Their spread is estimated from those two steps: at ``z = 2`` Student's t on one
+    degree of freedom asks for 14 standard errors. Four steps losing steadily still close it."""
+    gate = DraftGate(min_judged=16)
+    gate.observe(8, 2.62, 2.64)
+    gate.observe(8, 3.00, 3.01)
+    assert gate.speedup(8) < 1 and gate.speedup_error(8) < 0.005
+    assert not gate.is_closed(8) and 0.1 < gate.draft_chance(8) < 0.5, "thinned at a fair chance, not closed"
+    steady = DraftGate(min_judged=16)
+    for n, c in [(1.6, 2.0), (1.5, 2.1), (1.7, 2.0), (1.6, 1.9)]:  # 0.79x, S / K 0.02: t = 3.3 on n_eff 4
+        steady.observe(8, n, c)
+    assert steady.is_closed(8)
 
 
 def test_a_probe_that_pays_reopens_and_scales_thresholds() -> None:
