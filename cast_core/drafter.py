@@ -530,8 +530,8 @@ def _reuse_stashed_path(state: KVState, pending: list[list[int]], plans: list[Ro
 def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[int]], now: float) -> None:
     """Tell ``gate`` how the rows' last steps went, per batch size: the mean wall time of timed plain
     (skipped) steps (``PlainStep.timed``), then, of drafted ones, their costs without and with the backlog
-    they fed, their basis (``DraftedStep.judge``) and the tokens committed by their critical rows. Each judged step's tokens count against its row's
-    ``tokens_left``.
+    they fed, their basis (``DraftedStep.judge``) and the tokens committed by their critical rows. Each
+    judged step's tokens count against its row's ``tokens_left``.
 
     ``pending`` holds each row's tokens committed by that step (accepted drafts + bonus). A batch
     decodes until its longest row is done, so the tokens that shorten it are those of the rows with

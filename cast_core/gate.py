@@ -171,7 +171,7 @@ on its share) only while ``L <= probe_budget * E``. On the 2-core Intel Xeon
 with AMX about 20 % slower than its profile, MT-bench B=8 with 11 % of row
 steps drafted this way ran 0.94x vanilla (pairs 0.90-0.99x;
 ``bench/results/floor_xeon_amx_slow_4c9c637.json``). Judged with that
-catch-up in ``C`` (as until ``bench/results/backlog_ab/``), a thinning record
+catch-up in ``C`` (the rule before ``bench/results/backlog_ab/``), a thinning record
 read below what drafting every step gets (10-20 backlog tokens a row at B=8,
 0.5-1.1 plain steps of the 2-core AMD EPYC), and a gate the warm-up's first
 trees had thinned or closed stayed so for a group or two.
@@ -210,18 +210,18 @@ Closed, the gate skips ``s`` steps, then probes with one drafted step. A
 failing probe costs ``C_full - 1`` plain steps, so ``s = (C_full - 1) /
 probe_budget`` (at least twice the previous ``s``, at most ``max_skip``)
 keeps the time lost to probing near ``probe_budget``. A probe that pays
-(``n >= min_speedup C``, its window of the skipped tokens left out) hands the decision back to the closing test; one
-that fails keeps the gate closed (shut) whatever the spread says, until a
-probe pays or timed plain steps rescale the record open. The closing test
-alone would reopen it: a gate closed on its first judged step (``S = 0`` on
-one step, so it closes on the point estimate) gains a spread from the
-probe's step (``n_eff`` about 2), and ``T + z S`` can clear
-``min_speedup K`` though both steps lost. At B=16 on the 2-core Intel Xeon
-with AMX, a probe at 0.99x (``n`` 2.31, ``C`` 2.33) turned a gate closed
-at 0.6x into a thinning one at 0.90x (``S / K`` 0.08), and it and a size
-below that inherited its record drafted 3 thinned steps at 0.57-0.82x in
-the next groups (``bench/results/b16/``). A new size under a closed
-neighbour starts shut too.
+(``n >= min_speedup C``, its window of the skipped tokens left out) hands the
+decision back to the closing test; one that fails keeps the gate closed
+(shut) whatever the spread says, until a probe pays or timed plain steps
+rescale the record open. The closing test alone would reopen it: a gate
+closed on its first judged step (``S = 0`` on one step, so it closes on the
+point estimate) gains a spread from the probe's step (``n_eff`` about 2),
+and ``T + t S`` can clear ``min_speedup K`` though both steps lost. At B=16
+on the 2-core Intel Xeon with AMX, a probe at 0.99x (``n`` 2.31, ``C`` 2.33)
+turned a gate closed at 0.6x into a thinning one at 0.90x (``S / K`` 0.08),
+and it and a size below that inherited its record drafted 3 thinned steps at
+0.57-0.82x in the next groups (``bench/results/b16/``). A new size under a
+closed neighbour starts shut too.
 
 A probe must not cost more the longer the gate stayed closed: the drafter
 would otherwise catch up on every skipped token (at batch size ``B``, ``s``
@@ -476,7 +476,7 @@ class DraftGate:
         return rho is not None and rho < self.min_speedup and gate.judged >= self.min_judged and not self._closed(gate)
 
     def _margin(self, gate: _BatchGate) -> float:
-        """``t S``, ``Q(t; n_eff - 1) = Phi(-z)``: how far ``T`` may fall below ``rho K`` at the closing test's confidence
+        """``t S``, ``Q(t; n_eff - 1) = Phi(-z)``: the closing test's margin, ``T + t S < min_speedup K``
         (0 without a spread to judge by)."""
         spread = gate.tokens_spread()
         if spread <= 0 or self.close_confidence == 0:
