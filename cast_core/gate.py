@@ -475,20 +475,35 @@ class DraftGate:
         rho = self._rho(gate)
         return rho is not None and rho < self.min_speedup and gate.judged >= self.min_judged and not self._closed(gate)
 
+    @property
+    def _close_tail(self) -> float:
+        """``Phi(-z)``: the chance to pay below which the gate closes (1/2 at ``z = 0``: the point estimate)."""
+        return 0.5 * math.erfc(self.close_confidence / math.sqrt(2.0))
+
     def _margin(self, gate: _BatchGate) -> float:
         """``t S``, ``Q(t; n_eff - 1) = Phi(-z)``: the closing test's margin, ``T + t S < min_speedup K``
         (0 without a spread to judge by)."""
         spread = gate.tokens_spread()
         if spread <= 0 or self.close_confidence == 0:
             return 0.0
-        return upper_quantile(0.5 * math.erfc(self.close_confidence / math.sqrt(2.0)), gate.effective_steps - 1.0) * spread
+        return upper_quantile(self._close_tail, gate.effective_steps - 1.0) * spread
+
+    def _pay_chance(self, gate: _BatchGate) -> float:
+        """``P(rho > min_speedup) = Q((min_speedup K - T) / S; n_eff - 1)``, Student's t upper tail: 1 where
+        ``rho^B >= min_speedup`` (or no record), 0 below it without a spread to judge by."""
+        deficit = self.min_speedup * gate.cost - gate.tokens
+        if deficit <= 0:
+            return 1.0
+        spread = gate.tokens_spread()
+        return upper_tail(deficit / spread, gate.effective_steps - 1.0) if spread > 0 else 0.0
 
     def _closed(self, gate: _BatchGate) -> bool:
         """Shut by a failing probe, or ``judged >= min_judged`` and ``T + t S < min_speedup K``: ``rho^B`` is below
-        ``min_speedup`` with confidence ``Phi(z)`` (``_margin``)."""
+        ``min_speedup`` with confidence ``Phi(z)``, read as ``_pay_chance < Phi(-z)`` (``Q`` falls as its
+        argument grows, so one tail stands for the quantile ``t``)."""
         if gate.shut:
             return True
-        return gate.judged >= self.min_judged and gate.tokens + self._margin(gate) < self.min_speedup * gate.cost
+        return gate.judged >= self.min_judged and self._pay_chance(gate) < self._close_tail
 
     def speedup(self, batch_size: int) -> float | None:
         """``rho^B = T / K``: the windowed speedup of drafted steps at ``batch_size`` (None before any)."""
@@ -578,13 +593,7 @@ class DraftGate:
         """``P(rho > min_speedup)``: 1 while ``rho^B >= min_speedup`` or fewer than ``min_judged`` rows were judged,
         else ``Q((min_speedup K - T) / S; n_eff - 1)``, Student's t upper tail (0 without spread to judge by)."""
         gate = self._at(batch_size)
-        rho = self._rho(gate)
-        if rho is None or rho >= self.min_speedup or gate.judged < self.min_judged:
-            return 1.0
-        spread = gate.tokens_spread()
-        if spread <= 0:
-            return 0.0
-        return upper_tail((self.min_speedup * gate.cost - gate.tokens) / spread, gate.effective_steps - 1.0)
+        return 1.0 if gate.judged < self.min_judged else self._pay_chance(gate)
 
     def should_draft(self, batch_size: int) -> bool:
         """Whether this step at ``batch_size`` drafts (a skipped step counts down to the next probe; near
