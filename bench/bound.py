@@ -23,6 +23,16 @@ chain); beyond the deepest measured depth, each further depth keeps the last
 measured conditional rate ``q_i / q_{i-1}``. Neither bound counts prefill or
 framework time, so measured end-to-end speedups sit below both.
 
+No bound here counts the time a run spends outside its decode steps (the
+target's prefill above all), which speculation does not shorten. Where
+plain decoding spends a share ``p`` of its wall time there, a step speedup
+``S`` makes the whole run at most (Amdahl's law)::
+
+    S_run = 1 / (p + (1 - p) / S)                 ``whole_run_ceiling``
+
+and less again by what speculation adds outside the steps' budget (the
+drafter's own prompt feed).
+
 ``S_chain`` charges chain costs for tree acceptance, so it is an estimate. A
 strict ceiling for trees of this drafter comes from where the target's greedy
 tokens rank among the drafter's guesses (``bench.ranks``): a best-first tree
@@ -112,6 +122,16 @@ def extend_acceptance(q: list[float], depth: int) -> np.ndarray:
         for i in range(len(q), depth):
             out[i] = out[i - 1] * rate
     return out
+
+
+def whole_run_ceiling(step_speedup: float, outside_share: float) -> float:
+    """``S_run = 1 / (p + (1 - p) / S)``: the whole run's speedup where its decode steps run ``S`` times faster and
+    a share ``p`` = ``outside_share`` of plain decoding's wall time lies outside them (module docstring)."""
+    if not 0.0 <= outside_share <= 1.0:
+        raise ValueError(f"outside_share must be within [0, 1]; got {outside_share}")
+    if step_speedup <= 0:
+        raise ValueError(f"step_speedup must be > 0; got {step_speedup}")
+    return 1.0 / (outside_share + (1.0 - outside_share) / step_speedup)
 
 
 def profiled_drafter_cost(profile: CostProfile, batch_size: int, context: int) -> float:

@@ -41,6 +41,7 @@ from bench.bound import (  # noqa: E402
     profiled_drafter_cost,
     speedup_bound,
     static_batch_oracle_bound,
+    whole_run_ceiling,
 )
 from bench.datasets import DATASET_NAMES  # noqa: E402
 from bench.harness import RESULTS_DIR, BenchResult, CellResult, GroupResult, load_result  # noqa: E402
@@ -259,6 +260,23 @@ def measured_drafter_cost(result: BenchResult, cast: CellResult) -> float | None
     return cast.draft_ms_per_drafter_forward / vanilla.verify_ms_per_step
 
 
+def outside_steps_share(vanilla: CellResult) -> float | None:
+    """``p``: the share of vanilla's wall time outside its decode steps (prefill, admission), over all its groups:
+    ``sum (wall - draft_s - verify_s) / sum wall`` (None without groups or their step seconds)."""
+    walls = [(g.wall_s, g.stats.get("draft_s"), g.stats.get("verify_s")) for g in vanilla.groups]
+    total = sum(w for w, _, _ in walls)
+    if not walls or total <= 0 or any(d is None or v is None for _, d, v in walls):
+        return None
+    return max(0.0, sum(w - d - v for w, d, v in walls)) / total
+
+
+def _whole_run(ceilings: list[float | None], outside: float | None) -> str:
+    """``p`` and the ``ceilings`` over the whole run (``whole_run_ceiling``), as a table cell."""
+    if outside is None or any(c is None for c in ceilings):
+        return "n/a"
+    return f"{100 * outside:.0f}%: " + " / ".join(f"{whole_run_ceiling(c, outside):.2f}x" for c in ceilings)
+
+
 def bounds_table(result: BenchResult, profile: CostProfile) -> str:
     """Per (dataset, B): the speedup ceilings of ``bench.bound`` next to what CAST measured."""
     cast = result.config.cast
@@ -267,8 +285,10 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
         "| ceiling, any best-first tree of this drafter, sized with hindsight "
         "| the same, batches waiting for their slowest row | one chain depth for the whole run (depth) "
         "| chain stopped by the drafter's confidence (θ, cap) "
-        "| ceiling, CAST's measured acceptance (depth) | CAST measured | CAST accepted / step | CAST steps drafted |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ceiling, CAST's measured acceptance (depth) "
+        "| vanilla's wall outside its steps: the batch and confidence-chain ceilings over the whole run "
+        "| CAST measured | CAST accepted / step | CAST steps drafted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dataset in _datasets(result):
         for c in sorted((c for c in result.cells if c.dataset == dataset and c.method == "cast"), key=lambda c: c.batch_size):
@@ -292,6 +312,7 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
                 f"| {'n/a' if static is None else f'{static:.2f}x'} "
                 f"| {'n/a' if fixed is None else f'{fixed[0]:.2f}x ({fixed[1]})'} "
                 f"| {'n/a' if confident is None else f'{confident[0]:.2f}x ({confident[1]:g}, {confident[2]})'} | {chain} "
+                f"| {_whole_run([static, None if confident is None else confident[0]], outside_steps_share(vanilla) if vanilla else None)} "
                 f"| {c.speedup_vs_vanilla.median:.2f}x | {c.mean_accepted_length:.2f} | {100 * c.drafted_step_share:.0f}% |"
             )
     return "\n".join(lines)
@@ -524,7 +545,10 @@ def markdown(
             "deep, the token that fell below included; `θ` and `cap` are the best pair in hindsight, so it is what a chain "
             "policy reading confidences reaches at best, not a ceiling for trees. The sixth uses CAST's acceptance by depth in this run (measured on CAST's trees, "
             "which accept more per depth than a chain of that cost could), so it is an estimate. "
-            "None counts prefill or framework time. All six price every drafted depth as a drafter forward: "
+            "None counts prefill or framework time; the column after them does, for the third and the fifth: where "
+            "vanilla spends a share `p` of its wall time outside its decode steps (the target's prefill above all), "
+            "a step speedup `S` makes the whole run at most `1 / (p + (1 - p) / S)` faster (Amdahl's law; less "
+            "again by the drafter's own prompt feed, which vanilla does not pay). All six price every drafted depth as a drafter forward: "
             "context lookup (`lookup_tokens`) drafts repeated spans whose tokens the catch-up forward prices without "
             "forwards of their own, so a CAST run with it is not bound by them; they bound the drafter's own trees.",
             "",

@@ -307,6 +307,26 @@ def test_cells_record_acceptance_by_depth_and_drafted_share(result) -> None:
             assert c.drafted_step_share == 0.0 and not c.acceptance_by_depth and c.draft_ms_per_drafter_forward is None
 
 
+def test_whole_run_ceiling_is_amdahls_law_over_vanillas_time_outside_its_steps(result) -> None:
+    """S_run = 1 / (p + (1 - p) / S): the steps' speedup where nothing lies outside them, 1 where everything does;
+    p is read from vanilla's groups as the wall time its draft and verify seconds leave."""
+    from bench.bound import whole_run_ceiling
+    from bench.report import outside_steps_share
+
+    assert whole_run_ceiling(1.5, 0.0) == pytest.approx(1.5) and whole_run_ceiling(1.5, 1.0) == pytest.approx(1.0)
+    assert whole_run_ceiling(1.4, 0.2) == pytest.approx(1 / (0.2 + 0.8 / 1.4))
+    with pytest.raises(ValueError, match="outside_share"):
+        whole_run_ceiling(1.4, 1.2)
+    with pytest.raises(ValueError, match="step_speedup"):
+        whole_run_ceiling(0.0, 0.2)
+    res, _ = result
+    vanilla = res.cell("toy_a", "vanilla", 1)
+    walls = [(g.wall_s, g.stats["draft_s"], g.stats["verify_s"]) for g in vanilla.groups]
+    share = outside_steps_share(vanilla)
+    assert share == pytest.approx(sum(w - d - v for w, d, v in walls) / sum(w for w, _, _ in walls))
+    assert 0 < share < 1, "prefill lies outside the steps"
+
+
 def test_speedup_bounds_follow_the_formula() -> None:
     """Affine costs: S_perfect = max_d (1 + d) / (d c_D + c_V(d + 1)); measured acceptance can only lower it."""
     from bench.bound import extend_acceptance, speedup_bound
