@@ -83,6 +83,11 @@ S_fixed``; each step's cost is at least the hindsight tree's for the same
 accepted drafts, so ``S_conf <= S_oracle``). Past a chain's first rejected
 draft, ``p`` is read on the true prefix where the drafter's own path has
 diverged; that only moves how long a failed chain runs on.
+
+Both chains have batch forms (``batch_fixed_chain_bound``,
+``batch_confidence_chain_bound``) priced like ``S_static``: a batch takes at
+least its slowest row's own chain time, where vanilla takes its longest
+output's length; strict where every row stays in its batch to the end.
 """
 
 from __future__ import annotations
@@ -232,22 +237,45 @@ def fixed_chain_bound(
     max_depth: int,
     drafter_cost: float | None = None,
 ) -> tuple[float, int] | None:
-    """``(S_fixed(B), d)``: the best fixed-depth greedy chain replayed on the ranks (module docstring); None without outputs."""
-    if not any(ranks):
+    """``(S_fixed(B), d)``: the best fixed-depth greedy chain replayed on the ranks (module docstring), each row
+    priced alone (``batch_fixed_chain_bound`` over batches of one); None without outputs."""
+    return batch_fixed_chain_bound([[seq] for seq in ranks], profile, batch_size, context, max_depth, drafter_cost)
+
+
+def batch_fixed_chain_bound(
+    groups: list[list[list[int]]],
+    profile: CostProfile,
+    batch_size: int,
+    context: int,
+    max_depth: int,
+    drafter_cost: float | None = None,
+) -> tuple[float, int] | None:
+    """``(S_fixed(B), d)`` for static batches (``groups``: each batch's ranks, as the batches ran): a batch runs
+    until its slowest row is done, each step costing ``d c_D + c_V(d + 1)``, so with ``s_b(d)`` the steps row
+    ``b``'s chain takes::
+
+        S = max_d  sum_groups max_b |y_b| / sum_groups max_b s_b(d) (d c_D + c_V(d + 1))
+
+    None without outputs."""
+    if not any(seq for group in groups for seq in group):
         return None
     c_d, verify = _prices(profile, batch_size, context, max_depth + 1, drafter_cost)
-    tokens = sum(len(seq) for seq in ranks)
+    vanilla = sum(max(map(len, group)) for group in groups if group)
     best: tuple[float, int] = (0.0, 0)
     for depth in range(1, max_depth + 1):
         step_cost = depth * c_d + verify[depth + 1]
-        steps = 0
-        for seq in ranks:
-            i = 0
-            while i < len(seq):
-                i += _leading_ones(seq, i, depth) + 1
-                steps += 1
-        best = max(best, (tokens / (steps * step_cost), depth))
+        steps = sum(max(_chain_steps(seq, [depth] * len(seq)) for seq in group) for group in groups if group)
+        best = max(best, (vanilla / (steps * step_cost), depth))
     return best
+
+
+def _chain_steps(seq: list[int], depths: list[int]) -> int:
+    """Steps a chain takes over the output whose ranks are ``seq``, drafting ``depths[i]`` from position ``i``."""
+    i, steps = 0, 0
+    while i < len(seq):
+        i += _leading_ones(seq, i, depths[i]) + 1
+        steps += 1
+    return steps
 
 
 def _leading_ones(seq: list[int], start: int, limit: int) -> int:
@@ -267,41 +295,79 @@ def confidence_chain_bound(
     max_depth: int,
     drafter_cost: float | None = None,
 ) -> tuple[float, float, int] | None:
-    """``(S_conf(B), theta, D)``: the best confidence-stopped chain replayed on the outputs (module docstring).
+    """``(S_conf(B), theta, D)``: the best confidence-stopped chain replayed on the outputs (module docstring), each
+    row priced alone (``batch_confidence_chain_bound`` over batches of one).
 
     None without outputs, or without confidences for them.
 
     Raises:
         ValueError: ``ranks`` and ``confidences`` of different shapes.
     """
-    if not any(ranks) or not confidences:
+    return batch_confidence_chain_bound(
+        [[seq] for seq in ranks], [[conf] for conf in confidences], profile, batch_size, context, max_depth, drafter_cost
+    )
+
+
+def batch_confidence_chain_bound(
+    groups: list[list[list[int]]],
+    confidences: list[list[list[float]]],
+    profile: CostProfile,
+    batch_size: int,
+    context: int,
+    max_depth: int,
+    drafter_cost: float | None = None,
+) -> tuple[float, float, int] | None:
+    """``(S_conf(B), theta, D)`` for static batches (``groups`` and ``confidences``: each batch's ranks and
+    teacher-forced top-1 probabilities, as the batches ran). A batch runs until its slowest row is done and a
+    batch step costs at least any one row's chain step, so a batch takes at least ``max_b T_b(theta, D)``, row
+    ``b``'s own time, where vanilla takes ``max_b |y_b|``::
+
+        S = max_{theta, D}  sum_groups max_b |y_b| / sum_groups max_b T_b(theta, D)
+
+    Strict, for chains, where every row stays in its batch to the end (as ``static_batch_oracle_bound``).
+
+    None without outputs, or without confidences for them.
+
+    Raises:
+        ValueError: ``groups`` and ``confidences`` of different shapes.
+    """
+    if not any(seq for group in groups for seq in group) or not any(confidences):
         return None
-    if [len(r) for r in ranks] != [len(c) for c in confidences]:
+    if [[len(r) for r in g] for g in groups] != [[len(c) for c in g] for g in confidences]:
         raise ValueError("ranks and confidences must hold one value per output token each")
     c_d, verify = _prices(profile, batch_size, context, max_depth + 1, drafter_cost)
-    tokens = sum(len(seq) for seq in ranks)
+    vanilla = sum(max(map(len, group)) for group in groups if group)
     best: tuple[float, float, int] = (0.0, 0.0, 0)
     for theta in CONFIDENCE_THRESHOLDS:
-        # per output and start i: the drafted depth before the cap, d(i) = first d with v_d < theta
-        stops = []
-        for conf in confidences:
-            n, stop = len(conf), []
-            for i in range(n):
-                v, d = 1.0, 0
-                while i + d < n and d < max_depth:
-                    v *= conf[i + d]
-                    d += 1
-                    if v < theta:
-                        break
-                stop.append(d)
-            stops.append(stop)
+        stops = [[_confidence_stops(conf, theta, max_depth) for conf in group] for group in confidences]
         for cap in range(1, max_depth + 1):
             time = 0.0
-            for seq, stop in zip(ranks, stops):
-                i = 0
-                while i < len(seq):
-                    d = min(stop[i], cap)
-                    time += d * c_d + verify[d + 1]
-                    i += _leading_ones(seq, i, d) + 1
-            best = max(best, (tokens / time, theta, cap))
+            for group, group_stops in zip(groups, stops):
+                if group:
+                    time += max(_chain_time(seq, [min(d, cap) for d in stop], c_d, verify) for seq, stop in zip(group, group_stops))
+            best = max(best, (vanilla / time, theta, cap))
     return best
+
+
+def _confidence_stops(conf: list[float], theta: float, max_depth: int) -> list[int]:
+    """Per start ``i``, the depth a chain drafts before the cap: the first ``d`` with ``v_d < theta`` (or ``max_depth``)."""
+    n, stops = len(conf), []
+    for i in range(n):
+        v, d = 1.0, 0
+        while i + d < n and d < max_depth:
+            v *= conf[i + d]
+            d += 1
+            if v < theta:
+                break
+        stops.append(d)
+    return stops
+
+
+def _chain_time(seq: list[int], depths: list[int], c_d: float, verify: np.ndarray) -> float:
+    """Plain steps a chain drafting ``depths[i]`` from position ``i`` takes over the output ranked ``seq``."""
+    i, time = 0, 0.0
+    while i < len(seq):
+        d = depths[i]
+        time += d * c_d + verify[d + 1]
+        i += _leading_ones(seq, i, d) + 1
+    return time

@@ -35,6 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.bound import (  # noqa: E402
+    batch_confidence_chain_bound,
     confidence_chain_bound,
     fixed_chain_bound,
     oracle_tree_bound,
@@ -286,7 +287,8 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
         "| the same, batches waiting for their slowest row | one chain depth for the whole run (depth) "
         "| chain stopped by the drafter's confidence (θ, cap) "
         "| ceiling, CAST's measured acceptance (depth) "
-        "| vanilla's wall outside its steps: the batch and confidence-chain ceilings over the whole run "
+        "| vanilla's wall outside its steps `p`: over the whole run, the batches' hindsight tree; the confidence chain, "
+        "rows alone; the same, batches waiting for their slowest row "
         "| CAST measured | CAST accepted / step | CAST steps drafted |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -305,6 +307,14 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
             confident = confidence_chain_bound(
                 ranks, vanilla.drafter_confidences if vanilla else [], profile, c.batch_size, BOUND_CONTEXT, cast.max_depth, measured
             )
+            batch_confident = (
+                batch_confidence_chain_bound(
+                    _by_group(ranks, vanilla.groups), _by_group(vanilla.drafter_confidences, vanilla.groups),
+                    profile, c.batch_size, BOUND_CONTEXT, cast.max_depth, measured,
+                )
+                if vanilla
+                else None
+            )
             chain = "n/a" if b.chain is None else f"{b.chain:.2f}x ({b.chain_depth})"
             lines.append(
                 f"| {dataset} | {c.batch_size} | {profiled:.2f}; {'n/a' if measured is None else f'{measured:.2f}'} "
@@ -312,13 +322,13 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
                 f"| {'n/a' if static is None else f'{static:.2f}x'} "
                 f"| {'n/a' if fixed is None else f'{fixed[0]:.2f}x ({fixed[1]})'} "
                 f"| {'n/a' if confident is None else f'{confident[0]:.2f}x ({confident[1]:g}, {confident[2]})'} | {chain} "
-                f"| {_whole_run([static, None if confident is None else confident[0]], outside_steps_share(vanilla) if vanilla else None)} "
+                f"| {_whole_run([static, None if confident is None else confident[0], None if batch_confident is None else batch_confident[0]], outside_steps_share(vanilla) if vanilla else None)} "
                 f"| {c.speedup_vs_vanilla.median:.2f}x | {c.mean_accepted_length:.2f} | {100 * c.drafted_step_share:.0f}% |"
             )
     return "\n".join(lines)
 
 
-def _by_group(per_output: list[list[int]], groups: list[GroupResult]) -> list[list[list[int]]]:
+def _by_group(per_output: list[list], groups: list[GroupResult]) -> list[list[list]]:
     """``per_output`` (one entry per output, group after group, as the harness stores them) split by ``groups``."""
     split, start = [], 0
     for group in groups:
@@ -545,10 +555,12 @@ def markdown(
             "deep, the token that fell below included; `θ` and `cap` are the best pair in hindsight, so it is what a chain "
             "policy reading confidences reaches at best, not a ceiling for trees. The sixth uses CAST's acceptance by depth in this run (measured on CAST's trees, "
             "which accept more per depth than a chain of that cost could), so it is an estimate. "
-            "None counts prefill or framework time; the column after them does, for the third and the fifth: where "
-            "vanilla spends a share `p` of its wall time outside its decode steps (the target's prefill above all), "
-            "a step speedup `S` makes the whole run at most `1 / (p + (1 - p) / S)` faster (Amdahl's law; less "
-            "again by the drafter's own prompt feed, which vanilla does not pay). All six price every drafted depth as a drafter forward: "
+            "None counts prefill or framework time; the column after them does, for the third, the fifth, and the "
+            "fifth priced like the third (each batch taking at least its slowest row's chain time, `θ` and `cap` "
+            "chosen again for that; strict for chains where rows stay to the end, below the rows-alone figure "
+            "where batches shed rows): where vanilla spends a share `p` of its wall time outside its decode steps (the "
+            "target's prefill above all), a step speedup `S` makes the whole run at most `1 / (p + (1 - p) / S)` "
+            "faster (Amdahl's law; less again by the drafter's own prompt feed, which vanilla does not pay). All six price every drafted depth as a drafter forward: "
             "context lookup (`lookup_tokens`) drafts repeated spans whose tokens the catch-up forward prices without "
             "forwards of their own, so a CAST run with it is not bound by them; they bound the drafter's own trees.",
             "",

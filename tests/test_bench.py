@@ -454,6 +454,34 @@ def test_static_batch_oracle_waits_for_the_slowest_row() -> None:
     assert static_batch_oracle_bound([[[], []]], profile, 1, 128, top_k=4, max_depth=3) is None
 
 
+def test_batch_chain_bounds_wait_for_the_slowest_row() -> None:
+    """Fixed and confidence chains over static batches: sum_groups max_b |y_b| / sum_groups max_b T_b, each row's
+    chain replayed alone; a batch of one is the rows-alone ceiling, and a batch with a slow row reads lower."""
+    from bench.bound import batch_confidence_chain_bound, batch_fixed_chain_bound, confidence_chain_bound, fixed_chain_bound
+
+    profile = CostProfile.synthetic(0.1, 0.01, 0.03, 0.0, token_counts=(1, 2, 4, 8, 16, 32, 64))
+    c_d = 0.03 / 0.11
+
+    def verify(n: int) -> float:
+        return (0.1 + 0.01 * n) / 0.11
+
+    easy, hard = [1] * 8, [2, 2, 1, 2, 2, 2, 1, 2]
+    sure, unsure = [0.9] * 8, [0.3] * 8
+    # easy takes 4 steps at depth 1 and 3 at depth 2, hard 6 at either (1, 1, 2, 1, 1, 2 tokens): a batch waits for hard
+    fixed, depth = batch_fixed_chain_bound([[easy, hard]], profile, 1, 128, max_depth=2)
+    assert depth in (1, 2) and fixed == pytest.approx(max(8 / (s * (d * c_d + verify(d + 1))) for d, s in ((1, 6), (2, 6))))
+    assert fixed < fixed_chain_bound([easy, hard], profile, 1, 128, max_depth=2)[0], "rows alone flatter a batch"
+    assert batch_fixed_chain_bound([[easy], [hard]], profile, 1, 128, max_depth=2) == fixed_chain_bound([easy, hard], profile, 1, 128, max_depth=2)
+    alone = confidence_chain_bound([easy, hard], [sure, unsure], profile, 1, 128, max_depth=4)
+    assert batch_confidence_chain_bound([[easy], [hard]], [[sure], [unsure]], profile, 1, 128, max_depth=4) == alone
+    batched = batch_confidence_chain_bound([[easy, hard]], [[sure, unsure]], profile, 1, 128, max_depth=4)
+    assert batched[0] < alone[0]
+    assert batch_confidence_chain_bound([[easy, hard]], [[sure, unsure]], profile, 1, 128, max_depth=4)[0] >= fixed - 1e-9, "theta = 0 is a fixed chain"
+    with pytest.raises(ValueError, match="one value per output token"):
+        batch_confidence_chain_bound([[easy, hard]], [[sure, unsure[:-1]]], profile, 1, 128, max_depth=4)
+    assert batch_fixed_chain_bound([[[], []]], profile, 1, 128, max_depth=2) is None
+
+
 def test_teacher_forced_guesses_match_incremental_decoding() -> None:
     """The target ranks each of its own greedy tokens first; a noisy drafter as its step-by-step logits do."""
     from bench.ranks import teacher_forced_guesses
