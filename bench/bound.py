@@ -263,19 +263,9 @@ def batch_fixed_chain_bound(
     vanilla = sum(max(map(len, group)) for group in groups if group)
     best: tuple[float, int] = (0.0, 0)
     for depth in range(1, max_depth + 1):
-        step_cost = depth * c_d + verify[depth + 1]
-        steps = sum(max(_chain_steps(seq, [depth] * len(seq)) for seq in group) for group in groups if group)
-        best = max(best, (vanilla / (steps * step_cost), depth))
+        time = sum(max(_chain_time(seq, [depth] * len(seq), c_d, verify) for seq in group) for group in groups if group)
+        best = max(best, (vanilla / time, depth))
     return best
-
-
-def _chain_steps(seq: list[int], depths: list[int]) -> int:
-    """Steps a chain takes over the output whose ranks are ``seq``, drafting ``depths[i]`` from position ``i``."""
-    i, steps = 0, 0
-    while i < len(seq):
-        i += _leading_ones(seq, i, depths[i]) + 1
-        steps += 1
-    return steps
 
 
 def _leading_ones(seq: list[int], start: int, limit: int) -> int:

@@ -316,13 +316,17 @@ def bounds_table(result: BenchResult, profile: CostProfile) -> str:
                 else None
             )
             chain = "n/a" if b.chain is None else f"{b.chain:.2f}x ({b.chain_depth})"
+            whole_run = _whole_run(
+                [static, None if confident is None else confident[0], None if batch_confident is None else batch_confident[0]],
+                outside_steps_share(vanilla) if vanilla else None,
+            )
             lines.append(
                 f"| {dataset} | {c.batch_size} | {profiled:.2f}; {'n/a' if measured is None else f'{measured:.2f}'} "
                 f"| {b.perfect:.2f}x ({b.perfect_depth}) | {'n/a' if oracle is None else f'{oracle:.2f}x'} "
                 f"| {'n/a' if static is None else f'{static:.2f}x'} "
                 f"| {'n/a' if fixed is None else f'{fixed[0]:.2f}x ({fixed[1]})'} "
                 f"| {'n/a' if confident is None else f'{confident[0]:.2f}x ({confident[1]:g}, {confident[2]})'} | {chain} "
-                f"| {_whole_run([static, None if confident is None else confident[0], None if batch_confident is None else batch_confident[0]], outside_steps_share(vanilla) if vanilla else None)} "
+                f"| {whole_run} "
                 f"| {c.speedup_vs_vanilla.median:.2f}x | {c.mean_accepted_length:.2f} | {100 * c.drafted_step_share:.0f}% |"
             )
     return "\n".join(lines)
@@ -557,8 +561,8 @@ def markdown(
             "which accept more per depth than a chain of that cost could), so it is an estimate. "
             "None counts prefill or framework time; the column after them does, for the third, the fifth, and the "
             "fifth priced like the third (each batch taking at least its slowest row's chain time, `θ` and `cap` "
-            "chosen again for that; strict for chains where rows stay to the end, below the rows-alone figure "
-            "where batches shed rows): where vanilla spends a share `p` of its wall time outside its decode steps (the "
+            "chosen again for that; strict for chains where rows stay to the end, not where batches shed rows): "
+            "where vanilla spends a share `p` of its wall time outside its decode steps (the "
             "target's prefill above all), a step speedup `S` makes the whole run at most `1 / (p + (1 - p) / S)` "
             "faster (Amdahl's law; less again by the drafter's own prompt feed, which vanilla does not pay). All six price every drafted depth as a drafter forward: "
             "context lookup (`lookup_tokens`) drafts repeated spans whose tokens the catch-up forward prices without "
