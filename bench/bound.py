@@ -153,6 +153,18 @@ def _prices(profile: CostProfile, batch_size: int, context: int, horizon: int, d
     return c_d, target / target[1]
 
 
+def _has_outputs(groups: list[list[list[int]]]) -> bool:
+    """Whether any batch of ``groups`` holds a non-empty output."""
+    return any(seq for group in groups for seq in group)
+
+
+def _batch_speedup(groups: list[list[list[int]]], times: list[list[float]]) -> float:
+    """``sum_groups max_b |y_b| / sum_groups max_b T_b``: vanilla's batch lengths over the batches' least times,
+    ``times[g][b]`` being row ``b`` of batch ``g``'s own time in plain steps (a batch runs until its slowest row is done)."""
+    vanilla = sum(max(map(len, group)) for group in groups if group)
+    return vanilla / sum(max(group_times) for group_times in times if group_times)
+
+
 def speedup_bound(
     profile: CostProfile, batch_size: int, context: int, acceptance: list[float] | None = None, drafter_cost: float | None = None
 ) -> Bound:
@@ -207,11 +219,10 @@ def static_batch_oracle_bound(
     rows steps more cheaply than its size's prices, which this then overcharges). ``drafter_cost``:
     a measured ``c_D`` to price drafter forwards with instead of the profile's. None without outputs.
     """
-    if not any(seq for group in groups for seq in group):
+    if not _has_outputs(groups):
         return None
     c_d, verify = _prices(profile, batch_size, context, max_depth * top_k + 1, drafter_cost)
-    vanilla = sum(max(map(len, group)) for group in groups if group)
-    return vanilla / sum(max(_oracle_time(seq, c_d, verify, top_k, max_depth) for seq in group) for group in groups if group)
+    return _batch_speedup(groups, [[_oracle_time(seq, c_d, verify, top_k, max_depth) for seq in group] for group in groups])
 
 
 def _oracle_time(seq: list[int], c_d: float, verify: np.ndarray, top_k: int, max_depth: int) -> float:
@@ -257,14 +268,13 @@ def batch_fixed_chain_bound(
         S = max_d  sum_groups max_b |y_b| / sum_groups max_b s_b(d) (d c_D + c_V(d + 1))
 
     None without outputs."""
-    if not any(seq for group in groups for seq in group):
+    if not _has_outputs(groups):
         return None
     c_d, verify = _prices(profile, batch_size, context, max_depth + 1, drafter_cost)
-    vanilla = sum(max(map(len, group)) for group in groups if group)
     best: tuple[float, int] = (0.0, 0)
     for depth in range(1, max_depth + 1):
-        time = sum(max(_chain_time(seq, [depth] * len(seq), c_d, verify) for seq in group) for group in groups if group)
-        best = max(best, (vanilla / time, depth))
+        times = [[_chain_time(seq, [depth] * len(seq), c_d, verify) for seq in group] for group in groups]
+        best = max(best, (_batch_speedup(groups, times), depth))
     return best
 
 
@@ -321,21 +331,20 @@ def batch_confidence_chain_bound(
     Raises:
         ValueError: ``groups`` and ``confidences`` of different shapes.
     """
-    if not any(seq for group in groups for seq in group) or not any(confidences):
+    if not _has_outputs(groups) or not any(confidences):
         return None
     if [[len(r) for r in g] for g in groups] != [[len(c) for c in g] for g in confidences]:
         raise ValueError("ranks and confidences must hold one value per output token each")
     c_d, verify = _prices(profile, batch_size, context, max_depth + 1, drafter_cost)
-    vanilla = sum(max(map(len, group)) for group in groups if group)
     best: tuple[float, float, int] = (0.0, 0.0, 0)
     for theta in CONFIDENCE_THRESHOLDS:
         stops = [[_confidence_stops(conf, theta, max_depth) for conf in group] for group in confidences]
         for cap in range(1, max_depth + 1):
-            time = 0.0
-            for group, group_stops in zip(groups, stops):
-                if group:
-                    time += max(_chain_time(seq, [min(d, cap) for d in stop], c_d, verify) for seq, stop in zip(group, group_stops))
-            best = max(best, (vanilla / time, theta, cap))
+            times = [
+                [_chain_time(seq, [min(d, cap) for d in stop], c_d, verify) for seq, stop in zip(group, group_stops)]
+                for group, group_stops in zip(groups, stops)
+            ]
+            best = max(best, (_batch_speedup(groups, times), theta, cap))
     return best
 
 
