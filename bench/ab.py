@@ -38,12 +38,14 @@ def run_ab(
     variants: list[dict],
     use: Callable[[dict], None],
     after_run: Callable[[int], None] | None = None,
+    drafter_quantization: str = "mixed",
 ) -> dict[int, list[Run]]:
-    """Run the A/B (module docstring); ``after_run(i)`` is called after each timed run of variant ``i``.
+    """Run the A/B (module docstring); ``after_run(i)`` is called after each timed run of variant ``i``;
+    ``drafter_quantization``: as ``ModelPair.load`` takes it (``auto``: what the machine's profiles say).
 
     Prints every timed run as it ends; returns each variant's runs by its index.
     """
-    pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "bfloat16", "cpu", "mixed")
+    pair = ModelPair.load("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "bfloat16", "cpu", drafter_quantization)
     groups = make_groups(load_prompts(dataset, pair.tokenizer, "tuning"), batch_size, batch_size * n_groups)[:n_groups]
     runs: dict[int, list[Run]] = {i: [] for i in range(len(variants))}
     for group in groups:
@@ -74,8 +76,14 @@ def print_pooled(variants: list[dict], runs: dict[int, list[Run]], extra: Callab
         print("POOLED", variant, f"{plain / cast:.3f}x", "steps", sum(r[2] for r in runs[i]), end=tail + "\n")
 
 
-def main(use: Callable[[dict], None], after_run: Callable[[int], None] | None = None, extra: Callable[[int], str] | None = None) -> None:
-    """``<humaneval|mtbench> <B> <groups> <variant JSON>...`` from the command line: run the A/B, print the pooled lines."""
+def main(
+    use: Callable[[dict], None],
+    after_run: Callable[[int], None] | None = None,
+    extra: Callable[[int], str] | None = None,
+    drafter_quantization: str = "mixed",
+) -> None:
+    """``<humaneval|mtbench> <B> <groups> <variant JSON>...`` from the command line: run the A/B (its drafter
+    quantized as ``drafter_quantization``), print the pooled lines."""
     dataset, batch_size, n_groups = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     variants = [json.loads(a) for a in sys.argv[4:]]
-    print_pooled(variants, run_ab(dataset, batch_size, n_groups, variants, use, after_run), extra)
+    print_pooled(variants, run_ab(dataset, batch_size, n_groups, variants, use, after_run, drafter_quantization), extra)

@@ -5,26 +5,12 @@
 
 ``bench.ab``'s interleaved A/B on the tuning prompts, with the drafter quantized as the machine's profiles say
 (``auto``: int8 where no mixed profile was measured) and ``DraftGate.should_draft`` made to draft every step, so
-the arms differ in their trees alone. Prints each run and, per variant, its pooled speedup, its batch steps and
-the mean tokens a row gained per drafted step, drafted nodes and verified tokens per row step.
+the arms differ in their trees alone. Prints each run and, per variant, its pooled speedup and its batch steps.
 """
 
 import bench.ab as ab
-from bench.methods import ModelPair
 from cast_core.gate import DraftGate
-
-_load = ModelPair.load
-
-
-class _AutoQuantized:
-    """``ModelPair.load`` with the drafter's quantization left to ``auto``."""
-
-    @staticmethod
-    def load(target: str, drafter: str, dtype: str, device: str, quantization: str) -> ModelPair:
-        return _load(target, drafter, dtype, device, "auto")
-
 
 if __name__ == "__main__":
     DraftGate.should_draft = lambda self, b: (self._at(b), True)[1]
-    ab.ModelPair = _AutoQuantized
-    ab.main(lambda variant: None)
+    ab.main(lambda variant: None, drafter_quantization="auto")
