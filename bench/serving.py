@@ -86,6 +86,8 @@ class StepBreakdown(BaseModel):
     verifier_queue_s: float = Field(description="Time in the verifier replica beyond compute: batch wait, worker thread.")
     planner_s: float = Field(description="Drafter waiting for the Planner's cost context.")
     handles_and_transfer_s: float = Field(description="The rest: handle routing and RPCs, draft-tree object ref, Router loop.")
+    draft_batch: float | None = Field(None, description="Sessions one drafter forward stepped, on average (calls / forwards; None: not recorded).")
+    verify_batch: float | None = Field(None, description="Sessions one verifier forward stepped, on average (calls / forwards; None: not recorded).")
     inprocess_step_s: float = Field(description="In-process engine wall time per (batched) step, for comparison.")
 
 
@@ -225,8 +227,16 @@ def breakdown(
         verifier_queue_s=verifier_queue,
         planner_s=planner,
         handles_and_transfer_s=router_step - session_open - draft - verify - drafter_queue - verifier_queue - planner,
+        draft_batch=_per_forward(t0, t1, "drafter"),
+        verify_batch=_per_forward(t0, t1, "verifier"),
         inprocess_step_s=inprocess_step_s,
     )
+
+
+def _per_forward(before: dict[str, float], after: dict[str, float], role: str) -> float | None:
+    """Mean sessions per forward of ``role``'s pool between the two snapshots (None without forwards)."""
+    forwards = _delta(after, before, f"{role}.forwards")
+    return _delta(after, before, f"{role}.calls") / forwards if forwards > 0 else None
 
 
 def _groups(items: Sequence[Any], size: int, count: int) -> list[list[Any]]:
@@ -443,8 +453,8 @@ def _ms(seconds: float) -> str:
 def serving_table(result: ServingResult) -> str:
     """Markdown: throughput per level, the HTTP / in-process ratio and the per-step split (ms)."""
     lines = [
-        "| concurrency | HTTP tok/s | in-process tok/s | ratio | router step ms | session open | draft | verify | drafter queue | verifier queue | planner | handles + transfer | in-process step ms | outputs match |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "| concurrency | HTTP tok/s | in-process tok/s | ratio | router step ms | session open | draft | verify | drafter queue | verifier queue | planner | handles + transfer | in-process step ms | sessions a forward (draft / verify) | outputs match |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for lv in result.levels:
         b = lv.breakdown
@@ -453,6 +463,8 @@ def serving_table(result: ServingResult) -> str:
             if b is not None
             else ["n/a"] * len(_SPLIT_FIELDS)
         )
+        batches = [None, None] if b is None else [b.draft_batch, b.verify_batch]
+        split.append(" / ".join("n/a" if n is None else f"{n:.1f}" for n in batches))
         match = "yes" if lv.outputs_match else f"no ({len(lv.mismatched_prompts)})"
         if lv.mismatches:
             match += "; top-2 gaps " + ", ".join(f"{m.logit_gap:.2f}" for m in sorted(lv.mismatches, key=lambda m: m.logit_gap))

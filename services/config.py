@@ -67,18 +67,19 @@ class DeploymentOptions(BaseModel):
 
 
 class BatchingConfig(BaseModel):
-    """Dynamic batching of a model deployment's per-step calls (``@serve.batch``).
+    """Dynamic batching of a model deployment's per-step calls (``services.batcher.StepBatcher``).
 
-    A batch runs as soon as every live session of the replica has sent its step
-    (the batch size limit follows the replica's live sessions, capped at
-    ``max_batch_size``) or ``batch_wait_timeout_s`` after the first call.
+    A batch is formed once the replica's previous one is done, from every step
+    waiting then; it runs as soon as every live session of the replica has sent
+    its step (capped at ``max_batch_size``), or after waiting for the rest as
+    long as a recent batch took, at most ``batch_wait_timeout_s``.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(16, ge=1, description="Most sessions stepped in one model forward.")
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="Longest wait for the other live sessions' steps once a step arrived, in seconds."
+        1.0, ge=0, description="Longest wait for the other live sessions' steps once the worker is free and a step waits, in seconds; the wait is the mean duration of the replica's recent batches (a step left out costs a batch of its own), at most this."
     )
 
 

@@ -2,7 +2,7 @@
 
 Per session: ``open`` (prefill), ``draft`` (catch up on the tokens committed
 since the last step, then grow the step's tree), ``close``. Concurrent
-sessions' ``draft`` calls are batched with ``@serve.batch``; sessions that
+sessions' ``draft`` calls are batched (``services.batcher.StepBatcher``); sessions that
 verify on the same verifier replica are drafted in one ``DrafterSessions.draft``
 call, sized together under that replica's cost context.
 
@@ -18,7 +18,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cast_core.drafter import Drafter
@@ -91,16 +90,12 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
         """
         self.ensure_loaded()
         started = time.perf_counter()
-        result = await self._draft_batch(session_id, pending, verifier_replica)
-        if isinstance(result, Exception):
-            raise result
+        result = await self.batcher.submit((session_id, pending, verifier_replica))
         self.timings.record(time.perf_counter() - started, result.draft_s)
         return result
 
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.01)
-    async def _draft_batch(
-        self, session_ids: list[str], pendings: list[list[int]], verifiers: list[str | None]
-    ) -> list[DraftOutput | Exception]:
+    async def _draft_batch(self, calls: list[tuple[str, list[int], str | None]]) -> list[DraftOutput | Exception]:
+        session_ids, pendings, verifiers = [c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls]
         results: list[DraftOutput | Exception | None] = [None] * len(session_ids)
         live = set(self.sessions.sessions())
         groups: dict[str, list[int]] = {}
@@ -121,6 +116,7 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
                 for i in members:
                     results[i] = err
                 continue
+            self.timings.forwards += 1
             for i in members:
                 sid = session_ids[i]
                 tree, result = drafts[sid]

@@ -11,9 +11,9 @@ Sessions (``cast_core.sessions.DrafterSessions`` / ``VerifierSessions``) are
 opened within ``max_sessions_per_replica``: an open beyond it raises
 ``ReplicaFull``, a declared overload (HTTP 503 + Retry-After, gRPC
 UNAVAILABLE) that leaves the replica and its other sessions untouched. The
-replica's ``@serve.batch`` method may batch as many calls as there are live
-sessions (capped by its ``BatchingConfig``), so a step runs as soon as every
-live session has sent it.
+replica's ``StepBatcher`` (``services.batcher``) waits for as many calls as
+there are live sessions (capped by its ``BatchingConfig``), so a step runs as
+soon as every live session has sent it.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import ray
 import torch
@@ -33,6 +33,7 @@ from ray import serve
 
 from cast_core.cost import device_name
 from cast_core.sessions import DrafterSessions, SessionNotFound, VerifierSessions
+from services.batcher import StepBatcher
 from services.config import AppConfig, BatchingConfig
 from services.errors import Unavailable
 from services.messages import SessionInfo, tree_unpickle_count
@@ -61,6 +62,7 @@ class StepTimings:
 
     Attributes:
         calls: steps served (``draft`` or ``verify`` calls).
+        forwards: batched model calls that served them (``calls / forwards``: sessions a forward steps, on average).
         busy_s: from each call's arrival at the replica to its answer.
         compute_s: the model forwards of those steps.
         plan_s: waiting for the Planner's cost context (drafter), per step.
@@ -68,6 +70,7 @@ class StepTimings:
     """
 
     calls: int = 0
+    forwards: int = 0
     busy_s: float = 0.0
     compute_s: float = 0.0
     plan_s: float = 0.0
@@ -79,14 +82,6 @@ class StepTimings:
         self.compute_s += compute_s
 
 
-class BatchMethod(Protocol):
-    """A ``@serve.batch`` method bound to its replica (its limits are set at run time)."""
-
-    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
-
-    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
-
-
 class ModelReplica(Generic[Sessions]):
     """Base of a replica holding per-session model state (``Sessions``) on one worker thread."""
 
@@ -94,15 +89,12 @@ class ModelReplica(Generic[Sessions]):
     #: closed session ids remembered, so an ``open`` that arrives after its ``close`` is refused
     CLOSED_MEMORY = 4096
 
-    def __init__(self, config: AppConfig, batching: BatchingConfig, batch: BatchMethod) -> None:
-        """``batch``: the replica's ``@serve.batch`` step method, sized by ``batching`` and the live sessions."""
+    def __init__(self, config: AppConfig, batching: BatchingConfig, run_batch: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+        """``run_batch``: the replica's step over a batch of calls (``StepBatcher``), sized by ``batching`` and the live sessions."""
         self.config = config
         self._sessions: Sessions | None = None
-        self._batching = batching
-        self._batch = batch
+        self.batcher: StepBatcher[Any, Any] = StepBatcher(run_batch, batching.max_batch_size, batching.batch_wait_timeout_s)
         self.timings = StepTimings()
-        batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-        batch.set_max_batch_size(1)
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cast-{self.role}")
         self._load_error: str | None = None
@@ -206,7 +198,7 @@ class ModelReplica(Generic[Sessions]):
 
     def on_sessions_changed(self) -> None:
         """Called on the event loop after sessions were opened, closed or evicted: resize the batch."""
-        self._batch.set_max_batch_size(max(1, min(self._batching.max_batch_size, self.occupancy)))
+        self.batcher.expect(self.occupancy)
 
     def debug_sessions(self) -> dict[str, object]:
         """What every replica's ``debug_state`` reports: identity, live sessions, step timings."""

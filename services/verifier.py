@@ -2,7 +2,7 @@
 
 Per session: ``open`` (prefill the committed tokens), ``verify`` (one step:
 the drafted tree -> accepted path, committed), ``close``. Concurrent sessions'
-``verify`` calls are batched with ``@serve.batch`` and run as one
+``verify`` calls are batched (``services.batcher.StepBatcher``) and run as one
 ``VerifierSessions.verify`` call: one target forward for all of them. The
 batch size limit follows the replica's live sessions (capped by config), so a
 step runs as soon as every live session has sent it.
@@ -22,7 +22,6 @@ import logging
 import time
 from pathlib import Path
 
-from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cast_core.cost import CostProfile, find_profile
@@ -92,15 +91,12 @@ class VerifierReplica(ModelReplica[VerifierSessions]):
         """Verify and commit one drafted tree of ``session_id`` (batched with other sessions)."""
         self.ensure_loaded()
         started = time.perf_counter()
-        result = await self._verify_batch(session_id, draft)
-        if isinstance(result, Exception):
-            raise result
+        result = await self.batcher.submit((session_id, draft))
         self.timings.record(time.perf_counter() - started, result.verify_s)
         return result
 
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.01)
-    async def _verify_batch(self, session_ids: list[str], drafts: list[DraftOutput]) -> list[StepOutput | Exception]:
-        return await self.run(self._verify_now, session_ids, drafts)
+    async def _verify_batch(self, calls: list[tuple[str, DraftOutput]]) -> list[StepOutput | Exception]:
+        return await self.run(self._verify_now, [sid for sid, _ in calls], [draft for _, draft in calls])
 
     def _verify_now(self, session_ids: list[str], drafts: list[DraftOutput]) -> list[StepOutput | Exception]:
         live = set(self.sessions.sessions())
@@ -109,6 +105,7 @@ class VerifierReplica(ModelReplica[VerifierSessions]):
         paths = self.sessions.verify(trees) if trees else {}
         verify_s = time.perf_counter() - started
         self._last_batch = len(trees)
+        self.timings.forwards += 1 if trees else 0
         results: list[StepOutput | Exception] = []
         for sid, draft in zip(session_ids, drafts):
             if sid not in paths:

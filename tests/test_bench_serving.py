@@ -41,6 +41,8 @@ def test_serving_benchmark_on_tiny_models(tmp_path: Path) -> None:
         b = lv.breakdown
         assert b is not None and b.steps > 0 and b.session_open_s > 0
         assert b.router_step_s >= b.draft_compute_s + b.verify_compute_s > 0
+        assert b.verify_batch is not None and 1 <= b.verify_batch <= lv.concurrency
+        assert b.draft_batch is not None and 1 <= b.draft_batch <= lv.concurrency
         assert b.router_step_s == pytest.approx(
             b.session_open_s + b.draft_compute_s + b.verify_compute_s + b.drafter_queue_s + b.verifier_queue_s + b.planner_s + b.handles_and_transfer_s
         )

@@ -166,8 +166,13 @@ def test_eight_concurrent_streams(served: Served) -> None:
         async with httpx.AsyncClient(timeout=120) as client:
             return await asyncio.gather(*(one(client, p) for p in prompts))
 
+    before = replica_states("Verifier")[0]["timings"]
     assert asyncio.run(main()) == expected
     wait_no_sessions()
+    after = replica_states("Verifier")[0]["timings"]
+    per_forward = (after["calls"] - before["calls"]) / (after["forwards"] - before["forwards"])
+    print(f"sessions per verifier forward: {per_forward:.2f}")
+    assert per_forward >= 2, "concurrent sessions' steps share the verifier's forwards"
 
 
 def test_models_and_health(served: Served) -> None:
