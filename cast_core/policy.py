@@ -289,6 +289,8 @@ class DraftedStep:
         backlog_s: seconds of its catch-up forward spent on the tokens of the plain steps before it
             (thinned, skipped), beyond what its fresh chains took (``cast_core.drafter``).
         backlog_cost: the same in plain target steps, from the cost context.
+        prompt_s: seconds of its catch-up forward spent on new rows' prompts beyond its fresh chains:
+            a one-off debt, not the cost of drafting, left out of its wall time.
     """
 
     batch_size: int
@@ -298,9 +300,11 @@ class DraftedStep:
     lookup: tuple[list[int], int] | None = None
     backlog_s: float = 0.0
     backlog_cost: float = 0.0
+    prompt_s: float = 0.0
 
-    def judge(self, now: float, scale: float | None) -> tuple[float, float, bool]:
-        """``(C, C_full, on_profile)`` of the step, ``now`` being the next drafting call.
+    def judge(self, wall: float, scale: float | None) -> tuple[float, float, bool]:
+        """``(C, C_full, on_profile)`` of the step, which took ``wall`` seconds (to the next drafting call),
+        ``prompt_s`` of them on prompts.
 
         ``C_full = wall / plain`` and ``C = (wall - backlog_s) / plain`` (what the step costs where every
         step drafts, leaving no backlog): ``plain = m^B * t_ref`` with ``scale`` = ``m^B``, timed plain
@@ -308,7 +312,7 @@ class DraftedStep:
         without a profile); else the profile's ``plain_step_s`` (``on_profile``); with neither,
         ``C = predicted_cost`` and ``C_full = predicted_cost + backlog_cost``.
         """
-        wall = now - self.started
+        wall -= self.prompt_s
         plain = scale * reference_step_s(self.plain_step_s) if scale is not None else self.plain_step_s
         if plain > 0 and wall > self.backlog_s:
             return (wall - self.backlog_s) / plain, wall / plain, scale is None

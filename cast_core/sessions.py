@@ -174,10 +174,14 @@ class DrafterSessions:
         self.close(stale)
         return stale
 
-    def draft(self, pending: dict[str, list[int]], ctx: CostContext | None) -> dict[str, tuple[DraftTree, DraftResult]]:
+    def draft(
+        self, pending: dict[str, list[int]], ctx: CostContext | None, step_s: dict[str, float] | None = None
+    ) -> dict[str, tuple[DraftTree, DraftResult]]:
         """Catch up each named session on its pending tokens and draft its tree (batch-planned together).
 
-        Returns per session its single-row tree and the batch's ``DraftResult``.
+        ``step_s[sid]``: seconds the session's last step took by its own forwards (draft and verify), which
+        the speedup gate judges it by; a session not in it is judged by the wall time since its last
+        drafting call (``Drafter.draft``). Returns per session its single-row tree and the batch's ``DraftResult``.
         """
         rows = {sid: self._rows.index(sid) for sid in pending}
         for sid, tokens in pending.items():
@@ -185,5 +189,6 @@ class DrafterSessions:
                 raise ValueError(f"pending[{sid!r}]: must end with the session's root token")
         chains = [pending.get(r.session_id, []) for r in self._rows.rows]
         plans = [self._plans[r.session_id] for r in self._rows.rows]
-        result = self.drafter.draft(self._rows.state, chains, self.policy, ctx, plans)
+        walls = [None if step_s is None else step_s.get(r.session_id) for r in self._rows.rows]
+        result = self.drafter.draft(self._rows.state, chains, self.policy, ctx, plans, walls)
         return {sid: (result.tree.row(i), result) for sid, i in rows.items()}

@@ -83,19 +83,22 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
         self._context[session_id] = len(token_ids) - 1  # cached; the root arrives as the first pending token
         return self.info
 
-    async def draft(self, session_id: str, pending: list[int], verifier_replica: str | None) -> DraftOutput:
+    async def draft(self, session_id: str, pending: list[int], verifier_replica: str | None, last_step_s: float | None = None) -> DraftOutput:
         """Catch up on ``pending`` (ending with the root) and draft this step's tree.
 
-        ``verifier_replica``: the replica that will verify it (whose occupancy sizes the tree).
+        ``verifier_replica``: the replica that will verify it (whose occupancy sizes the tree);
+        ``last_step_s``: the draft and verify seconds of the session's last step (``StepOutput``), which
+        the speedup gate judges that step by (None: the wall time since the last drafting call).
         """
         self.ensure_loaded()
         started = time.perf_counter()
-        result = await self.batcher.submit((session_id, pending, verifier_replica))
+        result = await self.batcher.submit((session_id, pending, verifier_replica, last_step_s))
         self.timings.record(time.perf_counter() - started, result.draft_s)
         return result
 
-    async def _draft_batch(self, calls: list[tuple[str, list[int], str | None]]) -> list[DraftOutput | Exception]:
+    async def _draft_batch(self, calls: list[tuple[str, list[int], str | None, float | None]]) -> list[DraftOutput | Exception]:
         session_ids, pendings, verifiers = [c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls]
+        step_s = {c[0]: c[3] for c in calls if c[3] is not None}
         results: list[DraftOutput | Exception | None] = [None] * len(session_ids)
         live = set(self.sessions.sessions())
         groups: dict[str, list[int]] = {}
@@ -111,7 +114,7 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
             self.timings.plan_s += (time.perf_counter() - planning) * len(members)
             pending = {session_ids[i]: pendings[i] for i in members}
             try:
-                drafts, draft_s = await self.run(self._draft_now, pending, ctx)
+                drafts, draft_s = await self.run(self._draft_now, pending, ctx, step_s)
             except SessionNotFound as err:  # evicted between the check and the forward
                 for i in members:
                     results[i] = err
@@ -129,9 +132,9 @@ class DrafterReplica(ModelReplica[DrafterSessions]):
                 )
         return results  # type: ignore[return-value]
 
-    def _draft_now(self, pending: dict[str, list[int]], ctx: CostContext | None):
+    def _draft_now(self, pending: dict[str, list[int]], ctx: CostContext | None, step_s: dict[str, float]):
         started = time.perf_counter()
-        drafts = self.sessions.draft(pending, ctx)
+        drafts = self.sessions.draft(pending, ctx, step_s)
         return drafts, time.perf_counter() - started
 
     async def _plan(self, verifier: str | None, context: int) -> CostContext | None:

@@ -281,14 +281,15 @@ class SessionRunner:
         try:
             info: SessionInfo | None = None
             pending: list[int] = []
+            last_step_s: float | None = None  # the last step's own forwards, which the drafter's gate judges it by
             lost_in_a_row = 0
             while not tracker.finished:
                 started = time.perf_counter()
                 try:
                     if info is None:
                         info = await self._open(drafter, verifier, sid, committed, request, request.max_tokens - len(tracker.token_ids))
-                        pending = [committed[-1]]
-                    step = await self._step(drafter, verifier, sid, pending, info, request.speculate)
+                        pending, last_step_s = [committed[-1]], None
+                    step = await self._step(drafter, verifier, sid, pending, info, request.speculate, last_step_s)
                 except (*LOST_SESSION, RayServeException) as err:
                     if not is_lost_session(err):
                         raise
@@ -304,7 +305,7 @@ class SessionRunner:
                 wall_s = time.perf_counter() - started
                 self._trace_step(parent, stats.steps, step, wall_s)
                 committed.extend(step.tokens)
-                pending = step.tokens
+                pending, last_step_s = step.tokens, step.draft_s + step.verify_s
                 stats.add(step)
                 self._metrics.record_step(step, wall_s)
                 kept, delta = tracker.extend(step.tokens)
@@ -329,9 +330,16 @@ class SessionRunner:
         return infos[0]
 
     async def _step(
-        self, drafter: DeploymentHandle, verifier: DeploymentHandle, sid: str, pending: list[int], info: SessionInfo, speculate: bool
+        self,
+        drafter: DeploymentHandle,
+        verifier: DeploymentHandle,
+        sid: str,
+        pending: list[int],
+        info: SessionInfo,
+        speculate: bool,
+        last_step_s: float | None,
     ) -> StepOutput:
-        draft = drafter.draft.remote(sid, pending, info.replica_id) if speculate else DraftOutput.root_only(pending[-1])
+        draft = drafter.draft.remote(sid, pending, info.replica_id, last_step_s) if speculate else DraftOutput.root_only(pending[-1])
         return await verifier.verify.remote(sid, draft)
 
     def _trace_step(self, parent: trace.Context, index: int, step: StepOutput, wall_s: float) -> None:

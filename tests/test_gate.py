@@ -16,6 +16,7 @@ from cast_core.drafter import Drafter, _report_speedups
 from cast_core.gate import RETIME_HORIZON, DraftGate
 from cast_core.policy import CastPolicy, CostContext, DepthHistory, DraftedStep, RowPlan, reference_step_s
 from cast_core.sampling import SamplingParams
+from cast_core.sessions import DrafterSessions, VerifierSessions
 from cast_core.student_t import upper_tail
 from cast_core.verifier import Verifier
 
@@ -450,6 +451,39 @@ def test_with_a_measured_profile_the_gate_judges_wall_time(tokenizer, exact_pair
     assert all(g.stats.drafted_steps <= g.stats.steps // 2 for g in gens)
 
 
+@pytest.mark.parametrize("told", [False, True], ids=["wall-clock", "own-forwards"])
+def test_a_sessions_step_is_judged_by_its_own_forwards_where_its_caller_measured_them(exact_pair_case, told: bool) -> None:
+    """Serving: between two of its drafting calls a session also waits behind other sessions' prefills and
+    batches. Judged by that wall time (here 1 s of waiting, 20 plain steps of a 50 ms profile) even an exact
+    drafter reads as a loss; judged by the step's own draft and verify seconds, which the caller passes
+    (``DrafterSessions.draft``'s ``step_s``), it pays."""
+    (target, drafter_model), prompts, refs = exact_pair_case
+    measured = CostProfile.synthetic(0.05, 0.0002, 0.0005, 0.00001)
+    measured.notes["synthetic"] = False  # as if measured here: f_T(B, ctx, 1) ~ 50 ms
+    policy = CastPolicy(CastConfig())
+    drafter = DrafterSessions(Drafter(drafter_model, target.config.vocab_size), policy)
+    verifier = VerifierSessions(Verifier(target))
+    sids = ["a", "b"]
+    pending, out, last_step_s = {}, {s: [] for s in sids}, {}
+    for sid, prompt in zip(sids, prompts):
+        drafter.open(sid, prompt)
+        verifier.open(sid, prompt, SamplingParams())
+        pending[sid] = [prompt[-1]]
+    ctx = CostContext.from_profile(measured, 2, max(map(len, prompts)) + 40, 40)
+    for _ in range(3):  # two drafted steps (min_judged: 16 rows is 8 steps at B=2) judged at the next calls
+        time.sleep(1.0)  # behind other sessions
+        started = time.perf_counter()
+        drafts = drafter.draft(pending, ctx, last_step_s if told else None)
+        paths = verifier.verify({s: tree for s, (tree, _) in drafts.items()})
+        for s in sids:
+            pending[s] = paths[s].tokens
+            out[s] += paths[s].tokens
+            last_step_s[s] = time.perf_counter() - started
+    assert all(out[s] == ref[: len(out[s])] for s, ref in zip(sids, refs))
+    rho = policy.gate.speedup(2)
+    assert rho is not None and (rho > 1.0 if told else rho < 1.0), rho
+
+
 def test_rows_count_their_judged_tokens_against_their_budget(exact_pair_case) -> None:
     """``RowPlan.tokens_left``: the admission budget less the tokens of every step the gate has judged."""
     (target, drafter), prompts, _ = exact_pair_case
@@ -513,10 +547,12 @@ def test_a_drafted_step_is_judged_without_the_backlog_of_plain_steps_or_a_prompt
     (prompt_width, prompt), (backlog_width, backlog) = steps
     assert prompt_width == len(prompts[0]) and prompt.predicted_cost < price(prompt_width), "a prompt is not charged"
     assert prompt.backlog_cost == 0 and prompt.backlog_s == 0, "nor budgeted"
+    assert prompt.prompt_s > 0 and prompt.judge(prompt.prompt_s + 0.5, 1.0)[0] == pytest.approx(0.5 / reference_step_s(prompt.plain_step_s)), "its feed left out of its wall"
+    assert backlog.prompt_s == 0
     assert backlog_width >= 3 and backlog.predicted_cost < price(backlog_width), "skipped steps' tokens are not judged"
     assert backlog.backlog_cost == pytest.approx(price(backlog_width) - price(1)) and backlog.backlog_s > 0
     plain = reference_step_s(backlog.plain_step_s)  # timed plain steps at scale 1
-    assert backlog.judge(backlog.started + 1.0, 1.0) == (pytest.approx((1.0 - backlog.backlog_s) / plain), pytest.approx(1.0 / plain), False)
+    assert backlog.judge(1.0, 1.0) == (pytest.approx((1.0 - backlog.backlog_s) / plain), pytest.approx(1.0 / plain), False)
 
 
 def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> None:
@@ -531,7 +567,7 @@ def test_a_drafted_step_is_judged_by_the_rows_with_the_most_tokens_left() -> Non
         plans = [RowPlan(depth=DepthHistory(4), tokens_left=b) for b in budgets]
         for plan in plans:
             plan.last_step = DraftedStep(len(plans), started=0.0, plain_step_s=0.1, predicted_cost=9.0)
-        _report_speedups(gate, plans, [list(range(n)) for n in committed], now=0.2)
+        _report_speedups(gate, plans, [list(range(n)) for n in committed], now=0.2, walls=[None] * len(plans))
         return gate.speedup(len(plans)), [p.tokens_left for p in plans]
 
     rho, left = judged([10, 20, 20], [4, 1, 2])
@@ -617,11 +653,11 @@ def test_a_drafted_step_is_judged_against_the_plain_step_of_its_own_context() ->
         gate.observe_plain(4, 0.20, 0.16)
     assert gate.plain_scale(4) == pytest.approx(1.25)
     late = DraftedStep(batch_size=4, started=10.0, plain_step_s=0.24, predicted_cost=2.0)
-    assert late.judge(10.6, gate.plain_scale(4)) == (pytest.approx(2.0), pytest.approx(2.0), False)
-    assert late.judge(10.6, None) == (pytest.approx(2.5), pytest.approx(2.5), True), "untimed: the profile's step, rescaled later"
+    assert late.judge(0.6, gate.plain_scale(4)) == (pytest.approx(2.0), pytest.approx(2.0), False)
+    assert late.judge(0.6, None) == (pytest.approx(2.5), pytest.approx(2.5), True), "untimed: the profile's step, rescaled later"
     unprofiled = DraftedStep(batch_size=4, started=10.0, plain_step_s=0.0, predicted_cost=3.0, backlog_s=0.15, backlog_cost=0.5)
-    assert unprofiled.judge(10.6, 0.3) == (pytest.approx(1.5), pytest.approx(2.0), False), "no profile: the timed seconds"
-    assert unprofiled.judge(10.6, None) == (3.0, 3.5, False)
+    assert unprofiled.judge(0.6, 0.3) == (pytest.approx(1.5), pytest.approx(2.0), False), "no profile: the timed seconds"
+    assert unprofiled.judge(0.6, None) == (3.0, 3.5, False)
 
 
 def test_gate_logs_each_drafted_step_and_each_judged_step_at_debug(caplog) -> None:
