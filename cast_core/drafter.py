@@ -558,7 +558,7 @@ def _report_speedups(gate: DraftGate, plans: list[RowPlan], pending: list[list[i
     plain decoding, which costs little near break-even.
     """
     plain: dict[int, list[tuple[float, float]]] = {}
-    drafted: dict[int, list[tuple[DraftedStep, int, float]]] = {}
+    drafted: dict[int, list[tuple[DraftedStep, int, float, float]]] = {}
     for plan, tokens, wall in zip(plans, pending, walls):
         step, plan.last_step = plan.last_step, None
         left = plan.budget_left

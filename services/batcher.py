@@ -121,7 +121,8 @@ class StepBatcher(Generic[Item, Result]):
                 if not isinstance(err, Exception):
                     raise
                 continue
-            self._forward_s += FORWARD_EMA * (time.monotonic() - started - self._forward_s) if self._forward_s else time.monotonic() - started
+            took = time.monotonic() - started
+            self._forward_s = took if not self._forward_s else self._forward_s + FORWARD_EMA * (took - self._forward_s)
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
