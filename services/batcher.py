@@ -18,7 +18,10 @@ so waiting up to one forward's time loses at most what not waiting would
 (the ski-rental bound), and lets sessions split into cohorts, one drafting
 while the other verifies, join up again: at concurrency 8 on the 2-core AMD
 EPYC, with a 10 ms wait, batches formed this way stepped 3.0 (drafter) and
-3.8 (verifier) sessions on average.
+3.8 (verifier) sessions on average. Waiting for every live session whatever
+it takes is worse: two cohorts each wait at one replica for the other, held at
+the other replica; with a fixed 1 s wait, HTTP ran 0.11x / 0.17x in-process at
+concurrency 4 / 8 (``bench/results/serving_fixed_wait_1s.json``).
 """
 
 from __future__ import annotations
