@@ -125,10 +125,8 @@ a fresh neighbour within a factor 2 it stays.
 
 Plain decoding is ``rho = 1`` by definition. At batch size ``B`` the gate
 lets the drafter run while ``rho^B >= min_speedup``, and until ``min_judged``
-drafted *row* steps, and two steps, were judged there (a drafted step at ``B``
-judges ``B`` rows, so ``max(2, ceil(min_judged / B))`` steps: 16 at B=1, 4 at
-B=4, 2 at B=8 and above; the second step is what gives the record a spread,
-below): the
+drafted *row* steps were judged there (a drafted step at ``B`` judges ``B``
+rows, so ``ceil(min_judged / B)`` steps: 16 at B=1, 4 at B=4, 2 at B=8): the
 first trees, planned before any acceptance was seen, are the least tuned,
 and one row's unlucky tree alone must not shut drafting off for hundreds of
 steps. A batch's first steps judge the mean over all its rows (all have
@@ -199,14 +197,7 @@ closed the gate at B=8 on the 2-core AMD EPYC at 0.994x and 0.987x with
 (``bench/results/backlog_ab/``). The sums run over the steps judged
 at ``B`` (and those of a thinning neighbour, inherited scaled): an
 inherited prior moves ``rho^B``, not ``S``, and on one step
-``S = 0``: nothing to judge its spread by, so the gate neither closes nor
-thins before two steps were judged at ``B``, whatever ``min_judged``
-allows. One step at B=16 judges 16 rows, enough for ``min_judged``, and
-closed on its point estimate alone: a batch's first tree is sized before
-any acceptance was seen (``alpha`` still its prior), so it is the step most
-likely to misjudge drafting, and at B=16 on the 2-core Intel Xeon with AMX
-the warm-up's first drafted step (the prompts fed whole, ``C`` 6.25 plain
-steps, ``n`` 2.75) closed the gate for 256 steps (``bench/results/b16/``).
+``S = 0``, so ``min_judged`` alone says how much a first step must show.
 How far one step's tokens stray depends on the tree: small trees commit
 1-3 tokens a step, and a few more steps pin ``rho^B`` down; the deep trees a
 cheap drafter buys commit 1 to 11, and at HumanEval B=2
@@ -223,9 +214,9 @@ keeps the time lost to probing near ``probe_budget``. A probe that pays
 decision back to the closing test; one that fails keeps the gate closed
 (shut) whatever the spread says, until a probe pays or timed plain steps
 rescale the record open. The closing test alone would reopen it: a gate
-closed on two steps that agree (``n_eff`` about 2, a small ``S``) gains a
-wider spread from a probe's step that does not, and ``T + t S`` can clear
-``min_speedup K`` though all three steps lost. At B=16
+closed on its first judged step (``S = 0`` on one step, so it closes on the
+point estimate) gains a spread from the probe's step (``n_eff`` about 2),
+and ``T + t S`` can clear ``min_speedup K`` though both steps lost. At B=16
 on the 2-core Intel Xeon with AMX, a probe at 0.99x (``n`` 2.31, ``C`` 2.33)
 turned a gate closed at 0.6x into a thinning one at 0.90x (``S / K`` 0.08),
 and it and a size below that inherited its record drafted 3 thinned steps at
@@ -482,7 +473,7 @@ class DraftGate:
     def _thinning(self, gate: _BatchGate) -> bool:
         """Open past ``min_judged`` below break-even: ``rho^B < min_speedup``, but not confidently (``_closed``)."""
         rho = self._rho(gate)
-        return rho is not None and rho < self.min_speedup and self._judged_enough(gate) and not self._closed(gate)
+        return rho is not None and rho < self.min_speedup and gate.judged >= self.min_judged and not self._closed(gate)
 
     @property
     def _close_tail(self) -> float:
@@ -506,18 +497,13 @@ class DraftGate:
         spread = gate.tokens_spread()
         return upper_tail(deficit / spread, gate.effective_steps - 1.0) if spread > 0 else 0.0
 
-    def _judged_enough(self, gate: _BatchGate) -> bool:
-        """Whether the gate may close or thin at ``gate``'s batch size: ``judged >= min_judged`` row steps and
-        ``n_eff > 1`` (two steps at least: one has no spread to judge it by)."""
-        return gate.judged >= self.min_judged and gate.effective_steps > 1.0 + 1e-9
-
     def _closed(self, gate: _BatchGate) -> bool:
-        """Shut by a failing probe, or judged enough (``_judged_enough``) and ``T + t S < min_speedup K``: ``rho^B``
-        is below ``min_speedup`` with confidence ``Phi(z)``, read as ``_pay_chance < Phi(-z)`` (``Q`` falls as its
+        """Shut by a failing probe, or ``judged >= min_judged`` and ``T + t S < min_speedup K``: ``rho^B`` is below
+        ``min_speedup`` with confidence ``Phi(z)``, read as ``_pay_chance < Phi(-z)`` (``Q`` falls as its
         argument grows, so one tail stands for the quantile ``t``)."""
         if gate.shut:
             return True
-        return self._judged_enough(gate) and self._pay_chance(gate) < self._close_tail
+        return gate.judged >= self.min_judged and self._pay_chance(gate) < self._close_tail
 
     def speedup(self, batch_size: int) -> float | None:
         """``rho^B = T / K``: the windowed speedup of drafted steps at ``batch_size`` (None before any)."""
@@ -604,10 +590,10 @@ class DraftGate:
         return fed, gaps
 
     def draft_chance(self, batch_size: int) -> float:
-        """``P(rho > min_speedup)``: 1 while ``rho^B >= min_speedup`` or before ``min_judged`` rows and two steps were
-        judged (``_judged_enough``), else ``Q((min_speedup K - T) / S; n_eff - 1)``, Student's t upper tail."""
+        """``P(rho > min_speedup)``: 1 while ``rho^B >= min_speedup`` or fewer than ``min_judged`` rows were judged,
+        else ``Q((min_speedup K - T) / S; n_eff - 1)``, Student's t upper tail (0 without spread to judge by)."""
         gate = self._at(batch_size)
-        return self._pay_chance(gate) if self._judged_enough(gate) else 1.0
+        return 1.0 if gate.judged < self.min_judged else self._pay_chance(gate)
 
     def should_draft(self, batch_size: int) -> bool:
         """Whether this step at ``batch_size`` drafts (a skipped step counts down to the next probe; near
