@@ -197,7 +197,12 @@ closed the gate at B=8 on the 2-core AMD EPYC at 0.994x and 0.987x with
 (``bench/results/backlog_ab/``). The sums run over the steps judged
 at ``B`` (and those of a thinning neighbour, inherited scaled): an
 inherited prior moves ``rho^B``, not ``S``, and on one step
-``S = 0``, so ``min_judged`` alone says how much a first step must show.
+``S = 0``, so ``min_judged`` alone says how much a first step must show:
+at B=16 one step judges 16 rows and closes on its point estimate. Asking
+for a second step before closing or thinning cost B=16 on the 2-core AMD
+EPYC 1-6 % (9 of 12 interleaved pairs slower): the first step read
+0.53-0.58x and closed the gate, where the second turned it into one that
+thinned at 0.9x (``bench/results/two_step_gate_ab/``).
 How far one step's tokens stray depends on the tree: small trees commit
 1-3 tokens a step, and a few more steps pin ``rho^B`` down; the deep trees a
 cheap drafter buys commit 1 to 11, and at HumanEval B=2
