@@ -128,7 +128,7 @@ class GroupResult(BaseModel):
     tokens_per_s: float = Field(description="tokens / wall_s.")
     speedup_vs_vanilla: float = Field(description="tokens_per_s / vanilla's tokens_per_s on the same group.")
     matched: int = Field(description="Prompts whose token ids equal vanilla's on the same group.")
-    stats: dict[str, float | list[int]] = Field(description="RunStats of the call (see bench.methods.RunStats).")
+    stats: dict[str, float | list[int] | None] = Field(description="RunStats of the call (see bench.methods.RunStats).")
 
 
 class Mismatch(BaseModel):
@@ -277,8 +277,8 @@ def explain_mismatch(pair: ModelPair, prompt: Prompt, prompt_ids: list[int], van
     )
 
 
-def _stats_dict(stats: RunStats) -> dict[str, float | list[int]]:
-    return {k: v if isinstance(v, list) else float(v) for k, v in vars(stats).items()}
+def _stats_dict(stats: RunStats) -> dict[str, float | list[int] | None]:
+    return {k: v if v is None or isinstance(v, list) else float(v) for k, v in vars(stats).items()}
 
 
 def summarize_cell(
@@ -311,6 +311,8 @@ def summarize_cell(
     total = RunStats()
     for run in runs:
         for key, value in vars(run.stats).items():
+            if key == "target_pace":  # a ratio, kept per group
+                continue
             mine = getattr(total, key)
             setattr(total, key, add_counts(mine, value) if isinstance(value, list) else mine + value)
     wall = sum(r.wall_s for r in runs)

@@ -37,7 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cast_core import CastConfig, Engine, StaticConfig
 from cast_core.engine import DEFAULT_DRAFTER, DEFAULT_TARGET
-from cast_core.cost import CostProfile, dtype_name, resolve_drafter_quantization, resolve_dtype_name, resolve_profile, usable_device_name
+from cast_core.cost import CostProfile, Role, dtype_name, resolve_drafter_quantization, resolve_dtype_name, resolve_profile, usable_device_name
 from cast_core.models import AUTO_DTYPE, DTYPES, add_dtype_arg, check_dtype_name, check_tokenizers_compatible, load_drafter, load_model, load_tokenizer, resolve_model
 from cast_core.policy import make_policy
 from cast_core.quantize import add_quantization_arg, drafter_profile_name
@@ -169,6 +169,9 @@ class RunStats:
             planning included, verifying, policy decisions alone). For the transformers
             methods: drafter and target forward time, and 0.
         target_forward_s, drafter_forward_s: seconds inside each model's forwards (hooks).
+        target_pace: the target's forwards on a cache (decoding, not prefill) in seconds over the cost
+            profile's for the same shapes (``ForwardTimer.pace``): the machine's speed during the run against
+            its profile's, 1.0 = as profiled; None without a measured profile.
     """
 
     batch_steps: int = 0
@@ -184,6 +187,7 @@ class RunStats:
     plan_s: float = 0.0
     target_forward_s: float = 0.0
     drafter_forward_s: float = 0.0
+    target_pace: float | None = None
 
 
 @dataclass
@@ -195,6 +199,19 @@ class MethodRun:
     stats: RunStats
 
 
+@dataclass
+class TimedForward:
+    """One forward of a model as :class:`ForwardTimer` saw it: ``tokens`` new tokens for each of ``batch`` rows over
+    a cache of ``context`` slots (0: a prefill into an empty cache), ``seconds`` from the decoder's call to the end
+    of the LM head's that followed it (the decoder's own end where none did)."""
+
+    batch: int
+    context: int
+    tokens: int
+    started: float
+    seconds: float = 0.0
+
+
 class ForwardTimer:
     """Times and sizes every forward of one model, whoever calls it.
 
@@ -202,7 +219,8 @@ class ForwardTimer:
     (``model.lm_head``) where the model has them — our engine calls those two
     directly, transformers' ``generate`` through ``model.forward`` — else on the
     model itself. ``seconds`` sums both; ``query_lengths`` holds the new-token
-    count ``q`` of each decoder call (``input_ids`` is ``[B, q]``).
+    count ``q`` of each decoder call (``input_ids`` is ``[B, q]``) and ``forwards``
+    each call's shape and time (:class:`TimedForward`).
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -210,17 +228,41 @@ class ForwardTimer:
         self.modules = [decoder, head] if decoder is not None and head is not None else [model]
         self.seconds = 0.0
         self.query_lengths: list[int] = []
+        self.forwards: list[TimedForward] = []
         self._start: dict[int, float] = {}
 
     def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        now = time.perf_counter()
         if module is self.modules[0]:
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is not None:
                 self.query_lengths.append(int(ids.shape[-1]))
-        self._start[id(module)] = time.perf_counter()
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))
+                context = int(cache.get_seq_length()) if cache is not None else 0
+                self.forwards.append(TimedForward(int(ids.shape[0]), context, int(ids.shape[-1]), now))
+        self._start[id(module)] = now
 
     def _post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        self.seconds += time.perf_counter() - self._start.pop(id(module))
+        now = time.perf_counter()
+        self.seconds += now - self._start.pop(id(module))
+        if self.forwards:
+            self.forwards[-1].seconds = now - self.forwards[-1].started
+
+    def pace(self, profile: CostProfile | None, role: Role) -> float | None:
+        """The machine's pace over this model's forwards on a cache (prefills left out)::
+
+            pace = sum_i seconds_i / sum_i f_role(B_i, ctx_i, n_i)
+
+        ``f`` being ``profile``'s latency for the same shape: 1.0 where the forwards ran as fast as profiled,
+        1.2 where 20 % slower. Two runs of one model on one machine differ in pace by the machine's drift
+        between them (and by how differently the profile misjudges their shapes). None without a measured
+        profile or a forward on a cache.
+        """
+        if profile is None or not profile.measured:
+            return None
+        timed = [f for f in self.forwards if f.context > 0 and f.seconds > 0]
+        predicted = sum(profile.latency(role, f.batch, f.context, f.tokens) for f in timed)
+        return sum(f.seconds for f in timed) / predicted if predicted > 0 else None
 
     @contextmanager
     def attached(self) -> Iterator["ForwardTimer"]:
@@ -257,6 +299,7 @@ class Method(ABC):
             token_ids, stats = self._generate(prompts, max_new_tokens, target_timer, drafter_timer)
             wall_s = time.perf_counter() - t0
         stats.target_forward_s, stats.drafter_forward_s = target_timer.seconds, drafter_timer.seconds
+        stats.target_pace = target_timer.pace(self.pair.cost_profile, "target")
         return MethodRun(token_ids=token_ids, wall_s=wall_s, stats=stats)
 
     @abstractmethod

@@ -16,7 +16,10 @@ The floor check (``floor.json``, :data:`FLOOR_NAME`) is a run of vanilla and
 CAST alone with many groups at the batch sizes where CAST works near break-even:
 with two methods, a group's two runs are back to back, where the full run puts
 three others between them; on a shared 2-core VM the same vanilla batch drifts
-by several percent over those minutes, more than the floor's 3 % margin.
+by several percent over those minutes, more than the floor's 3 % margin. Where
+its runs recorded their target pace (``RunStats.target_pace``), its table also
+gives each pair at one pace (:func:`pace_adjusted`): how much of a pair's
+reading the machine's drift between its two runs may explain.
 
 The batch-1 check (``b1_check.json``, :data:`B1_CHECK_NAME`) is a run of vanilla,
 assisted generation and CAST at batch 1 alone, on more prompts than the full run
@@ -348,26 +351,76 @@ def pooled_ratio(cast: CellResult, vanilla: CellResult) -> float:
     )
 
 
+def pace_ratio(cast: GroupResult, vanilla: GroupResult) -> float | None:
+    """CAST's target pace over vanilla's in one pair (``RunStats.target_pace``): above 1 where CAST's run met the
+    machine slower than vanilla's did. None where either run has no pace (no measured profile; results before it)."""
+    mine, theirs = cast.stats.get("target_pace"), vanilla.stats.get("target_pace")
+    return mine / theirs if isinstance(mine, float) and isinstance(theirs, float) and theirs > 0 else None
+
+
+def pace_adjusted(cast: GroupResult, vanilla: GroupResult) -> float | None:
+    """The pair's speedup at one pace: ``speedup * pace_cast / pace_vanilla``, what the pair would read had both runs
+    met the machine at the same speed. Approximate: the pace is the target's alone (the drafter's is taken to drift
+    with it) and carries the profile's error for each run's shapes (CAST's forwards verify more tokens a row)."""
+    ratio = pace_ratio(cast, vanilla)
+    return cast.speedup_vs_vanilla * ratio if ratio is not None else None
+
+
+def _spread(values: list[float], digits: int, suffix: str) -> str:
+    """``median (min–max)`` of ``values``."""
+    return f"{statistics.median(values):.{digits}f}{suffix} ({min(values):.2f}–{max(values):.2f})"
+
+
 def floor_table(floor: BenchResult) -> str:
-    """Per (dataset, B) of the floor check: CAST over vanilla in each back-to-back pair, summarised."""
-    lines = [
-        f"| dataset | B | pairs | CAST / vanilla, median (min–max) | pairs below {FLOOR:.2f}x "
-        "| pooled (all groups' tokens over all their wall time) | vanilla tokens/s | CAST steps drafted | match vs vanilla |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
-    ]
+    """Per (dataset, B) of the floor check: CAST over vanilla in each back-to-back pair, summarised; where the runs
+    recorded their pace, also the pairs' pace ratios and their speedups at one pace (:func:`pace_adjusted`)."""
+    rows = []
     for dataset in _datasets(floor):
         for c in sorted((c for c in floor.cells if c.dataset == dataset and c.method == "cast"), key=lambda c: c.batch_size):
             vanilla = floor.cell(dataset, "vanilla", c.batch_size)
-            if vanilla is None:
-                continue
-            s = c.speedup_vs_vanilla
-            below = sum(g.speedup_vs_vanilla < FLOOR for g in c.groups)
-            lines.append(
-                f"| {dataset} | {c.batch_size} | {len(c.groups)} | {s.median:.3f}x ({s.min:.2f}–{s.max:.2f}) | {below} "
-                f"| {pooled_ratio(c, vanilla):.3f}x | {vanilla.tokens_per_s.median:.1f} | {100 * c.drafted_step_share:.0f}% "
-                f"| {100 * c.match_rate:.0f}% |"
+            if vanilla is not None:
+                rows.append((c, vanilla, [pace_ratio(a, b) for a, b in zip(c.groups, vanilla.groups)]))
+    paced = _paced(floor)
+    head = (
+        f"| dataset | B | pairs | CAST / vanilla, median (min–max) | pairs below {FLOOR:.2f}x "
+        "| pooled (all groups' tokens over all their wall time) | vanilla tokens/s | CAST steps drafted | match vs vanilla |"
+    )
+    rule = "|---|---:|---:|---|---:|---:|---:|---:|---:|"
+    if paced:
+        head += f" target pace, CAST / vanilla | CAST / vanilla at one pace | at one pace below {FLOOR:.2f}x |"
+        rule += "---|---|---:|"
+    lines = [head, rule]
+    for c, vanilla, ratios in rows:
+        s = c.speedup_vs_vanilla
+        below = sum(g.speedup_vs_vanilla < FLOOR for g in c.groups)
+        line = (
+            f"| {c.dataset} | {c.batch_size} | {len(c.groups)} | {s.median:.3f}x ({s.min:.2f}–{s.max:.2f}) | {below} "
+            f"| {pooled_ratio(c, vanilla):.3f}x | {vanilla.tokens_per_s.median:.1f} | {100 * c.drafted_step_share:.0f}% "
+            f"| {100 * c.match_rate:.0f}% |"
+        )
+        if paced:
+            known = [r for r in ratios if r is not None]
+            adjusted = [a for a in (pace_adjusted(x, y) for x, y in zip(c.groups, vanilla.groups)) if a is not None]
+            line += (
+                f" {_spread(known, 3, '')} | {_spread(adjusted, 3, 'x')} | {sum(a < FLOOR for a in adjusted)} |"
+                if adjusted
+                else " n/a | n/a | n/a |"
             )
+        lines.append(line)
     return "\n".join(lines)
+
+
+_PACE_NOTE = (
+    " Target pace = the target's decoding forwards' seconds over the cost profile's for the same shapes (1.0: as fast as"
+    " profiled); at one pace = a pair's ratio times CAST's pace over vanilla's, what it would read had both runs met"
+    " the machine at the same speed (approximate: the drafter is taken to drift with the target, and the profile"
+    " errs differently for CAST's wider forwards)."
+)
+
+
+def _paced(result: BenchResult) -> bool:
+    """Whether any group of ``result`` recorded its target pace."""
+    return any(isinstance(g.stats.get("target_pace"), float) for c in result.cells for g in c.groups)
 
 
 def floor_section(floor: BenchResult) -> str:
@@ -386,7 +439,7 @@ def floor_section(floor: BenchResult) -> str:
             "so a group's two runs are back to back (in turn vanilla first, then CAST first), where the full run puts "
             f"three other methods between them; {', '.join(f'{n} groups at B={b}' for b, n in sorted(groups.items()))}, "
             "of the reported prompts in order, as in the full run. Pooled = all groups' tokens over all their wall time, a mean that "
-            f"weights long groups more. {m.get('cpu_model')}, {m.get('usable_cpus')} usable cores, {floor.config.dtype}, "
+            f"weights long groups more.{_PACE_NOTE if _paced(floor) else ''} {m.get('cpu_model')}, {m.get('usable_cpus')} usable cores, {floor.config.dtype}, "
             f"{str(m.get('date'))[:10]}, commit `{str(m.get('git_commit') or 'n/a')[:7]}`; run took {floor.elapsed_s / 60:.1f} min.{match}",
             "",
             floor_table(floor),

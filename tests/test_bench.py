@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -12,9 +13,9 @@ from bench.cli import main as bench_main
 from bench.cli import trace_gate
 from bench.datasets import DATASET_NAMES, TUNING_SIZE, Prompt, load_prompts
 from bench.harness import BenchConfig, explain_mismatch, first_difference, load_result, make_groups, plain_top2, run_benchmark, save_result
-from bench.methods import METHOD_NAMES, ModelPair
+from bench.methods import METHOD_NAMES, EngineMethod, ForwardTimer, ModelPair
 from bench.overhead import profile_overhead
-from bench.report import END, START, generate_report, paired_ratio, pooled_ratio, write_readme_section
+from bench.report import END, START, floor_table, generate_report, pace_adjusted, paired_ratio, pooled_ratio, write_readme_section
 from bench.serving import ServingBenchConfig, explain_serving_mismatch, shared_tokens
 from bench.sweep import SweepConfig, load_sweep, run_sweep, save_sweep
 from cast_core import CastConfig, StaticConfig
@@ -179,6 +180,34 @@ def test_floor_check_pairs_vanilla_and_cast_back_to_back_and_reports_them(result
         assert "(toy_a, B=2; 3 back-to-back pairs; on Other CPU (avx2), commit `abcdef1`) |" in generate_report("tiny", path.parent, None)
     finally:
         floor_path.unlink()
+    assert "pace" not in floor_table(floor)  # runs without a measured profile record none
+    paced = floor.model_copy(deep=True)
+    for c in paced.cells:
+        for g in c.groups:
+            g.stats["target_pace"] = 1.1 if c.method == "cast" else 1.0
+    cast, vanilla = paced.cell("toy_a", "cast", 2), paced.cell("toy_a", "vanilla", 2)
+    adjusted = sorted(pace_adjusted(a, b) for a, b in zip(cast.groups, vanilla.groups))
+    assert adjusted == pytest.approx(sorted(1.1 * g.speedup_vs_vanilla for g in cast.groups))
+    below = sum(a < 0.97 for a in adjusted)
+    assert f"| 1.100 (1.10–1.10) | {adjusted[1]:.3f}x ({adjusted[0]:.2f}–{adjusted[2]:.2f}) | {below} |" in floor_table(paced)
+
+
+def test_target_pace_is_the_decoding_forwards_time_over_the_profiles(result, pair) -> None:
+    measured = pair.cost_profile.model_copy(update={"notes": {}})
+    timer = ForwardTimer(pair.target)
+    with timer.attached():
+        run = EngineMethod(dataclasses.replace(pair, cost_profile=measured), "vanilla", "none").run([[5, 6, 7, 8, 9], [10, 11, 12]], 6)
+    prefills = [f for f in timer.forwards if f.context == 0]
+    steps = [f for f in timer.forwards if f.context > 0]
+    assert [(f.batch, f.tokens) for f in prefills] == [(1, 4), (1, 2)]  # one row at a time, the root left out
+    assert len(steps) == run.stats.batch_steps and all(f.tokens == 1 and f.seconds > 0 for f in steps)
+    assert [f.context for f in steps] == sorted(f.context for f in steps) and steps[0].context == 4
+    expected = sum(f.seconds for f in steps) / sum(measured.latency("target", f.batch, f.context, f.tokens) for f in steps)
+    assert timer.pace(measured, "target") == pytest.approx(expected)
+    assert run.stats.target_pace == pytest.approx(expected, rel=0.5)  # the run's own timer, hooked beside this one
+    assert timer.pace(pair.cost_profile, "target") is None  # a synthetic profile measures no machine
+    res, _ = result
+    assert all(g.stats["target_pace"] is None for c in res.cells for g in c.groups)
 
 
 def test_batch1_check_is_reported_beside_the_full_runs_batch1_targets(result, pair) -> None:
