@@ -64,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from cast_core.attention import GROUPED_SDPA
 from cast_core.fetch import default_cache_dir
 from cast_core.models import AUTO_DTYPE
+from cast_core.packing import packing_supported
 from cast_core.quantize import drafter_profile_name, resolve_quantization
 
 logger = logging.getLogger(__name__)
@@ -540,8 +541,26 @@ def find_profile(
                     attention,
                     GROUPED_SDPA,
                 )
+            _warn_on_packing(profile, path)
             return profile
     return None
+
+
+def _warn_on_packing(profile: CostProfile, path: Path) -> None:
+    """Warn where ``profile`` was timed with the target's weights packed (``notes.weight_packing``,
+    :mod:`cast_core.packing`) and the engine's are not, or the other way round: a plain step then costs
+    another share of a drafted one than the profile says."""
+    if profile.dtype != "bfloat16" or not profile.device.startswith("cpu"):
+        return
+    measured = bool(profile.notes.get("weight_packing", {}).get("target", False))
+    if measured != packing_supported():
+        logger.warning(
+            "cost profile %s was measured with the target's weights %s, the engine runs them %s: steps may be "
+            "priced off by 10-40 %%; re-measure it with `cast profile`",
+            path,
+            "packed" if measured else "unpacked",
+            "packed" if packing_supported() else "unpacked",
+        )
 
 
 def resolve_drafter_quantization(setting: str, device: str, target: str, drafter: str, dtype: str | torch.dtype) -> str:

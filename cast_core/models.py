@@ -31,6 +31,7 @@ from transformers import (
 
 from cast_core.attention import GROUPED_SDPA
 from cast_core.fetch import KNOWN_MODELS, default_cache_dir, fetch_model
+from cast_core.packing import pack_linears
 from cast_core.quantize import MIXED_DENSE_ROWS, quantize_linears, resolve_quantization
 
 __all__ = [
@@ -110,7 +111,11 @@ def _split_source(path: str | Path) -> tuple[Path, str | None]:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | str = "float32", device: str = "cpu", random_weights: bool = False
+    path: str | Path,
+    dtype: torch.dtype | str = "float32",
+    device: str = "cpu",
+    random_weights: bool = False,
+    pack_weights: bool = True,
 ) -> PreTrainedModel:
     """Load a causal LM from a local HF folder or ``.gguf`` file, ready for inference.
 
@@ -121,6 +126,8 @@ def load_model(
         random_weights: Build the architecture from the folder's ``config.json`` alone, with freshly
             initialised weights, on ``device`` (no weight files needed). A forward's cost depends on
             the shapes alone, so this is for timing (``cast profile --random-weights``), never for output.
+        pack_weights: In bfloat16 on a CPU, lay the decoder's linear weights out once for oneDNN
+            (:mod:`cast_core.packing`: the same outputs, bit for bit, from faster forwards).
 
     Returns:
         The model in eval mode with ``requires_grad`` off and grouped ``sdpa`` attention
@@ -147,6 +154,8 @@ def load_model(
     model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
+    if pack_weights:
+        pack_linears(model)
     return model
 
 
@@ -158,7 +167,8 @@ def load_drafter(
     random_weights: bool = False,
 ) -> tuple[PreTrainedModel, str]:
     """:func:`load_model`, with int8 linear layers where ``quantization`` resolves to ``int8`` or ``mixed``
-    (:func:`cast_core.quantize.resolve_quantization`: ``auto`` is ``int8`` on a CPU).
+    (:func:`cast_core.quantize.resolve_quantization`: ``auto`` is ``int8`` on a CPU), and packed weights
+    (:mod:`cast_core.packing`) only where it resolves to ``none``.
 
     Returns the model and the quantization applied (``none``, ``int8`` or ``mixed``), which names its cost profile
     (:func:`cast_core.quantize.drafter_profile_name`).
@@ -167,7 +177,7 @@ def load_drafter(
         ValueError: as :func:`load_model`, or naming ``drafter_quantization``.
     """
     applied = resolve_quantization(quantization, device)
-    model = load_model(path, dtype, device, random_weights)
+    model = load_model(path, dtype, device, random_weights, pack_weights=applied == "none")
     if applied != "none":
         quantize_linears(model, MIXED_DENSE_ROWS if applied == "mixed" else None)
     return model, applied

@@ -52,6 +52,7 @@ from cast_core.cost import CostProfile, CostTable, device_name, dtype_name, reso
 from cast_core.forward import forward_logits, prefill_prompts
 from cast_core.kv import KVState
 from cast_core.models import add_dtype_arg, load_drafter, load_model, resolve_model
+from cast_core.packing import is_packed
 from cast_core.quantize import add_quantization_arg, drafter_profile_name
 from cast_core.vocab import DEFAULT_CORE_SIZE, DraftHead, DraftVocab
 
@@ -212,6 +213,7 @@ def measure_profile(
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "attn_implementation": target_model.config._attn_implementation,
+            "weight_packing": {"target": is_packed(target_model), "drafter": is_packed(drafter_model)},
             "cache": "cast_core.kv.KVState (the engine's own forward path)",
             "statistic": f"median of {repeats} after {warmup} warmup",
             "draft_vocab": len(draft_head.ids),

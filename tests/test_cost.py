@@ -304,7 +304,7 @@ def test_find_profile_warns_on_another_attention(
     profile.save(tmp_path / f"{profile.slug}.json")
     with caplog.at_level(logging.WARNING, logger="cast_core.cost"):
         assert find_profile(profile.device, "Org/Target-1.5B", "Org/Drafter-0.5B", "bfloat16", [tmp_path]) == profile
-    assert ("re-measure" in caplog.text) == warns
+    assert ("attention" in caplog.text) == warns
 
 
 def test_find_profile_default_dirs_use_cast_cache_dir(

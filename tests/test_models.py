@@ -27,6 +27,7 @@ from cast_core.models import (
     resolve_dtype,
     resolve_model,
 )
+from cast_core.packing import is_packed, packing_supported
 
 TINY = dict(
     vocab_size=96,
@@ -59,7 +60,7 @@ def _word_tokenizer(words: list[str], **special: str) -> PreTrainedTokenizerFast
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", torch.bfloat16])
 def test_load_model_roundtrip(tmp_path: Path, config_cls: type, dtype: str | torch.dtype) -> None:
     weights = _save_tiny(config_cls, tmp_path)
-    model = load_model(tmp_path, dtype=dtype)
+    model = load_model(tmp_path, dtype=dtype, pack_weights=False)
     expected_dtype = resolve_dtype(dtype)
     assert model.dtype == expected_dtype
     assert not model.training
@@ -71,6 +72,9 @@ def test_load_model_roundtrip(tmp_path: Path, config_cls: type, dtype: str | tor
         assert torch.equal(loaded[name], tensor.to(expected_dtype)), name
     logits = model(torch.tensor([[1, 5, 7]])).logits
     assert logits.shape == (1, 3, TINY["vocab_size"])
+    packed = load_model(tmp_path, dtype=dtype)  # bf16 on a CPU: packed weights (cast_core.packing), the same logits
+    assert is_packed(packed) == (expected_dtype == torch.bfloat16 and packing_supported())
+    assert torch.equal(packed(torch.tensor([[1, 5, 7]])).logits, logits)
 
 
 def test_load_model_float32_is_deterministic(tmp_path: Path) -> None:
