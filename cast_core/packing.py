@@ -9,8 +9,9 @@ product (Qwen2.5-1.5B's MLP) took 1.0-1.3 ms at M = 1 and 1.3-1.9 ms at M = 8
 through ``linear``, 0.25-0.55 ms and 0.6-1.3 ms on a weight reordered once
 (``torch.ops.mkldnn._reorder_linear_weight``, run by the same kernel through
 ``torch.ops.mkldnn._linear_pointwise``); at M = 512 (a prompt) 34 ms against
-32 ms. A whole plain step of the 1.5B target at B = 8 went from 209-219 ms to
-148-164 ms (``bench/results/weight_packing/``).
+32 ms. The 1.5B target's plain step at B = 8 (context 128, the cost profiles)
+went from 0.232 to 0.156 s, and vanilla decoding ran 1.40-1.57x faster at B = 1
+and 8 (``bench/results/weight_packing/``).
 
 The output is bitwise the one ``linear`` gives (the same kernel on the same
 numbers, :func:`packing_supported` checks it once), so packing changes no
