@@ -48,7 +48,7 @@ from bench.bound import (  # noqa: E402
     whole_run_ceiling,
 )
 from bench.datasets import DATASET_NAMES  # noqa: E402
-from bench.harness import RESULTS_DIR, BenchResult, CellResult, GroupResult, load_result  # noqa: E402
+from bench.harness import RESULTS_DIR, BenchResult, CellResult, GroupResult, Spread, load_result  # noqa: E402
 from bench.methods import METHOD_NAMES  # noqa: E402
 from bench.serving import ServingResult, load_serving, serving_table  # noqa: E402
 from bench.sweep import PARAMS, SWEEP_FILE, SweepResult, load_sweep  # noqa: E402
@@ -366,9 +366,9 @@ def pace_adjusted(cast: GroupResult, vanilla: GroupResult) -> float | None:
     return cast.speedup_vs_vanilla * ratio if ratio is not None else None
 
 
-def _spread(values: list[float], digits: int, suffix: str) -> str:
-    """``median (min–max)`` of ``values``."""
-    return f"{statistics.median(values):.{digits}f}{suffix} ({min(values):.2f}–{max(values):.2f})"
+def _spread_text(s: Spread, suffix: str = "x") -> str:
+    """``median (min–max)`` of a floor-table column."""
+    return f"{s.median:.3f}{suffix} ({s.min:.2f}–{s.max:.2f})"
 
 
 def floor_table(floor: BenchResult) -> str:
@@ -379,7 +379,7 @@ def floor_table(floor: BenchResult) -> str:
         for c in sorted((c for c in floor.cells if c.dataset == dataset and c.method == "cast"), key=lambda c: c.batch_size):
             vanilla = floor.cell(dataset, "vanilla", c.batch_size)
             if vanilla is not None:
-                rows.append((c, vanilla, [pace_ratio(a, b) for a, b in zip(c.groups, vanilla.groups)]))
+                rows.append((c, vanilla))
     paced = _paced(floor)
     head = (
         f"| dataset | B | pairs | CAST / vanilla, median (min–max) | pairs below {FLOOR:.2f}x "
@@ -390,19 +390,19 @@ def floor_table(floor: BenchResult) -> str:
         head += f" target pace, CAST / vanilla | CAST / vanilla at one pace | at one pace below {FLOOR:.2f}x |"
         rule += "---|---|---:|"
     lines = [head, rule]
-    for c, vanilla, ratios in rows:
-        s = c.speedup_vs_vanilla
+    for c, vanilla in rows:
         below = sum(g.speedup_vs_vanilla < FLOOR for g in c.groups)
         line = (
-            f"| {c.dataset} | {c.batch_size} | {len(c.groups)} | {s.median:.3f}x ({s.min:.2f}–{s.max:.2f}) | {below} "
+            f"| {c.dataset} | {c.batch_size} | {len(c.groups)} | {_spread_text(c.speedup_vs_vanilla)} | {below} "
             f"| {pooled_ratio(c, vanilla):.3f}x | {vanilla.tokens_per_s.median:.1f} | {100 * c.drafted_step_share:.0f}% "
             f"| {100 * c.match_rate:.0f}% |"
         )
         if paced:
-            known = [r for r in ratios if r is not None]
-            adjusted = [a for a in (pace_adjusted(x, y) for x, y in zip(c.groups, vanilla.groups)) if a is not None]
+            pairs = list(zip(c.groups, vanilla.groups))
+            ratios = [r for r in (pace_ratio(*pair) for pair in pairs) if r is not None]
+            adjusted = [a for a in (pace_adjusted(*pair) for pair in pairs) if a is not None]
             line += (
-                f" {_spread(known, 3, '')} | {_spread(adjusted, 3, 'x')} | {sum(a < FLOOR for a in adjusted)} |"
+                f" {_spread_text(Spread.of(ratios), '')} | {_spread_text(Spread.of(adjusted))} | {sum(a < FLOOR for a in adjusted)} |"
                 if adjusted
                 else " n/a | n/a | n/a |"
             )

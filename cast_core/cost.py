@@ -552,14 +552,14 @@ def _warn_on_packing(profile: CostProfile, path: Path) -> None:
     another share of a drafted one than the profile says."""
     if profile.dtype != "bfloat16" or not profile.device.startswith("cpu"):
         return
-    measured = bool(profile.notes.get("weight_packing", {}).get("target", False))
-    if measured != packing_supported():
+    measured, engine = bool(profile.notes.get("weight_packing", {}).get("target", False)), packing_supported()
+    if measured != engine:
         logger.warning(
             "cost profile %s was measured with the target's weights %s, the engine runs them %s: steps may be "
             "priced off by 10-40 %%; re-measure it with `cast profile`",
             path,
             "packed" if measured else "unpacked",
-            "packed" if packing_supported() else "unpacked",
+            "packed" if engine else "unpacked",
         )
 
 
